@@ -1,0 +1,3 @@
+from leffa.cli import main
+
+raise SystemExit(main())

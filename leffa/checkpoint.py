@@ -1,0 +1,64 @@
+"""Reading and strictly checking state-dict files (.pth, .safetensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+SHOW = 5  # how many offending keys an error message names
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a plain state dict from ``.pth``/``.pt``/``.bin`` (``weights_only``) or ``.safetensors``.
+
+    Tensors are memory-mapped where the format allows, so nothing is copied yet.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in {".pth", ".pt", ".bin", ".safetensors"}:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {suffix!r} (use .pth or .safetensors)")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader failure means the same to the user
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}). The file is truncated, "
+            "corrupt or not a state dict; delete it and download it again."
+        ) from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a plain state dict (a dict of tensors)")
+    return dict(state)
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     source: str | Path) -> None:
+    """Raise ``CheckpointError`` naming the first missing, unexpected and mis-shaped keys."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - SHOW} more)" if len(items) > SHOW else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit this model: " + "; ".join(problems))

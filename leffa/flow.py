@@ -1,0 +1,49 @@
+"""Token grids and the attention flow field (paper §3.2, spec §6 grid convention)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a UNet layer holding ``num_tokens`` tokens for a latent of size ``latent_hw``.
+
+    Each UNet level halves the previous one with ``ceil`` (stride-2 conv, padding 1).
+    """
+    h, w = latent_hw
+    while h * w > num_tokens:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a UNet level of a {latent_hw} latent")
+    return h, w
+
+
+def coordinate_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised (x, y) coordinates of a ``height × width`` token grid, row-major: (h·w, 2).
+
+    Token (0, 0) is (−1, −1) and token (h−1, w−1) is (1, 1): ``grid_sample`` with
+    ``align_corners=True``.
+    """
+    ys = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).reshape(height * width, 2)
+
+
+def attention_flow(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Flow field of an attention map (paper Eq. 3: ``F = Â · C``).
+
+    Args:
+        attn: (B, n, n) head-averaged attention of generative queries over reference keys,
+            rows summing to 1, with n = height·width.
+    Returns:
+        (B, height, width, 2): for each query token, the expected (x, y) position it reads
+        from in the reference, in ``grid_sample`` convention (align_corners=True).
+    """
+    b, n, n_ref = attn.shape
+    if n != height * width or n_ref != height * width:
+        raise ValueError(f"attention {tuple(attn.shape)} does not match a {height}x{width} grid")
+    coords = coordinate_grid(height, width, device=attn.device, dtype=attn.dtype)  # (n, 2)
+    return (attn @ coords).view(b, height, width, 2)

@@ -1,0 +1,146 @@
+"""The Leffa model: a VAE, a generative UNet and a reference UNet (spec §1–2).
+
+All three are stock diffusers models; Leffa's behaviour comes from the attention
+processors in ``leffa.attention``. State-dict keys are those of the published ``.pth``
+files: ``vae.*``, ``unet.*`` (generative) and ``unet_encoder.*`` (reference).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from leffa.attention import LeffaAttentionState, install_processors
+from leffa.checkpoint import load_state_dict_file, check_state_dict
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+GENERATIVE_IN_CHANNELS = 12  # 4 noisy latent + 1 mask + 4 masked-image latent + 3 DensePose
+REFERENCE_IN_CHANNELS = 4  # reference image latent
+
+
+class BaseModel(str, Enum):
+    """The two base architectures; values are the base-config folder names (as on the Hub)."""
+
+    SD15_INPAINTING = "stable-diffusion-inpainting"
+    SDXL_INPAINTING = "stable-diffusion-xl-1.0-inpainting-0.1"
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIG_ROOT / self.value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing base config {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def expand_conv_in(unet: UNet2DConditionModel, in_channels: int) -> None:
+    """Replace ``conv_in`` by one with ``in_channels`` inputs (spec §2).
+
+    The old kernel is copied into the first input channels, the rest zero-initialised
+    and the bias kept, so the new conv computes exactly what the old one did on the old
+    channels.
+    """
+    old = unet.conv_in
+    new = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size,
+                    padding=old.padding, device=old.weight.device, dtype=old.weight.dtype)
+    if old.weight.device.type != "meta":
+        with torch.no_grad():
+            new.weight.zero_()
+            keep = min(in_channels, old.in_channels)
+            new.weight[:, :keep] = old.weight[:, :keep]
+            new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+
+
+class LeffaModel(nn.Module):
+    """VAE + generative UNet (``unet``) + reference UNet (``unet_encoder``)."""
+
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel,
+                 unet_encoder: UNet2DConditionModel, scheduler_config: dict):
+        super().__init__()
+        for name, u, c in (("unet", unet, GENERATIVE_IN_CHANNELS),
+                           ("unet_encoder", unet_encoder, REFERENCE_IN_CHANNELS)):
+            if u.conv_in.in_channels != c:
+                raise ValueError(f"{name}.conv_in must take {c} channels, not {u.conv_in.in_channels}")
+        self.vae, self.unet, self.unet_encoder = vae, unet, unet_encoder
+        self.scheduler_config = dict(scheduler_config)
+        # SDXL variant: built with the text_time embedding (its weights are in the
+        # checkpoint) but run without it: no time ids, no pooled text (spec §2.4).
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        for u in (unet, unet_encoder):
+            if u.config.addition_embed_type == "text_time":
+                u.register_to_config(addition_embed_type=None)
+        self.attn_state = LeffaAttentionState()
+        install_processors(unet, unet_encoder, self.attn_state)
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_config_dir(cls, base_dir: str | Path | BaseModel, *,
+                        device: torch.device | str = "cpu") -> LeffaModel:
+        """Random-initialised model from ``{unet,vae}/config.json`` and the scheduler config.
+
+        ``device="meta"`` builds the structure without allocating any weights.
+        """
+        base = base_dir.config_dir if isinstance(base_dir, BaseModel) else Path(base_dir)
+        unet_cfg = _read_json(base / "unet" / "config.json")
+        vae_cfg = _read_json(base / "vae" / "config.json")
+        sched_cfg = _read_json(base / "scheduler" / "scheduler_config.json")
+        with torch.device(device):
+            vae = AutoencoderKL.from_config(vae_cfg)
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+            unet_encoder = UNet2DConditionModel.from_config(unet_cfg)
+        expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
+        expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
+        return cls(vae, unet, unet_encoder, sched_cfg)
+
+    @classmethod
+    def from_pretrained(cls, base_dir: str | Path | BaseModel, checkpoint: str | Path, *,
+                        device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> LeffaModel:
+        """Build from the base configs, then load ``checkpoint`` (.pth or .safetensors) strictly.
+
+        The model is built on the ``meta`` device and the checkpoint's tensors are assigned
+        in place (memory-mapped), so loading needs no second copy of the weights.
+        """
+        model = cls.from_config_dir(base_dir, device="meta")
+        state = load_state_dict_file(checkpoint)
+        check_state_dict(model.state_dict(), state, source=checkpoint)
+        model.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:  # a buffer not in the checkpoint would stay on meta
+            raise RuntimeError(f"{checkpoint}: no values loaded for {left[:5]}")
+        return model.place(device, dtype)
+
+    # -- placement and scheduler --------------------------------------------------------
+    def place(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LeffaModel:
+        """Move to ``device``; UNets in ``dtype``, the VAE in float32 when its config says
+        ``force_upcast`` (the SDXL VAE overflows in float16)."""
+        self.unet.to(device, dtype)
+        self.unet_encoder.to(device, dtype)
+        upcast = dtype != torch.float32 and self.vae.config.force_upcast
+        self.vae.to(device, torch.float32 if upcast else dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    def make_scheduler(self) -> DDPMScheduler:
+        """DDPM from the base scheduler config; zero-SNR rescaled betas for SDXL (spec §4.5)."""
+        cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        return DDPMScheduler.from_config(cfg, rescale_betas_zero_snr=self.is_sdxl)

@@ -1,0 +1,1 @@
+"""Turning user photos into Leffa's model inputs (spec §5)."""

@@ -1,0 +1,101 @@
+"""Loading user images safely and fitting them to the model's canvas (spec §5 "Resize")."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MODEL_SIZE = (768, 1024)  # (width, height) every published model was fed
+MAX_PIXELS = 50_000_000  # refuse larger images (decompression bombs, absurd uploads)
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+
+class ImageLoadError(ValueError):
+    """An input image cannot be used; the message says why and what to do."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+        img = Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | Path | bytes | BinaryIO | Image.Image, *, name: str = "image",
+               max_pixels: int = MAX_PIXELS, keep_alpha: bool = False) -> Image.Image:
+    """Open an image as RGB (or RGBA with ``keep_alpha``): EXIF orientation applied, first
+    frame of an animation, any mode converted. Raises ``ImageLoadError`` for anything unusable.
+    """
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        elif isinstance(source, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+        w, h = img.size
+        if w == 0 or h == 0:
+            raise ImageLoadError(f"{name} is empty (0 pixels)")
+        if w * h > max_pixels:
+            raise ImageLoadError(f"{name} is too large ({w}x{h} = {w * h / 1e6:.0f} MP; "
+                                 f"the limit is {max_pixels / 1e6:.0f} MP): resize it first")
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"{name}: file not found: {source}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{name} is not a readable image ({e}); use a PNG, JPEG or WebP file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"{name} is truncated or corrupt ({e}); export it again") from None
+    if keep_alpha and img.mode in ("RGBA", "LA", "PA", "P"):
+        return img.convert("RGBA")
+    return _to_rgb(img)
+
+
+def fit_to_canvas(img: Image.Image, size: tuple[int, int] = MODEL_SIZE, *,
+                  fill: tuple[int, int, int] = WHITE,
+                  resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Fit ``img`` into ``size`` (width, height) keeping its aspect ratio, centred on ``fill``.
+
+    Masks and DensePose images use ``fill=BLACK`` and ``NEAREST`` so labels stay labels.
+    """
+    w, h = size
+    scale = min(w / img.width, h / img.height)
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    resized = img.resize(new, resample) if new != img.size else img
+    canvas = Image.new(img.mode, size, fill if img.mode == "RGB" else fill[0])
+    canvas.paste(resized, ((w - new[0]) // 2, (h - new[1]) // 2))
+    return canvas
+
+
+def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
+    """Write ``img`` to ``path`` via a temporary file, so a failure never leaves half a file."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ImageLoadError(f"cannot tell the image format of {path}: use .png, .jpg or .webp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        img.save(tmp, format=fmt)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,91 @@
+"""Tiny SD1.5-like and SDXL-like Leffa models (the diffusers ``get_dummy_components`` way)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from leffa.model import BaseModel, LeffaModel
+
+TINY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [8, 8, 16, 16],  # 4 levels: downsamples by 8 like the real VAE
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64,
+}
+TINY_UNETS = {
+    # cross-attention blocks at the top level, like SD1.5
+    "sd15": {
+        "_class_name": "UNet2DConditionModel",
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 24,
+        "in_channels": 9, "out_channels": 4, "norm_num_groups": 8, "sample_size": 8,
+    },
+    # SDXL features: text_time embedding, linear projection, several transformer layers
+    "sdxl": {
+        "_class_name": "UNet2DConditionModel",
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
+        "use_linear_projection": True, "cross_attention_dim": 40,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 40,
+        "layers_per_block": 1, "in_channels": 9, "out_channels": 4, "norm_num_groups": 8,
+        "sample_size": 8,
+    },
+}
+
+
+def write_base_dir(root: Path, variant: str) -> Path:
+    """A base-config folder like the Hub's, with tiny configs."""
+    real = BaseModel.SDXL_INPAINTING if variant == "sdxl" else BaseModel.SD15_INPAINTING
+    for sub, name, cfg in (("unet", "config.json", TINY_UNETS[variant]),
+                           ("vae", "config.json", {**TINY_VAE, "force_upcast": variant == "sdxl"}),
+                           ("scheduler", "scheduler_config.json",
+                            json.loads((real.config_dir / "scheduler" / "scheduler_config.json").read_text()))):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / name).write_text(json.dumps(cfg))
+    return root
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("base")
+    return {v: write_base_dir(root / v, v) for v in TINY_UNETS}
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def variant(request) -> str:
+    return request.param
+
+
+def tiny_model(base_dir: Path, seed: int = 0) -> LeffaModel:
+    torch.manual_seed(seed)
+    model = LeffaModel.from_config_dir(base_dir).eval()
+    # conv_in's extra channels start at zero; make them matter so the tests see them
+    with torch.no_grad():
+        for u in (model.unet, model.unet_encoder):
+            u.conv_in.weight.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture
+def model(base_dirs, variant) -> LeffaModel:
+    return tiny_model(base_dirs[variant])
+
+
+def make_inputs(batch: int = 1, height: int = 64, width: int = 48, seed: int = 0) -> dict:
+    """Synthetic tensors in the pipeline's conventions: images in [-1, 1], a {0,1} mask."""
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.rand(batch, 3, height, width, generator=g) * 2 - 1
+    mask = torch.zeros(batch, 1, height, width)
+    mask[:, :, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
+    return {"src_image": img(), "ref_image": img(), "mask": mask, "densepose": img()}

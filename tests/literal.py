@@ -1,0 +1,33 @@
+"""The original's literal formulation, for equivalence tests and the benchmark.
+
+Their fork concatenates the reference feature to the generative tokens *before* ``attn1``
+(queries, keys and values all from ``[x; r]``, 2n tokens) and keeps the first n outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from leffa.attention import LeffaAttentionState, SkipAttnProcessor
+from leffa.model import LeffaModel
+
+
+class ConcatThenSliceProcessor:
+    def __init__(self, name: str, state: LeffaAttentionState):
+        self.name, self.state, self.stock = name, state, AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        n = hidden_states.shape[1]
+        both = torch.cat([hidden_states, self.state.ref_features[self.name]], dim=1)  # (B, 2n, c)
+        return self.stock(attn, both)[:, :n]
+
+
+def install_literal(model: LeffaModel) -> None:
+    """Replace the generative UNet's processors by the literal formulation."""
+    procs = {}
+    for key in model.unet.attn_processors:
+        name = key.removesuffix(".processor")
+        procs[key] = (ConcatThenSliceProcessor(name, model.attn_state) if name.endswith("attn1")
+                      else SkipAttnProcessor())
+    model.unet.set_attn_processor(procs)
