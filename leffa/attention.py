@@ -44,6 +44,10 @@ class LeffaAttentionState:
     cache_reference_kv: bool = False
     kv_cache: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     recorder: AttentionRecorder | None = None
+    # number of attn1 layers; inside run_reference_unet (stop_when_complete) the reference
+    # pass stops once that many features are captured
+    num_layers: int = 0
+    stop_when_complete: bool = False
 
     def new_reference_pass(self) -> None:
         self.ref_features.clear()
@@ -91,6 +95,11 @@ def check_supported(name: str, attn: Attention) -> None:
         raise NotImplementedError(f"{name}: Leffa attention does not support {', '.join(bad)}")
 
 
+class ReferenceComplete(Exception):
+    """Raised inside the reference UNet once every reference feature is captured: the rest of
+    its forward pass (the last block's attention and FF, the output convs) is never used."""
+
+
 class ReferenceCaptureProcessor:
     """Reference UNet ``attn1``: self-attention that stores its input as the reference feature."""
 
@@ -99,8 +108,26 @@ class ReferenceCaptureProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None) -> torch.Tensor:
-        self.state.ref_features[self.name] = hidden_states  # (B, n, c), = norm1(h)
+        features = self.state.ref_features
+        features[self.name] = hidden_states  # (B, n, c), = norm1(h)
+        if self.state.stop_when_complete and len(features) == self.state.num_layers:
+            raise ReferenceComplete
         return self_attention(attn, hidden_states)
+
+
+def run_reference_unet(reference_unet: UNet2DConditionModel, state: LeffaAttentionState,
+                       latents: torch.Tensor, timestep: torch.Tensor) -> None:
+    """Run the reference UNet until every layer's reference feature is in ``state``."""
+    state.new_reference_pass()
+    state.stop_when_complete = True
+    try:
+        reference_unet(latents, timestep, encoder_hidden_states=None, return_dict=False)
+    except ReferenceComplete:
+        return
+    finally:
+        state.stop_when_complete = False
+    raise RuntimeError(f"the reference UNet captured {len(state.ref_features)} of "
+                       f"{state.num_layers} reference features")
 
 
 class ReferenceAttnProcessor:
@@ -163,6 +190,7 @@ def install_processors(unet: UNet2DConditionModel, reference_unet: UNet2DConditi
     modules = dict(unet.named_modules())
     for name in gen_names:
         check_supported(name, modules[name])
+    state.num_layers = sum(n.endswith("attn1") for n in gen_names)
     skip = SkipAttnProcessor()
     unet.set_attn_processor({
         f"{n}.processor": ReferenceAttnProcessor(n, state) if n.endswith("attn1") else skip

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageFilter
 
+from leffa.attention import run_reference_unet
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
 
@@ -163,8 +164,7 @@ class LeffaPipeline:
 
     def _run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
         """Run the reference UNet; its processors store every layer's reference feature."""
-        self.model.attn_state.new_reference_pass()
-        self.model.unet_encoder(ref_latents, t, encoder_hidden_states=None, return_dict=False)
+        run_reference_unet(self.model.unet_encoder, self.model.attn_state, ref_latents, t)
 
     @_one_at_a_time
     @torch.no_grad()

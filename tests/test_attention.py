@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from leffa.attention import (ReferenceAttnProcessor, ReferenceCaptureProcessor, SkipAttnProcessor,
-                             self_attention_layers)
+                             run_reference_unet, self_attention_layers)
 from tests.conftest import tiny_model
 from tests.literal import install_literal
 
@@ -18,8 +18,7 @@ def _run_unets(model, seed=0, batch=2):
     gen = torch.randn(batch, 12, 8, 6, generator=g)
     t = torch.tensor(500)
     with torch.no_grad():
-        model.attn_state.new_reference_pass()
-        model.unet_encoder(ref, t, encoder_hidden_states=None)
+        run_reference_unet(model.unet_encoder, model.attn_state, ref, t)
         return model.unet(gen, t, encoder_hidden_states=None).sample
 
 
@@ -68,6 +67,18 @@ def test_cache_invalidated_by_new_reference_pass(model):
     expected_b = _run_unets(model, seed=1)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, expected_b, atol=1e-6, rtol=0)
+
+
+def test_reference_pass_stops_after_last_feature(model):
+    """run_reference_unet captures every feature but skips the unused tail (conv_out)."""
+    ran_conv_out = []
+    model.unet_encoder.conv_out.register_forward_hook(lambda *a: ran_conv_out.append(1))
+    _run_unets(model)
+    assert len(model.attn_state.ref_features) == model.attn_state.num_layers > 0
+    assert not ran_conv_out and not model.attn_state.stop_when_complete
+    with torch.no_grad():  # a direct call is an ordinary full forward pass
+        model.unet_encoder(torch.randn(1, 4, 8, 6), torch.tensor(3), encoder_hidden_states=None)
+    assert ran_conv_out
 
 
 def test_reference_unet_is_plain_self_attention(model):

@@ -1,0 +1,164 @@
+"""Checkpoint resolution (never touching the network) and the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leffa import MissingWeightsError, ModelKind, hub
+from leffa.cli import main
+from leffa.model import BaseModel
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if anything tries to download."""
+    import huggingface_hub
+
+    def forbidden(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", forbidden)
+
+
+def test_model_kinds():
+    assert ModelKind.VITON_HD.checkpoint == "virtual_tryon.pth"
+    assert ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
+    assert ModelKind.POSE_TRANSFER.checkpoint == "pose_transfer.pth"
+    assert ModelKind.POSE_TRANSFER.base is BaseModel.SDXL_INPAINTING
+    assert ModelKind.VITON_HD.base is BaseModel.SD15_INPAINTING
+
+
+def test_local_file_is_used(tmp_path, no_download):
+    (tmp_path / "virtual_tryon.pth").write_bytes(b"x")
+    assert hub.resolve_files(["virtual_tryon.pth"], tmp_path) == [tmp_path / "virtual_tryon.pth"]
+
+
+def test_checkpoint_dir_from_env(tmp_path, monkeypatch, no_download):
+    monkeypatch.setenv("LEFFA_CHECKPOINT_DIR", str(tmp_path))
+    (tmp_path / "pose_transfer.pth").write_bytes(b"x")
+    assert hub.resolve_files(["pose_transfer.pth"]) == [tmp_path / "pose_transfer.pth"]
+    monkeypatch.delenv("LEFFA_CHECKPOINT_DIR")
+    assert hub.checkpoint_dir() == hub.Path("ckpts")
+
+
+def test_offline_fails_fast_listing_files(tmp_path, monkeypatch, no_download):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "openpose").mkdir()
+    (tmp_path / "openpose" / "body_pose_model.pth").write_bytes(b"x")
+    with pytest.raises(MissingWeightsError) as info:
+        hub.resolve_files(["virtual_tryon.pth", "openpose/body_pose_model.pth",
+                           "humanparsing/parsing_atr.onnx"], tmp_path)
+    msg = str(info.value)
+    assert "virtual_tryon.pth, humanparsing/parsing_atr.onnx" in msg
+    assert "body_pose_model" not in msg.split("(")[0]  # present files are not listed
+    assert f"hf download franciszzj/Leffa virtual_tryon.pth humanparsing/parsing_atr.onnx --local-dir {tmp_path}" in msg
+
+
+def test_download_only_missing_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo_id, filename, *, revision=None, local_dir=None, tqdm_class=None):
+        asked.append((repo_id, filename, revision))
+        (local_dir / filename).write_bytes(b"w")
+        return str(local_dir / filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    (tmp_path / "virtual_tryon.pth").write_bytes(b"x")
+    paths = hub.resolve_files(["virtual_tryon.pth", "virtual_tryon_dc.pth"], tmp_path, revision="abc123")
+    assert asked == [("franciszzj/Leffa", "virtual_tryon_dc.pth", "abc123")]
+    assert all(p.is_file() for p in paths)
+
+
+def test_download_failure_is_explained(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(download failed: ConnectionError.*hf download"):
+        hub.load_model(ModelKind.VITON_HD, tmp_path)
+
+
+# -- CLI ------------------------------------------------------------------------------------
+def _write_inputs(tmp_path, size=(48, 64)):
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name in ("person", "garment", "densepose"):
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(paths[name])
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[16:48, 12:36] = 255
+    paths["mask"] = tmp_path / "mask.png"
+    Image.fromarray(mask).save(paths["mask"])
+    return paths
+
+
+@pytest.fixture
+def tiny_checkpoint(base_dirs, tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_model(base_dirs["sd15"]).state_dict(), path)
+    return path
+
+
+def _tryon_args(p, out, ckpt, base, *extra):
+    return ["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--mask", str(p["mask"]),
+            "--densepose", str(p["densepose"]), "--out", str(out), "--checkpoint", str(ckpt),
+            "--base-config", str(base), "--size", "48x64", "--steps", "2", *extra]
+
+
+def test_cli_tryon(tmp_path, tiny_checkpoint, base_dirs, capsys):
+    p = _write_inputs(tmp_path)
+    out = tmp_path / "out" / "result.png"
+    assert main(_tryon_args(p, out, tiny_checkpoint, base_dirs["sd15"], "--seed", "5", "--repaint")) == 0
+    first = np.asarray(Image.open(out))
+    assert first.shape == (64, 48, 3)
+    assert main(_tryon_args(p, out, tiny_checkpoint, base_dirs["sd15"], "--seed", "5", "--repaint")) == 0
+    assert np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same image
+    assert f"saved {out}" in capsys.readouterr().out
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_cli_pose(tmp_path, base_dirs):
+    ckpt = tmp_path / "pose.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tiny_model(base_dirs["sdxl"]).state_dict(), str(ckpt))
+    p = _write_inputs(tmp_path)
+    out = tmp_path / "pose.jpg"
+    assert main(["pose", "--person", str(p["person"]), "--densepose", str(p["densepose"]), "--out", str(out),
+                 "--checkpoint", str(ckpt), "--base-config", str(base_dirs["sdxl"]), "--size", "48x64",
+                 "--steps", "2", "--ref-acceleration"]) == 0
+    assert Image.open(out).size == (48, 64)
+
+
+def test_cli_missing_weights_offline(tmp_path, monkeypatch, capsys, no_download):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = _write_inputs(tmp_path)
+    code = main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--mask",
+                 str(p["mask"]), "--densepose", str(p["densepose"]), "--out", str(tmp_path / "o.png"),
+                 "--checkpoint-dir", str(tmp_path / "empty"), "--model-type", "dress_code"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing Leffa weights" in err and "virtual_tryon_dc.pth" in err
+    assert "Traceback" not in err and not (tmp_path / "o.png").exists()
+
+
+def test_cli_bad_image(tmp_path, tiny_checkpoint, base_dirs, capsys):
+    p = _write_inputs(tmp_path)
+    p["garment"].write_bytes(b"this is not an image")
+    assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"])) == 2
+    assert "garment image is not a readable image" in capsys.readouterr().err
+
+
+def test_cli_bad_size():
+    with pytest.raises(SystemExit):
+        main(["tryon", "--size", "50x64", "--person", "a", "--garment", "b", "--mask", "c",
+              "--densepose", "d", "--out", "e.png"])
