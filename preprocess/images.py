@@ -99,3 +99,20 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def preprocess_garment(img: Image.Image, size: tuple[int, int] = MODEL_SIZE) -> Image.Image:
+    """A garment cut-out (PNG with transparency) -> RGB on white: cropped to its alpha box,
+    centred on a square, then fitted into ``size``."""
+    if img.mode not in ("RGBA", "LA", "PA", "P") and "transparency" not in img.info:
+        raise ImageLoadError("garment preprocessing needs a PNG with a transparent background; "
+                             "turn the option off for ordinary photos")
+    rgba = img.convert("RGBA")
+    box = rgba.getchannel("A").getbbox()
+    if box is None:
+        raise ImageLoadError("the garment image is fully transparent")
+    crop = rgba.crop(box)
+    side = max(crop.size)
+    square = Image.new("RGBA", (side, side), WHITE + (255,))
+    square.alpha_composite(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+    return fit_to_canvas(square.convert("RGB"), size)

@@ -1,0 +1,168 @@
+"""One entry point from user photos to model inputs, shared by the app and the CLI.
+
+``Preprocessor`` loads the parsing, pose and DensePose models lazily (once) and caches the
+analysis of each person photo by content hash, so changing only steps, seed or guidance
+never redoes preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseUnavailable, INSTALL_HINT,
+                                  render_iuv, render_labels, render_segmentation)
+from preprocess.images import MODEL_SIZE, fit_to_canvas, load_image
+from preprocess.images import preprocess_garment as cut_out_garment
+from preprocess.masks import GarmentType, MaskVariant, agnostic_mask
+from preprocess.openpose import OpenPoseDetector, draw_keypoints
+from preprocess.parsing import HumanParser, Parsing
+
+PARSE_SIZE = (384, 512)  # (width, height) at which parsing, keypoints and masks are computed
+PARSING_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx"]
+OPENPOSE_FILES = ["openpose/body_pose_model.pth"]
+DENSEPOSE_FILES = ["densepose/densepose_rcnn_R_50_FPN_s1x.yaml", "densepose/model_final_162be9.pkl"]
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+@dataclass
+class TryOnInputs:
+    person: Image.Image  # 768×1024 RGB: the pipeline's src_image
+    garment: Image.Image  # 768×1024 RGB: ref_image
+    mask: Image.Image  # 768×1024 L, 255 = generate
+    densepose: Image.Image  # 768×1024 RGB rendering for the chosen model type
+    parsing: Image.Image  # 384×512 colour label map
+    keypoints: np.ndarray  # (18, 2) in pixels of the 384×512 person, (0, 0) = missing
+    pose_image: Image.Image  # keypoints drawn on the 384×512 person
+
+
+@dataclass
+class PoseInputs:
+    person: Image.Image  # the person whose appearance is kept: ref_image
+    target: Image.Image  # the target-pose person: src_image (only its DensePose is used)
+    mask: Image.Image  # all 255
+    densepose: Image.Image  # IUV rendering of the target
+
+
+@dataclass
+class _Analysis:
+    parsing: Parsing | None
+    keypoints: np.ndarray | None
+    densepose: list[DensePoseInstance] | None
+
+
+def image_key(img: Image.Image) -> str:
+    return hashlib.blake2b(img.tobytes() + repr((img.mode, img.size)).encode(), digest_size=16).hexdigest()
+
+
+class Preprocessor:
+    """Parsing + OpenPose + DensePose, lazily built from the given factories."""
+
+    def __init__(self, parser: Callable[[], HumanParser], pose: Callable[[], OpenPoseDetector],
+                 densepose: Callable[[], DensePoseBackend], cache_size: int = 32):
+        self._factories = {"parser": parser, "pose": pose, "densepose": densepose}
+        self._models: dict[str, object] = {}
+        self._cache: OrderedDict[tuple, _Analysis] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_checkpoints(cls, root: str | Path | None = None, device: str = "cpu",
+                         revision: str | None = None) -> Preprocessor:
+        """Models from the checkpoint folder / the Hub, each fetched on first use only."""
+        from leffa.hub import resolve_files
+
+        def parser():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+            return HumanParser.from_files(*resolve_files(PARSING_FILES, root, revision), providers=providers)
+
+        def pose():
+            return OpenPoseDetector.from_file(resolve_files(OPENPOSE_FILES, root, revision)[0], device)
+
+        def densepose():
+            from preprocess.densepose import Detectron2DensePose
+
+            try:  # before downloading 250 MB for nothing
+                import densepose  # noqa: F401
+                import detectron2  # noqa: F401
+            except ImportError as e:
+                raise DensePoseUnavailable(f"detectron2 DensePose is not installed ({e}).\n{INSTALL_HINT}") from None
+            config, weights = resolve_files(DENSEPOSE_FILES, root, revision)
+            return Detectron2DensePose(config, weights, device)
+
+        return cls(parser, pose, densepose)
+
+    def _model(self, name: str):
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = self._factories[name]()
+            return self._models[name]
+
+    def _analyse(self, person: Image.Image, parts: tuple[str, ...]) -> _Analysis:
+        """Parsing/keypoints at 384×512 and DensePose at 768×1024, cached per photo."""
+        key = (image_key(person), parts)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
+        parsing = self._model("parser")(small) if "parsing" in parts else None
+        keypoints = self._model("pose")(np.asarray(small)) if "keypoints" in parts else None
+        dp = self._model("densepose")(np.asarray(person)) if "densepose" in parts else None
+        result = _Analysis(parsing, keypoints, dp)
+        with self._lock:
+            self._cache[key] = result
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return result
+
+    def tryon(self, person: ImageSource, garment: ImageSource, model_type: str | MaskVariant,
+              garment_type: str | GarmentType, preprocess_garment: bool = False, *,
+              densepose: ImageSource | None = None, keep_fixed_regions: bool = False) -> TryOnInputs:
+        """Everything a try-on needs. ``densepose``: a ready DensePose image (skips the backend)."""
+        variant, garment_type = MaskVariant(model_type), GarmentType(garment_type)
+        person_img = fit_to_canvas(load_image(person, name="person image"))
+        if preprocess_garment:
+            garment_img = cut_out_garment(load_image(garment, name="garment image", keep_alpha=True))
+        else:
+            garment_img = fit_to_canvas(load_image(garment, name="garment image"))
+        parts = ("parsing", "keypoints") if densepose is not None else ("parsing", "keypoints", "densepose")
+        a = self._analyse(person_img, parts)
+        mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
+                             keep_fixed_regions=keep_fixed_regions)
+        mask_img = Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC).point(
+            lambda v: 255 if v >= 128 else 0)
+        if densepose is not None:
+            dp_img = fit_to_canvas(load_image(densepose, name="DensePose image"), fill=(0, 0, 0),
+                                   resample=Image.Resampling.NEAREST)
+        else:
+            render = render_segmentation if variant is MaskVariant.VITON_HD else render_labels
+            dp_img = render(a.densepose, MODEL_SIZE)
+        small = person_img.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
+        return TryOnInputs(person_img, garment_img, mask_img, dp_img, a.parsing.image, a.keypoints,
+                           draw_keypoints(small, a.keypoints))
+
+    def pose(self, reference: ImageSource, target: ImageSource, *,
+             densepose: ImageSource | None = None) -> PoseInputs:
+        """Pose transfer: keep ``reference``'s appearance, take ``target``'s pose."""
+        ref_img = fit_to_canvas(load_image(reference, name="person image"))
+        tgt_img = fit_to_canvas(load_image(target, name="target-pose image"))
+        if densepose is not None:
+            dp_img = fit_to_canvas(load_image(densepose, name="DensePose image"), fill=(0, 0, 0),
+                                   resample=Image.Resampling.NEAREST)
+        else:
+            instances = self._analyse(tgt_img, ("densepose",)).densepose
+            if not instances:
+                from preprocess.openpose import NoPersonError
+
+                raise NoPersonError("no person detected in the target-pose photo")
+            dp_img = render_iuv(instances, MODEL_SIZE)
+        return PoseInputs(ref_img, tgt_img, Image.new("L", MODEL_SIZE, 255), dp_img)
