@@ -15,7 +15,11 @@ from leffa.checkpoint import CheckpointError
 from leffa.hub import ENV_CHECKPOINT_DIR, MissingWeightsError, ModelKind, load_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
-from preprocess.images import BLACK, ImageLoadError, fit_to_canvas, load_image, save_image_atomic
+from preprocess.densepose import DensePoseUnavailable
+from preprocess.images import (BLACK, MODEL_SIZE, ImageLoadError, fit_to_canvas, load_image,
+                               preprocess_garment, save_image_atomic)
+from preprocess.inputs import Preprocessor
+from preprocess.masks import GarmentType
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRYON_KINDS = {"viton_hd": ModelKind.VITON_HD, "dress_code": ModelKind.DRESS_CODE}
@@ -61,19 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tryon", parents=[common], help="virtual try-on")
     t.add_argument("--person", required=True, type=Path, help="photo of the person")
     t.add_argument("--garment", required=True, type=Path, help="photo of the garment")
-    t.add_argument("--mask", required=True, type=Path, help="inpainting mask (white = replace)")
-    t.add_argument("--densepose", required=True, type=Path, help="DensePose rendering of the person")
+    t.add_argument("--mask", type=Path, default=None,
+                   help="inpainting mask (white = replace); default: computed from parsing + pose")
+    t.add_argument("--densepose", type=Path, default=None,
+                   help="DensePose rendering of the person; default: computed (needs detectron2)")
     t.add_argument("--model-type", choices=list(TRYON_KINDS), default="viton_hd",
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
+    t.add_argument("--garment-type", choices=[g.value for g in GarmentType], default="upper_body",
+                   help="what the garment is (default upper_body)")
+    t.add_argument("--preprocess-garment", action="store_true",
+                   help="the garment is a PNG cut-out with transparency: crop and centre it")
+    t.add_argument("--keep-fixed-regions", action="store_true",
+                   help="VITON-HD masks: never mask other clothes, shoes, hands (fixes full-body photos)")
     t.add_argument("--repaint", action="store_true", help="keep the person's pixels outside the mask")
     t.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     p = sub.add_parser("pose", parents=[common], help="pose transfer")
     p.add_argument("--person", required=True, type=Path, help="the person whose appearance is kept")
     p.add_argument("--target", type=Path, default=None,
-                   help="photo of a person in the target pose (only its DensePose is used)")
-    p.add_argument("--densepose", required=True, type=Path,
-                   help="DensePose IUV rendering of the target-pose person")
+                   help="photo of a person in the target pose (its DensePose is computed; needs detectron2)")
+    p.add_argument("--densepose", type=Path, default=None,
+                   help="DensePose IUV rendering of the target-pose person, instead of --target")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
     return parser
 
@@ -95,22 +107,39 @@ def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
     return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
 
 
-def _inputs(args) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
+def _label_image(path: Path, name: str, size: tuple[int, int]) -> Image.Image:
+    return fit_to_canvas(load_image(path, name=name), size, fill=BLACK, resample=Image.Resampling.NEAREST)
+
+
+def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
     """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles)."""
     size = args.size
-    label = lambda path, name: fit_to_canvas(load_image(path, name=name), size, fill=BLACK,
-                                             resample=Image.Resampling.NEAREST)
-    densepose = label(args.densepose, "DensePose image")
-    if args.command == "tryon":
+    if args.command == "tryon" and args.mask is not None and args.densepose is not None:
         src = fit_to_canvas(load_image(args.person, name="person image"), size)
-        ref = fit_to_canvas(load_image(args.garment, name="garment image"), size)
-        mask = label(args.mask, "mask").convert("L")
-    else:  # pose transfer: generate everything; the source's pixels are never seen
+        if args.preprocess_garment:
+            ref = preprocess_garment(load_image(args.garment, name="garment image", keep_alpha=True), size)
+        else:
+            ref = fit_to_canvas(load_image(args.garment, name="garment image"), size)
+        return src, ref, _label_image(args.mask, "mask", size).convert("L"), \
+            _label_image(args.densepose, "DensePose image", size)
+    if args.command == "pose" and args.densepose is not None:
         ref = fit_to_canvas(load_image(args.person, name="person image"), size)
-        src = (fit_to_canvas(load_image(args.target, name="target image"), size) if args.target
-               else Image.new("RGB", size, (255, 255, 255)))
-        mask = Image.new("L", size, 255)
-    return src, ref, mask, densepose
+        src = Image.new("RGB", size, (255, 255, 255))  # all masked: its pixels are never seen
+        return src, ref, Image.new("L", size, 255), _label_image(args.densepose, "DensePose image", size)
+
+    if size != MODEL_SIZE:
+        raise ValueError("automatic preprocessing works at 768x1024: drop --size, or give "
+                         "--mask and --densepose")
+    pre = Preprocessor.from_checkpoints(args.checkpoint_dir, str(device), args.revision)
+    if args.command == "pose":
+        if args.target is None:
+            raise ValueError("pose transfer needs --target (a photo in the target pose) or --densepose")
+        p = pre.pose(args.person, args.target)
+        return p.target, p.person, p.mask, p.densepose
+    t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
+                  densepose=args.densepose, keep_fixed_regions=args.keep_fixed_regions)
+    mask = t.mask if args.mask is None else _label_image(args.mask, "mask", size).convert("L")
+    return t.person, t.garment, mask, t.densepose
 
 
 def run(args) -> Path:
@@ -118,7 +147,7 @@ def run(args) -> Path:
     if args.steps < 1:
         raise SystemExit("error: --steps must be at least 1")
     device, dtype = _device_dtype(args)
-    src, ref, mask, densepose = _inputs(args)  # read inputs before the slow model load
+    src, ref, mask, densepose = _inputs(args, device)  # inputs first: fail before the slow load
     t0 = time.perf_counter()
     model = _load(args, kind, device, dtype)
     print(f"loaded {kind.value} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -137,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = run(args)
-    except (ImageLoadError, MissingWeightsError, CheckpointError, ValueError) as e:
+    except (ImageLoadError, MissingWeightsError, CheckpointError, DensePoseUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"saved {path}")

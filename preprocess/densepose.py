@@ -67,7 +67,8 @@ def part_colours() -> np.ndarray:
     """(25, 3) RGB colours of the fine-segmentation rendering: floor(0.7·PARULA(l·255/24))."""
     values = (np.arange(NUM_PARTS + 1, dtype=np.float32) * 255.0 / NUM_PARTS).clip(0, 255).astype(np.uint8)
     bgr = cv2.applyColorMap(values.reshape(-1, 1), cv2.COLORMAP_PARULA).reshape(-1, 3)
-    colours = np.floor(bgr.astype(np.float32) * 0.7).astype(np.uint8)[:, ::-1]
+    # float64, as the original's alpha blend (uint8 * 0.7): 0.7 * 170 -> 118.99.. -> 118
+    colours = np.floor(bgr.astype(np.float64) * 0.7).astype(np.uint8)[:, ::-1]
     colours[0] = 0
     return colours
 

@@ -60,10 +60,14 @@ def load_image(source: str | Path | bytes | BinaryIO | Image.Image, *, name: str
         raise
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: file not found: {source}") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{name} is too large ({e}): resize it first") from None
+    except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name} is not a readable image ({e}); use a PNG, JPEG or WebP file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(f"{name} is truncated or corrupt ({e}); export it again") from None
+    except MemoryError:
+        raise ImageLoadError(f"{name} is too large to decode: resize it first") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, TypeError, KeyError...
+        raise ImageLoadError(f"{name} is truncated or corrupt ({type(e).__name__}: {e}); export it again") from None
     if keep_alpha and img.mode in ("RGBA", "LA", "PA", "P"):
         return img.convert("RGBA")
     return _to_rgb(img)

@@ -162,3 +162,56 @@ def test_cli_bad_size():
     with pytest.raises(SystemExit):
         main(["tryon", "--size", "50x64", "--person", "a", "--garment", "b", "--mask", "c",
               "--densepose", "d", "--out", "e.png"])
+
+
+def test_cli_auto_preprocessing_needs_weights(tmp_path, monkeypatch, capsys, no_download):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = _write_inputs(tmp_path)
+    code = main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]),
+                 "--out", str(tmp_path / "o.png"), "--checkpoint-dir", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and "humanparsing/parsing_atr.onnx" in err and "Traceback" not in err
+
+
+def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tiny_checkpoint, base_dirs):
+    """Without --mask/--densepose the CLI takes them from the shared Preprocessor."""
+    from leffa import cli
+    from preprocess.standins import standin_preprocessor
+
+    seen = {}
+    pre = standin_preprocessor()
+    real_tryon = pre.tryon
+
+    def tryon(*a, **k):
+        seen["args"], seen["kw"] = a, k
+        out = real_tryon(*a, **k)
+        # shrink everything so the tiny model runs fast
+        for name in ("person", "garment", "mask", "densepose"):
+            setattr(out, name, getattr(out, name).resize((48, 64), Image.Resampling.NEAREST))
+        return out
+
+    pre.tryon = tryon
+    monkeypatch.setattr(cli.Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
+    person = Image.new("RGB", (300, 400), "white")
+    person.paste((20, 30, 40), (100, 50, 200, 380))
+    person.save(tmp_path / "person.png")
+    Image.new("RGB", (300, 400), "red").save(tmp_path / "garment.png")
+    out = tmp_path / "o.png"
+    assert main(["tryon", "--person", str(tmp_path / "person.png"), "--garment", str(tmp_path / "garment.png"),
+                 "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--base-config", str(base_dirs["sd15"]),
+                 "--steps", "1", "--model-type", "dress_code", "--garment-type", "dresses"]) == 0
+    assert seen["args"][2:4] == ("dress_code", "dresses")
+    assert Image.open(out).size == (48, 64)
+
+
+def test_cli_pose_needs_target_or_densepose(tmp_path, capsys):
+    p = _write_inputs(tmp_path)
+    assert main(["pose", "--person", str(p["person"]), "--out", str(tmp_path / "o.png")]) == 2
+    assert "needs --target" in capsys.readouterr().err
+
+
+def test_cli_auto_preprocessing_refuses_other_sizes(tmp_path, capsys):
+    p = _write_inputs(tmp_path)
+    assert main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--size", "48x64",
+                 "--out", str(tmp_path / "o.png")]) == 2
+    assert "works at 768x1024" in capsys.readouterr().err
