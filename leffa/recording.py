@@ -43,8 +43,9 @@ class AttentionRecorder:
         layers: layer names (e.g. ``"up_blocks.3.attentions.2.transformer_blocks.0.attn1"``),
             a predicate on the name, or None for every self-attention layer.
         steps: denoising step indices (0-based) to record, or None for every step.
-        device, dtype: where the recorded queries/keys are kept (CPU float32 by default,
-            so recording costs no GPU memory).
+        device, dtype: where and how the recorded queries/keys are kept (CPU float32 by
+            default, so recording costs no GPU memory; float16 halves it). Results are
+            always computed in float32.
     """
 
     def __init__(self, layers: Sequence[str] | LayerFilter | None = None,
@@ -106,8 +107,9 @@ class AttentionRecorder:
                            f"recorded steps {self.steps()}, layers {self.layers()}") from None
 
     def _probs(self, rec: AttentionRecord, rows: torch.Tensor | slice, tau: float) -> torch.Tensor:
-        # (B, heads, r, d) @ (B, heads, d, n_ref) -> head-averaged softmax (B, r, n_ref)
-        logits = rec.q[:, :, rows] @ rec.k.transpose(-1, -2) * (rec.scale / tau)
+        # (B, heads, r, d) @ (B, heads, d, n_ref) -> head-averaged softmax (B, r, n_ref), in
+        # float32 whatever the storage dtype
+        logits = rec.q[:, :, rows].float() @ rec.k.float().transpose(-1, -2) * (rec.scale / tau)
         return logits.softmax(dim=-1).mean(dim=1)
 
     def iter_attention(self, step: int, name: str, chunk: int = 1024,
@@ -127,7 +129,7 @@ class AttentionRecorder:
         """Flow field (B, h, w, 2) in ``grid_sample`` convention, computed in query chunks."""
         rec = self._get(step, name)
         h, w = rec.grid
-        coords = coordinate_grid(h, w, device=rec.q.device, dtype=rec.q.dtype)
+        coords = coordinate_grid(h, w, device=rec.q.device)
         parts = [p @ coords for _, p in self.iter_attention(step, name, chunk, tau)]
         return torch.cat(parts, dim=1).view(rec.q.shape[0], h, w, 2)
 

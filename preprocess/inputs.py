@@ -106,49 +106,62 @@ class Preprocessor:
                 self._models[name] = self._factories[name]()
             return self._models[name]
 
-    def _analyse(self, person: Image.Image, parts: tuple[str, ...]) -> _Analysis:
-        """Parsing/keypoints at 384×512 and DensePose at 768×1024, cached per photo."""
-        key = (image_key(person), parts)
+    def _part(self, person: Image.Image, key: str, part: str):
+        """One analysis of a photo (parsing, keypoints or densepose), cached by content."""
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
-        parsing = self._model("parser")(small) if "parsing" in parts else None
-        keypoints = self._model("pose")(np.asarray(small)) if "keypoints" in parts else None
-        dp = self._model("densepose")(np.asarray(person)) if "densepose" in parts else None
-        result = _Analysis(parsing, keypoints, dp)
+            if (key, part) in self._cache:
+                self._cache.move_to_end((key, part))
+                return self._cache[(key, part)]
+        if part == "densepose":
+            result = self._model("densepose")(np.asarray(person))  # at 768×1024
+        else:
+            small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
+            result = self._model("parser" if part == "parsing" else "pose")(
+                small if part == "parsing" else np.asarray(small))
         with self._lock:
-            self._cache[key] = result
+            self._cache[(key, part)] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return result
+
+    def _analyse(self, person: Image.Image, parts: tuple[str, ...]) -> _Analysis:
+        """Parsing/keypoints at 384×512 and DensePose at 768×1024, each cached per photo."""
+        key = image_key(person)
+        got = {part: self._part(person, key, part) for part in parts}
+        return _Analysis(got.get("parsing"), got.get("keypoints"), got.get("densepose"))
+
+    def person_mask(self, person: ImageSource, model_type: str | MaskVariant, garment_type: str | GarmentType,
+                    *, keep_fixed_regions: bool = False) -> tuple[Image.Image, Image.Image, Parsing, np.ndarray]:
+        """(person 768×1024, mask 768×1024 L, parsing, keypoints): what a try-on mask needs."""
+        variant, garment_type = MaskVariant(model_type), GarmentType(garment_type)
+        person_img = fit_to_canvas(load_image(person, name="person image"))
+        a = self._analyse(person_img, ("parsing", "keypoints"))
+        mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
+                             keep_fixed_regions=keep_fixed_regions)
+        mask_img = Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC).point(
+            lambda v: 255 if v >= 128 else 0)
+        return person_img, mask_img, a.parsing, a.keypoints
 
     def tryon(self, person: ImageSource, garment: ImageSource, model_type: str | MaskVariant,
               garment_type: str | GarmentType, preprocess_garment: bool = False, *,
               densepose: ImageSource | None = None, keep_fixed_regions: bool = False) -> TryOnInputs:
         """Everything a try-on needs. ``densepose``: a ready DensePose image (skips the backend)."""
-        variant, garment_type = MaskVariant(model_type), GarmentType(garment_type)
-        person_img = fit_to_canvas(load_image(person, name="person image"))
+        variant = MaskVariant(model_type)
+        person_img, mask_img, parsing, keypoints = self.person_mask(
+            person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
         if preprocess_garment:
             garment_img = cut_out_garment(load_image(garment, name="garment image", keep_alpha=True))
         else:
             garment_img = fit_to_canvas(load_image(garment, name="garment image"))
-        parts = ("parsing", "keypoints") if densepose is not None else ("parsing", "keypoints", "densepose")
-        a = self._analyse(person_img, parts)
-        mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
-                             keep_fixed_regions=keep_fixed_regions)
-        mask_img = Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC).point(
-            lambda v: 255 if v >= 128 else 0)
         if densepose is not None:
             dp_img = fit_to_canvas(load_image(densepose, name="DensePose image"), fill=(0, 0, 0),
                                    resample=Image.Resampling.NEAREST)
         else:
             render = render_segmentation if variant is MaskVariant.VITON_HD else render_labels
-            dp_img = render(a.densepose, MODEL_SIZE)
+            dp_img = render(self._analyse(person_img, ("densepose",)).densepose, MODEL_SIZE)
         small = person_img.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
-        return TryOnInputs(person_img, garment_img, mask_img, dp_img, a.parsing.image, a.keypoints,
-                           draw_keypoints(small, a.keypoints))
+        return TryOnInputs(person_img, garment_img, mask_img, dp_img, parsing.image, keypoints,
+                           draw_keypoints(small, keypoints))
 
     def pose(self, reference: ImageSource, target: ImageSource, *,
              densepose: ImageSource | None = None) -> PoseInputs:

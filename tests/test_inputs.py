@@ -72,11 +72,21 @@ def test_models_are_built_once_and_results_cached(counted):
     assert [parts[k].built for k in ("parser", "pose", "densepose")] == [1, 1, 1]
 
 
+def test_mask_then_generation_reuse_parsing(counted):
+    """The app computes the mask first (parsing + keypoints), then generation adds DensePose."""
+    pre, parts = counted
+    person = person_photo()
+    pre.person_mask(person, "viton_hd", "upper_body")
+    assert [parts[k].calls for k in ("parser", "pose", "densepose")] == [1, 1, 0]
+    pre.tryon(person, person_photo(1), "viton_hd", "upper_body")
+    assert [parts[k].calls for k in ("parser", "pose", "densepose")] == [1, 1, 1]
+
+
 def test_cache_is_bounded():
     pre = Preprocessor(StandInParser, StandInPose, StandInDensePose, cache_size=2)
     for seed in range(4):
         pre.tryon(person_photo(seed), person_photo(9), "viton_hd", "upper_body")
-    assert len(pre._cache) == 2
+    assert len(pre._cache) == 2  # (photo, part) entries
 
 
 def test_uploaded_densepose_skips_the_backend():

@@ -1,0 +1,195 @@
+"""The web app: gradio_client against ``python app.py --tiny`` on localhost, and its parts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leffa import ModelKind
+from webapp.predict import ModelCache
+from webapp.settings import parse_args
+from webapp.ui import editor_value, mask_from_editor
+
+ROOT = Path(__file__).resolve().parent.parent
+PERSON = str(ROOT / "examples/person/astronaut.png")
+GARMENT = str(ROOT / "examples/garment/striped_tee.png")
+STEPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                proc.kill()
+                pytest.fail(f"app did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def tryon(client, person=PERSON, garment=GARMENT, editor=None, seed=42, record=False):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(person), handle_file(garment), editor, None, None, "viton_hd", "upper_body",
+                          STEPS, 2.5, seed, False, False, False, False, False, record, api_name="/tryon")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_tryon_endpoint(client):
+    out = tryon(client)
+    assert Image.open(out[0]).size == (768, 1024) and out[1] == 42
+    mask = np.asarray(Image.open(out[4]))
+    assert mask.shape[:2] == (1024, 768) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+    assert Image.open(out[5]).size == (768, 1024)  # DensePose from the stand-in backend
+
+
+def test_same_seed_same_image(client):
+    assert np.array_equal(pixels(tryon(client, seed=3)[0]), pixels(tryon(client, seed=3)[0]))
+    assert not np.array_equal(pixels(tryon(client, seed=3)[0]), pixels(tryon(client, seed=4)[0]))
+
+
+def test_edited_mask_is_what_the_model_uses(client, tmp_path):
+    from gradio_client import handle_file
+
+    layer = np.zeros((1024, 768, 4), np.uint8)
+    layer[300:600, 200:500] = (255, 0, 255, 255)  # a painted rectangle
+    Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
+    editor = {"background": handle_file(PERSON), "layers": [handle_file(str(tmp_path / "layer.png"))],
+              "composite": None}
+    edited = tryon(client, editor=editor)
+    used = np.asarray(Image.open(edited[4])) > 0
+    expected = np.zeros((1024, 768), bool)
+    expected[300:600, 200:500] = True
+    assert np.array_equal(used, expected)
+    assert not np.array_equal(pixels(edited[0]), pixels(tryon(client)[0]))
+
+
+def test_bad_upload_then_next_request_succeeds(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "person.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(AppError, match="not a readable image|truncated"):
+        tryon(client, person=str(bad))
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 400), "white").save(blank)
+    with pytest.raises(AppError, match="no person detected"):
+        tryon(client, person=str(blank))
+    assert Image.open(tryon(client)[0]).size == (768, 1024)
+
+
+def test_pose_endpoint(client):
+    from gradio_client import handle_file
+
+    out = client.predict(handle_file(PERSON), handle_file(str(ROOT / "examples/pose/astronaut_mirrored.png")), None,
+                         STEPS, 2.5, 7, False, True, False, api_name="/pose_transfer")
+    assert Image.open(out[0]).size == (768, 1024) and out[1] == 7
+    assert Image.open(out[2]).size == (768, 1024)
+
+
+def test_attention_recording_reports_groups_and_steps(client):
+    out = tryon(client, record=True)
+    group, step = out[6], out[7]  # dropdown updates (the gr.State output is not part of the API)
+    assert "×" in group["value"] and len(group["choices"]) >= 1  # a token grid, e.g. "64×48"
+    assert step["value"] == STEPS - 1 and [c[1] for c in step["choices"]] == sorted({STEPS // 2, STEPS - 1})
+
+
+# -- parts ------------------------------------------------------------------------------------------
+def test_editor_round_trip():
+    person = Image.new("RGB", (768, 1024), "white")
+    mask = np.zeros((1024, 768), np.uint8)
+    mask[100:200, 50:150] = 255
+    value = editor_value(person, Image.fromarray(mask))
+    assert np.array_equal(np.asarray(mask_from_editor(value)), mask)
+    assert mask_from_editor(None) is None and mask_from_editor({"background": person, "layers": []}) is None
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="mask is empty"):
+        mask_from_editor({"background": person, "layers": [Image.new("RGBA", (768, 1024))]})
+
+
+def test_model_cache_drops_least_recently_used():
+    loads = []
+
+    def loader(kind):
+        loads.append(kind)
+        from webapp.predict import tiny_loader
+
+        return tiny_loader(kind)
+
+    cache = ModelCache(loader, max_models=2)
+    cache.get(ModelKind.VITON_HD)
+    cache.get(ModelKind.DRESS_CODE)
+    cache.get(ModelKind.VITON_HD)  # cached, now most recent
+    cache.get(ModelKind.POSE_TRANSFER)  # drops DRESS_CODE
+    assert cache.loaded() == [ModelKind.VITON_HD, ModelKind.POSE_TRANSFER]
+    assert loads == [ModelKind.VITON_HD, ModelKind.DRESS_CODE, ModelKind.POSE_TRANSFER]
+
+
+def test_model_cache_makes_room_when_out_of_memory():
+    from webapp.predict import tiny_loader
+
+    calls = []
+
+    def loader(kind):
+        calls.append(kind)
+        if kind is ModelKind.POSE_TRANSFER and len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return tiny_loader(kind)
+
+    cache = ModelCache(loader, max_models=3)
+    cache.get(ModelKind.VITON_HD)
+    cache.get(ModelKind.POSE_TRANSFER)  # OOM once: VITON_HD dropped, retried
+    assert cache.loaded() == [ModelKind.POSE_TRANSFER]
+
+
+def test_settings_from_env(monkeypatch):
+    monkeypatch.setenv("LEFFA_PORT", "9000")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("LEFFA_MAX_MODELS", "1")
+    s = parse_args([])
+    assert (s.port, s.host, s.max_models, s.share, s.tiny) == (9000, "0.0.0.0", 1, False, False)
+    s = parse_args(["--port", "9001", "--host", "127.0.0.1", "--tiny"])
+    assert (s.port, s.host, s.tiny) == (9001, "127.0.0.1", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--queue-size", "0"])

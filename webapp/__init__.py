@@ -1,0 +1,1 @@
+"""The Gradio web app behind ``app.py``: settings, predictor (models + preprocessing) and UI."""
