@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -89,3 +95,40 @@ def make_inputs(batch: int = 1, height: int = 64, width: int = 48, seed: int = 0
     mask = torch.zeros(batch, 1, height, width)
     mask[:, :, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
     return {"src_image": img(), "ref_image": img(), "mask": mask, "densepose": img()}
+
+
+# -- the web app in --tiny mode, for the gradio_client and browser tests ----------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                proc.kill()
+                pytest.fail(f"app did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
