@@ -29,7 +29,7 @@ from diffusers.models.attention_processor import Attention
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import UNet2DConditionModel
 
-    from leffa.recording import AttentionRecorder
+    from leffa.recording import AttentionRecorder, FlowRecorder
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LeffaAttentionState:
     # when True, the generative processors keep to_k(r)/to_v(r) until `version` changes
     cache_reference_kv: bool = False
     kv_cache: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    recorder: AttentionRecorder | None = None
+    recorder: AttentionRecorder | FlowRecorder | None = None
     # number of attn1 layers; inside run_reference_unet (stop_when_complete) the reference
     # pass stops once that many features are captured
     num_layers: int = 0

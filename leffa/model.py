@@ -105,6 +105,21 @@ class LeffaModel(nn.Module):
         return cls(vae, unet, unet_encoder, sched_cfg)
 
     @classmethod
+    def from_base_weights(cls, folder: str | Path) -> LeffaModel:
+        """Start training from SD1.5-/SDXL-inpainting base weights in diffusers' folder layout
+        (``unet/``, ``vae/``, ``scheduler/``): the base UNet twice, conv_in widened (spec §2)."""
+        folder = Path(folder)
+        for sub in ("unet", "vae", "scheduler"):
+            if not (folder / sub).is_dir():
+                raise FileNotFoundError(f"{folder} is not a diffusers base-model folder: no {sub}/")
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        unet_encoder = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
+        expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
+        return cls(vae, unet, unet_encoder, _read_json(folder / "scheduler" / "scheduler_config.json"))
+
+    @classmethod
     def from_pretrained(cls, base_dir: str | Path | BaseModel, checkpoint: str | Path, *,
                         device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> LeffaModel:

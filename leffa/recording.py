@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from leffa.flow import coordinate_grid, token_grid
 
@@ -152,3 +153,55 @@ class AttentionRecorder:
             rows.append(min(int(y * h), h - 1) * w + min(int(x * w), w - 1))
         probs = self._probs(rec, torch.tensor(rows, device=rec.q.device), tau)
         return probs.view(rec.q.shape[0], len(rows), h, w)
+
+
+class FlowRecorder:
+    """Training-time recording (the Leffa loss): per chosen layer, the flow field ``F = Â·C``
+    of ``Â = mean_heads softmax(Q K_refᵀ·s / τ)``, with gradients.
+
+    It is computed in chunks of queries under activation checkpointing, so no (n × n) map is
+    kept for the backward pass either: memory O(chunk · n) per layer.
+
+    Args:
+        layers: layer names, a predicate, or None for every self-attention layer.
+        tau: temperature τ (paper: 2.0), dividing the logits before the softmax.
+        chunk: queries per chunk.
+    """
+
+    def __init__(self, layers: Sequence[str] | LayerFilter | None = None, tau: float = 2.0, chunk: int = 2048):
+        if layers is None:
+            self._layer_ok: LayerFilter = lambda name: True
+        elif callable(layers):
+            self._layer_ok = layers
+        else:
+            self._layer_ok = set(layers).__contains__
+        self.tau, self.chunk = tau, chunk
+        self.flows: dict[str, torch.Tensor] = {}
+        self._latent_hw: tuple[int, int] | None = None
+
+    def begin(self, latent_hw: tuple[int, int]) -> None:
+        self.flows.clear()
+        self._latent_hw = latent_hw
+
+    def wants(self, name: str) -> bool:
+        return self._latent_hw is not None and self._layer_ok(name)
+
+    def record(self, name: str, q: torch.Tensor, k_ref: torch.Tensor, scale: float) -> None:
+        assert self._latent_hw is not None
+        h, w = token_grid(q.shape[2], self._latent_hw)
+        coords = coordinate_grid(h, w, device=q.device, dtype=torch.float32)
+        factor = scale / self.tau
+
+        def chunk_flow(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            probs = (q_rows.float() @ k.float().transpose(-1, -2) * factor).softmax(-1).mean(1)
+            return probs @ coords  # (B, rows, 2)
+
+        n = q.shape[2]
+        parts = []
+        for start in range(0, n, self.chunk):
+            rows = q[:, :, start:start + self.chunk]
+            if torch.is_grad_enabled() and (rows.requires_grad or k_ref.requires_grad):
+                parts.append(checkpoint(chunk_flow, rows, k_ref, use_reentrant=False))
+            else:
+                parts.append(chunk_flow(rows, k_ref))
+        self.flows[name] = torch.cat(parts, dim=1).view(q.shape[0], h, w, 2)

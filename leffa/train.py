@@ -1,0 +1,313 @@
+"""Training and fine-tuning Leffa (paper §3.3–3.4), on one GPU or many through Accelerate.
+
+    python -m leffa.train --config configs/finetune_viton_hd.toml
+    accelerate launch --num_processes 8 -m leffa.train --config ...     # several GPUs / nodes
+
+Loss: the diffusion loss (Eq. 1) plus λ_leffa × the Leffa loss (Eq. 4–5) in the stages that
+turn it on. Both UNets train; the VAE is frozen. Progressive stages (resolution, steps,
+Leffa loss on/off) come from the config. Checkpoints (``{output_dir}/checkpoints/step-N/``)
+hold Accelerate's full state for resuming and ``leffa.safetensors`` (or ``.pth``) with the
+published key layout, which ``LeffaModel.from_pretrained`` and the app load unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leffa.attention import run_reference_unet
+from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
+from leffa.model import BaseModel, LeffaModel
+from leffa.recording import FlowRecorder
+
+
+@dataclass
+class Stage:
+    steps: int
+    resolution: tuple[int, int] = (1024, 768)  # (height, width), multiples of 8
+    leffa_loss: bool = False
+    batch_size: int | None = None  # None: the config's batch_size
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    data_root: str
+    data_layout: Literal["viton_hd", "dress_code", "deepfashion"] = "viton_hd"
+    split: str = "train"
+    paired: bool = True
+    init: Literal["checkpoint", "base_weights", "random"] = "checkpoint"
+    base: str = BaseModel.SD15_INPAINTING.value  # base config: a BaseModel value or a folder
+    checkpoint: str | None = None  # init = checkpoint: a published or saved Leffa .pth/.safetensors
+    base_weights: str | None = None  # init = base_weights: a diffusers SD(XL)-inpainting folder
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    num_workers: int = 2
+    seed: int = 0
+    save_every: int = 1000
+    save_format: Literal["safetensors", "pth"] = "safetensors"
+    ref_dropout: float = 0.1  # drop the reference (zero latent) so CFG's unconditional branch is learnt
+    lambda_leffa: float = LAMBDA_LEFFA
+    tau: float = TAU
+    theta_resolution: float = THETA_RESOLUTION
+    theta_timestep: int = THETA_TIMESTEP
+    stages: list[Stage] = field(default_factory=list)
+
+
+def _check_literal(cfg: TrainConfig) -> None:
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        if typing.get_origin(hint) is Literal and getattr(cfg, name) not in typing.get_args(hint):
+            raise ValueError(f"{name} must be one of {', '.join(typing.get_args(hint))}; got {getattr(cfg, name)!r}")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML config: top-level keys of ``TrainConfig`` and ``[[stages]]`` tables."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    stage_keys = {f.name for f in dataclasses.fields(Stage)}
+    stages = []
+    for i, s in enumerate(raw.pop("stages", [])):
+        bad = sorted(set(s) - stage_keys)
+        if bad:
+            raise ValueError(f"{path}: stage {i + 1}: unknown setting(s) {', '.join(bad)}")
+        stages.append(Stage(**{**s, "resolution": tuple(s.get("resolution", (1024, 768)))}))
+    try:
+        cfg = TrainConfig(**raw, stages=stages)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    _check_literal(cfg)
+    if not stages:
+        raise ValueError(f"{path}: no [[stages]]")
+    for i, s in enumerate(stages):
+        if s.steps < 1 or s.resolution[0] % 8 or s.resolution[1] % 8:
+            raise ValueError(f"{path}: stage {i + 1}: steps must be >= 1 and the resolution multiples of 8")
+    if cfg.init == "checkpoint" and not cfg.checkpoint:
+        raise ValueError(f"{path}: init = 'checkpoint' needs checkpoint = '...'")
+    if cfg.init == "base_weights" and not cfg.base_weights:
+        raise ValueError(f"{path}: init = 'base_weights' needs base_weights = '...'")
+    return cfg
+
+
+def build_model(cfg: TrainConfig) -> LeffaModel:
+    base = BaseModel(cfg.base) if cfg.base in {b.value for b in BaseModel} else Path(cfg.base)
+    if cfg.init == "checkpoint":
+        return LeffaModel.from_pretrained(base, cfg.checkpoint)
+    if cfg.init == "base_weights":
+        return LeffaModel.from_base_weights(cfg.base_weights)
+    return LeffaModel.from_config_dir(base)
+
+
+class LeffaTrainingModule(nn.Module):
+    """The trainable part (both UNets) as one module, so that DDP wraps one forward."""
+
+    def __init__(self, model: LeffaModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, ref_latents: torch.Tensor,
+                recorder: FlowRecorder | None = None) -> torch.Tensor:
+        """Noise prediction (B, 4, h, w). ``cond`` = [mask, masked-image latent, DensePose] (8 ch).
+
+        The reference features and the recorder stay in the model's attention state until
+        ``release()`` after the backward pass: with gradient checkpointing, a generative block
+        is recomputed then and must read (and record) exactly what it did in the forward pass.
+        """
+        state = self.model.attn_state
+        state.recorder = recorder
+        if recorder is not None:
+            recorder.begin(tuple(noisy.shape[-2:]))
+        run_reference_unet(self.model.unet_encoder, state, ref_latents, timesteps)
+        return self.model.unet(torch.cat([noisy, cond], dim=1), timesteps, encoder_hidden_states=None).sample
+
+    def release(self) -> None:
+        """Drop the reference features and the recorder (after ``backward``)."""
+        self.model.attn_state.clear()
+
+
+def training_step(module: LeffaTrainingModule, vae, scheduler, batch: dict, cfg: TrainConfig, use_leffa: bool,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch: (loss, {"diffusion": ..., "leffa": ...})."""
+    src, ref, mask, pose = (batch[k] for k in ("src_image", "ref_image", "mask", "densepose"))
+    device = src.device
+    with torch.no_grad():
+        sf = vae.config.scaling_factor
+        enc = lambda x: vae.encode(x.to(vae.dtype)).latent_dist.sample(generator) * sf
+        latents, masked, ref_latents = enc(src), enc(src * (mask < 0.5)), enc(ref)
+    b = latents.shape[0]
+    dropped = torch.rand(b, generator=generator).to(device) < cfg.ref_dropout
+    ref_latents = torch.where(dropped[:, None, None, None], torch.zeros_like(ref_latents), ref_latents)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    hw = latents.shape[-2:]
+    cond = torch.cat([F.interpolate(mask, size=hw, mode="nearest"), masked,
+                      F.interpolate(pose, size=hw, mode="nearest")], dim=1)
+    recorder = FlowRecorder(tau=cfg.tau) if use_leffa else None
+    pred = module(noisy, t, cond, ref_latents, recorder)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    loss = diffusion_loss(pred, target)
+    parts = {"diffusion": loss.item()}
+    if recorder is not None:
+        # a dropped reference has nothing to align with: gate it out like a large timestep
+        gated_t = torch.where(dropped, torch.full_like(t, cfg.theta_timestep), t)
+        leffa = flow_loss(recorder.flows, ref.float(), src.float(), mask.float(), gated_t,
+                          theta_resolution=cfg.theta_resolution, theta_timestep=cfg.theta_timestep)
+        loss = loss + cfg.lambda_leffa * leffa
+        parts["leffa"] = leffa.item()
+    return loss, parts
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def _save_weights(model: LeffaModel, folder: Path, fmt: str) -> Path:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = folder / f"leffa.{fmt}"
+    tmp = folder / f".leffa.{fmt}.tmp"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Run (or resume) every stage; return the last exported weights file."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from leffa.data import LeffaDataset
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        project_dir=str(out),
+        # attn2 weights (no text encoder) and the reference UNet's unused tail get no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    model = build_model(cfg)
+    model.vae.requires_grad_(False).eval()
+    model.vae.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet_encoder.enable_gradient_checkpointing()
+    module = LeffaTrainingModule(model)
+    params = [p for u in (model.unet, model.unet_encoder) for p in u.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    scheduler = model.make_scheduler()
+    ckpt_dir = out / "checkpoints"
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        accelerator.load_state(str(ckpt_dir / latest.read_text().strip()))
+        log(f"resumed from {latest.read_text().strip()} at step {progress.step}")
+    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index + progress.step)
+
+    def save() -> Path:
+        folder = ckpt_dir / f"step-{progress.step}"
+        accelerator.save_state(str(folder))
+        path = folder / f"leffa.{cfg.save_format}"
+        if accelerator.is_main_process:
+            path = _save_weights(accelerator.unwrap_model(module).model, folder, cfg.save_format)
+            tmp = ckpt_dir / ".latest.tmp"
+            tmp.write_text(folder.name)
+            tmp.replace(latest)
+            log(f"saved {path}")
+        accelerator.wait_for_everyone()
+        return path
+
+    saved = None
+    end = 0
+    for i, stage in enumerate(cfg.stages):
+        start, end = end, end + stage.steps
+        if progress.step >= end:
+            continue
+        h, w = stage.resolution
+        data = LeffaDataset(cfg.data_layout, cfg.data_root, cfg.split, cfg.paired, size=(w, h))
+        loader = accelerator.prepare(DataLoader(data, batch_size=stage.batch_size or cfg.batch_size, shuffle=True,
+                                                num_workers=cfg.num_workers, drop_last=True))
+        log(f"stage {i + 1}/{len(cfg.stages)} {stage.name!r}: {h}x{w}, steps {start}..{end}, "
+            f"Leffa loss {'on' if stage.leffa_loss else 'off'}, {len(data)} samples")
+        module.train()
+        while progress.step < end:
+            for batch in loader:
+                with accelerator.accumulate(module):
+                    loss, parts = training_step(module, model.vae, scheduler, batch, cfg, stage.leffa_loss, generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                accelerator.unwrap_model(module).release()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {progress.step}")
+                if accelerator.sync_gradients:
+                    progress.step += 1
+                    if progress.step % 10 == 0 or progress.step == end:
+                        log(json.dumps({"step": progress.step, "loss": round(loss.item(), 6),
+                                        **{k: round(v, 6) for k, v in parts.items()}}))
+                    if progress.step % cfg.save_every == 0 or progress.step == end:
+                        saved = save()
+                if progress.step >= end:
+                    break
+    accelerator.end_training()
+    return saved or ckpt_dir / latest.read_text().strip() / f"leffa.{cfg.save_format}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m leffa.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path, help="TOML config (see configs/)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    path = train(cfg)
+    print(f"final weights: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Training on CPU with tiny models: gradients, a short run that learns, checkpoints, resume,
+config errors, base-weight initialisation and the dataset layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leffa import LeffaModel
+from leffa.attention import self_attention_layers
+from leffa.data import DatasetError, LeffaDataset
+from leffa.loss import flow_loss
+from leffa.recording import FlowRecorder
+from leffa.train import LeffaTrainingModule, TrainConfig, load_config, train, training_step
+from tests.conftest import make_inputs, tiny_model
+
+W, H = 48, 64
+
+
+def _img(path: Path, rgb, size=(W, H), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, rgb).save(path)
+
+
+def viton_tree(root: Path, n: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for i in range(n):
+            name = f"{i:05d}_00.jpg"
+            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
+                _mk(root / split / "image" / name))
+            _img(root / split / "cloth" / name, (200, 30, 30))
+            mask = np.zeros((H, W), np.uint8)
+            mask[16:48, 12:36] = 255
+            Image.fromarray(mask).save(_mk(root / split / "agnostic-mask" / f"{i:05d}_00_mask.png"))
+            _img(root / split / "image-densepose" / name, (10, 20, 30))
+    (root / "test_pairs.txt").write_text("00000_00.jpg 00001_00.jpg\n00001_00.jpg 00000_00.jpg\n")
+    return root
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- datasets -------------------------------------------------------------------------------------
+def test_viton_hd_dataset(tmp_path):
+    root = viton_tree(tmp_path / "vitonhd")
+    ds = LeffaDataset("viton_hd", root, "train", paired=True, size=(W, H))
+    assert len(ds) == 2
+    item = ds[0]
+    assert item["src_image"].shape == (3, H, W) and item["ref_image"].shape == (3, H, W)
+    assert item["mask"].shape == (1, H, W) and set(item["mask"].unique().tolist()) == {0.0, 1.0}
+    assert -1 <= item["src_image"].min() and item["src_image"].max() <= 1
+    assert ds.samples[0].reference.name == ds.samples[0].person.name  # paired
+    unpaired = LeffaDataset("viton_hd", root, "test", paired=False, size=(W, H))
+    assert unpaired.samples[0].reference.name == "00001_00.jpg"
+    ds.size = (24, 32)  # a later stage at another resolution
+    assert ds[1]["densepose"].shape == (3, 32, 24)
+
+
+def test_dress_code_dataset(tmp_path):
+    root = tmp_path / "dresscode"
+    for cat, sid in (("upper_body", "000001"), ("dresses", "000002")):
+        _img(root / cat / "images" / f"{sid}_0.jpg", (90, 90, 90))
+        _img(root / cat / "images" / f"{sid}_1.jpg", (0, 0, 200))
+        _img(root / cat / "masks" / f"{sid}_0.png", 255, mode="L")
+        _img(root / cat / "dense" / f"{sid}_5.png", (3, 3, 3))
+    (root / "test_pairs.txt").write_text("000001_0.jpg 000002_1.jpg\n")
+    ds = LeffaDataset("dress_code", root, paired=True, size=(W, H))
+    assert len(ds) == 2 and ds[1]["mask"].min() == 1
+    unpaired = LeffaDataset("dress_code", root, "test", paired=False, size=(W, H))
+    s = unpaired.samples[0]
+    assert s.person.parent.parent.name == "upper_body" and s.reference.parent.parent.name == "dresses"
+
+
+def test_deepfashion_dataset(tmp_path):
+    root = tmp_path / "deepfashion"
+    for name in ("a", "b"):
+        _img(root / "train" / "images" / f"{name}.jpg", (50, 50, 50))
+        _img(root / "train" / "densepose" / f"{name}.png", (1, 2, 3))
+    (root / "train_pairs.txt").write_text("a.jpg b.jpg\n")
+    item = LeffaDataset("deepfashion", root, size=(W, H))[0]
+    assert item["mask"].min() == 1  # pose transfer generates everything
+
+
+def test_dataset_errors_name_the_path(tmp_path):
+    root = viton_tree(tmp_path / "v")
+    (root / "train" / "cloth" / "00001_00.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"missing file\(s\): .*cloth/00001_00.jpg"):
+        LeffaDataset("viton_hd", root)
+    shutil.rmtree(root / "train" / "agnostic-mask")
+    with pytest.raises(DatasetError, match="missing folder.*agnostic-mask"):
+        LeffaDataset("viton_hd", root)
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        LeffaDataset("viton_hd", tmp_path / "nope")
+    with pytest.raises(DatasetError, match="missing pairs file"):
+        LeffaDataset("viton_hd", viton_tree(tmp_path / "w"), "train", paired=False)
+    with pytest.raises(ValueError):
+        LeffaDataset("vitonhd", root)
+    with pytest.raises(DatasetError, match="none of the DressCode folders"):
+        LeffaDataset("dress_code", tmp_path / "w")
+
+
+# -- gradients ------------------------------------------------------------------------------------
+def test_leffa_loss_reaches_both_unets(base_dirs):
+    model = tiny_model(base_dirs["sd15"]).train()
+    module = LeffaTrainingModule(model)
+    inputs = make_inputs(batch=2)
+    g = torch.Generator().manual_seed(0)
+    noisy, ref = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 4, 8, 6, generator=g)
+    cond = torch.randn(2, 8, 8, 6, generator=g)
+    rec = FlowRecorder(tau=2.0)
+    module(noisy, torch.tensor([100, 200]), cond, ref, rec)
+    assert set(rec.flows) == set(self_attention_layers(model.unet))
+    loss = flow_loss(rec.flows, inputs["ref_image"], inputs["src_image"], inputs["mask"], torch.tensor([100, 200]))
+    loss.backward()
+    module.release()
+    for unet in (model.unet, model.unet_encoder):
+        grads = [p.grad for p in unet.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0
+    assert model.unet.conv_in.weight.grad.abs().sum() > 0 and model.unet_encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+# -- training runs --------------------------------------------------------------------------------
+def _config(tmp_path, root, base_dir, ckpt, stages, **kw) -> TrainConfig:
+    text = "\n".join([
+        f'output_dir = "{tmp_path / "run"}"', f'data_root = "{root}"', 'data_layout = "viton_hd"',
+        f'init = "checkpoint"', f'checkpoint = "{ckpt}"', f'base = "{base_dir}"', "num_workers = 0",
+        "learning_rate = 1e-3", "ref_dropout = 0.0", "lambda_leffa = 0.5", "save_every = 2",
+        *(f"{k} = {json.dumps(v)}" for k, v in kw.items()), "",
+        *(f"[[stages]]\nsteps = {s}\nresolution = [{H}, {W}]\nleffa_loss = {str(leffa).lower()}\n"
+          for s, leffa in stages)])
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def _eval_loss(model, cfg, dataset) -> float:
+    """The loss on a fixed batch, noise and timesteps."""
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]}
+    module = LeffaTrainingModule(model).eval()
+    with torch.no_grad():
+        loss, _ = training_step(module, model.vae, model.make_scheduler(), batch, cfg, True,
+                                torch.Generator().manual_seed(123))
+    module.release()
+    return loss.item()
+
+
+def test_training_learns_saves_and_resumes(tmp_path, base_dirs):
+    root = viton_tree(tmp_path / "data")
+    ckpt = tmp_path / "init.pth"
+    torch.save(tiny_model(base_dirs["sd15"]).state_dict(), ckpt)
+    cfg = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True)], batch_size=2)
+    dataset = LeffaDataset("viton_hd", root, size=(W, H))
+    before = _eval_loss(LeffaModel.from_pretrained(base_dirs["sd15"], ckpt), cfg, dataset)
+    logs = []
+    path = train(cfg, log=logs.append)
+    assert path.name == "leffa.safetensors" and path.parent.name == "step-12"
+    trained = LeffaModel.from_pretrained(base_dirs["sd15"], path)  # strict load of what we saved
+    after = _eval_loss(trained, cfg, dataset)
+    assert after < before
+    assert any('"leffa"' in line for line in logs)  # the second stage used the Leffa loss
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step-12"
+
+    # resume: one more stage continues from step 12, not from scratch
+    cfg2 = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True), (2, True)], batch_size=2)
+    logs2 = []
+    path2 = train(cfg2, log=logs2.append)
+    assert any("resumed from step-12 at step 12" in line for line in logs2)
+    assert not any("stage 1/3" in line for line in logs2)
+    assert path2.parent.name == "step-14"
+
+
+def test_pth_checkpoints_and_gradient_checkpointing(tmp_path, base_dirs):
+    root = viton_tree(tmp_path / "data")
+    ckpt = tmp_path / "init.pth"
+    torch.save(tiny_model(base_dirs["sdxl"]).state_dict(), ckpt)
+    cfg = _config(tmp_path, root, base_dirs["sdxl"], ckpt, [(2, True)], save_format="pth",
+                  gradient_checkpointing=True, gradient_accumulation_steps=2)
+    path = train(cfg, log=lambda *_: None)
+    assert path.suffix == ".pth"
+    LeffaModel.from_pretrained(base_dirs["sdxl"], path)
+
+
+def test_config_errors(tmp_path):
+    def write(text):
+        p = tmp_path / "c.toml"
+        p.write_text(text)
+        return p
+
+    base = 'output_dir = "o"\ndata_root = "d"\ninit = "random"\n'
+    with pytest.raises(ValueError, match="unknown setting.*learning_rat"):
+        load_config(write(base + "learning_rat = 1\n[[stages]]\nsteps = 1\n"))
+    with pytest.raises(ValueError, match="no \\[\\[stages\\]\\]"):
+        load_config(write(base))
+    with pytest.raises(ValueError, match="mixed_precision must be one of no, fp16, bf16"):
+        load_config(write(base + 'mixed_precision = "fp8"\n[[stages]]\nsteps = 1\n'))
+    with pytest.raises(ValueError, match="needs checkpoint"):
+        load_config(write('output_dir = "o"\ndata_root = "d"\n[[stages]]\nsteps = 1\n'))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        load_config(write(base + "[[stages]]\nsteps = 1\nresolution = [100, 60]\n"))
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(write("this is = = not toml"))
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_init_from_base_weights(tmp_path, base_dirs):
+    """A diffusers SD-inpainting folder: conv_in widened with the old weights kept."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    src = base_dirs["sd15"]
+    folder = tmp_path / "sd-inpainting"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((src / "unet/config.json").read_text()))
+    unet.save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(json.loads((src / "vae/config.json").read_text())).save_pretrained(folder / "vae")
+    shutil.copytree(src / "scheduler", folder / "scheduler")
+    model = LeffaModel.from_base_weights(folder)
+    assert model.unet.conv_in.weight.shape[1] == 12 and model.unet_encoder.conv_in.weight.shape[1] == 4
+    torch.testing.assert_close(model.unet.conv_in.weight[:, :9], unet.conv_in.weight)
+    assert model.unet.conv_in.weight[:, 9:].abs().sum() == 0
+    torch.testing.assert_close(model.unet_encoder.conv_in.weight, unet.conv_in.weight[:, :4])
+    with pytest.raises(FileNotFoundError, match="no vae/"):
+        shutil.rmtree(folder / "vae")
+        LeffaModel.from_base_weights(folder)
