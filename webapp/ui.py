@@ -200,6 +200,24 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
         record = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
         return steps, guidance, seed, random_seed, ref_acceleration, repaint, record
 
+    def input_row(prefix: str, *uploads_spec: tuple[str, str, str]):
+        """Uploads with their example galleries, and the result column.
+
+        ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
+        uploads = []
+        with gr.Row():
+            for label, folder, key in uploads_spec:
+                with gr.Column():
+                    image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}")
+                    gr.Examples(_examples(folder), inputs=image, label=f"Examples: {folder}")
+                    uploads.append(image)
+            with gr.Column():
+                result = gr.Image(label="Result (click a point: attention maps below)", type="pil", interactive=False,
+                                  height=420, elem_id=f"{prefix}-result", format="png")
+                seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
+                run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
+        return (*uploads, result, seed_used, run)
+
     def attention_panel(result, state, what: str):
         with gr.Accordion("Attention maps", open=False):
             gr.Markdown(f"Click a point on the result: the heatmap shows where it looked in the {what} "
@@ -222,18 +240,8 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         with gr.Tab("Virtual try-on", id="tryon"):
             tryon_state = gr.State(None)
-            with gr.Row():
-                with gr.Column():
-                    person = gr.Image(label="Person", type="filepath", height=420, elem_id="tryon-person")
-                    gr.Examples(_examples("person"), inputs=person, label="Example people")
-                with gr.Column():
-                    garment = gr.Image(label="Garment", type="filepath", height=420, elem_id="tryon-garment")
-                    gr.Examples(_examples("garment"), inputs=garment, label="Example garments")
-                with gr.Column():
-                    result = gr.Image(label="Result (click a point: attention maps below)", type="pil",
-                                      interactive=False, height=420, elem_id="tryon-result", format="png")
-                    seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
-                    run = gr.Button("Generate", variant="primary", elem_id="tryon-generate")
+            person, garment, result, seed_used, run = input_row(
+                "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
             with gr.Accordion("Mask and DensePose", open=True):
                 with gr.Row():
                     editor = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)",
@@ -274,18 +282,8 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
 
         with gr.Tab("Pose transfer", id="pose"):
             pose_state = gr.State(None)
-            with gr.Row():
-                with gr.Column():
-                    p_person = gr.Image(label="Person to keep", type="filepath", height=420, elem_id="pose-person")
-                    gr.Examples(_examples("person"), inputs=p_person, label="Example people")
-                with gr.Column():
-                    p_target = gr.Image(label="Person in the target pose", type="filepath", height=420, elem_id="pose-target")
-                    gr.Examples(_examples("pose"), inputs=p_target, label="Example poses")
-                with gr.Column():
-                    p_result = gr.Image(label="Result (click a point: attention maps below)", type="pil",
-                                        interactive=False, height=420, elem_id="pose-result", format="png")
-                    p_seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
-                    p_run = gr.Button("Generate", variant="primary", elem_id="pose-generate")
+            p_person, p_target, p_result, p_seed_used, p_run = input_row(
+                "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
             with gr.Accordion("Advanced options", open=False):
                 p_densepose = gr.Image(label="DensePose IUV image of the target pose (optional: needed without detectron2)",
                                        type="filepath")
