@@ -16,8 +16,8 @@ from leffa.hub import ENV_CHECKPOINT_DIR, MissingWeightsError, ModelKind, load_m
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
 from preprocess.densepose import DensePoseUnavailable
-from preprocess.images import (BLACK, MODEL_SIZE, ImageLoadError, fit_to_canvas, load_image,
-                               preprocess_garment, save_image_atomic)
+from preprocess.images import (MODEL_SIZE, ImageLoadError, fit_to_canvas, load_garment, load_image,
+                               load_label_image, save_image_atomic)
 from preprocess.inputs import Preprocessor
 from preprocess.masks import GarmentType
 
@@ -107,25 +107,18 @@ def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
     return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
 
 
-def _label_image(path: Path, name: str, size: tuple[int, int]) -> Image.Image:
-    return fit_to_canvas(load_image(path, name=name), size, fill=BLACK, resample=Image.Resampling.NEAREST)
-
-
 def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
     """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles)."""
     size = args.size
     if args.command == "tryon" and args.mask is not None and args.densepose is not None:
         src = fit_to_canvas(load_image(args.person, name="person image"), size)
-        if args.preprocess_garment:
-            ref = preprocess_garment(load_image(args.garment, name="garment image", keep_alpha=True), size)
-        else:
-            ref = fit_to_canvas(load_image(args.garment, name="garment image"), size)
-        return src, ref, _label_image(args.mask, "mask", size).convert("L"), \
-            _label_image(args.densepose, "DensePose image", size)
+        ref = load_garment(args.garment, size, cut_out=args.preprocess_garment)
+        return src, ref, load_label_image(args.mask, "mask", size, binary=True), \
+            load_label_image(args.densepose, "DensePose image", size)
     if args.command == "pose" and args.densepose is not None:
         ref = fit_to_canvas(load_image(args.person, name="person image"), size)
         src = Image.new("RGB", size, (255, 255, 255))  # all masked: its pixels are never seen
-        return src, ref, Image.new("L", size, 255), _label_image(args.densepose, "DensePose image", size)
+        return src, ref, Image.new("L", size, 255), load_label_image(args.densepose, "DensePose image", size)
 
     if size != MODEL_SIZE:
         raise ValueError("automatic preprocessing works at 768x1024: drop --size, or give "
@@ -138,7 +131,7 @@ def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image
         return p.target, p.person, p.mask, p.densepose
     t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
                   densepose=args.densepose, keep_fixed_regions=args.keep_fixed_regions)
-    mask = t.mask if args.mask is None else _label_image(args.mask, "mask", size).convert("L")
+    mask = t.mask if args.mask is None else load_label_image(args.mask, "mask", size, binary=True)
     return t.person, t.garment, mask, t.densepose
 
 

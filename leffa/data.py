@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from leffa.pipeline import image_to_tensor, mask_to_tensor
-from preprocess.images import BLACK, fit_to_canvas, load_image
+from preprocess.images import fit_to_canvas, load_image, load_label_image
 
 DRESS_CODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 
@@ -153,12 +153,10 @@ class LeffaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, size = self.samples[i], self.size
-        label = lambda p, name: fit_to_canvas(load_image(p, name=name), size, fill=BLACK,
-                                              resample=Image.Resampling.NEAREST)
         person = fit_to_canvas(load_image(s.person, name=str(s.person)), size)
         reference = fit_to_canvas(load_image(s.reference, name=str(s.reference)), size)
-        mask = label(s.mask, str(s.mask)).convert("L") if s.mask else Image.new("L", size, 255)
+        mask = load_label_image(s.mask, str(s.mask), size, binary=True) if s.mask else Image.new("L", size, 255)
         return {"src_image": image_to_tensor(person, "src_image")[0],
                 "ref_image": image_to_tensor(reference, "ref_image")[0],
                 "mask": mask_to_tensor(mask)[0],
-                "densepose": image_to_tensor(label(s.densepose, str(s.densepose)), "densepose")[0]}
+                "densepose": image_to_tensor(load_label_image(s.densepose, str(s.densepose), size), "densepose")[0]}

@@ -89,6 +89,17 @@ def fit_to_canvas(img: Image.Image, size: tuple[int, int] = MODEL_SIZE, *,
     return canvas
 
 
+def fit_label_image(img: Image.Image, size: tuple[int, int] = MODEL_SIZE) -> Image.Image:
+    """A mask or DensePose image on the canvas: nearest resampling, black padding."""
+    return fit_to_canvas(img, size, fill=BLACK, resample=Image.Resampling.NEAREST)
+
+
+def load_label_image(source, name: str, size: tuple[int, int] = MODEL_SIZE, *, binary: bool = False) -> Image.Image:
+    """Load a mask (``binary``: single channel, thresholded at 128) or a DensePose image onto the canvas."""
+    img = fit_label_image(load_image(source, name=name), size)
+    return img.convert("L").point(lambda v: 255 if v >= 128 else 0) if binary else img
+
+
 def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     """Write ``img`` to ``path`` via a temporary file, so a failure never leaves half a file."""
     path = Path(path)
@@ -120,3 +131,11 @@ def preprocess_garment(img: Image.Image, size: tuple[int, int] = MODEL_SIZE) -> 
     square = Image.new("RGBA", (side, side), WHITE + (255,))
     square.alpha_composite(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
     return fit_to_canvas(square.convert("RGB"), size)
+
+
+def load_garment(source, size: tuple[int, int] = MODEL_SIZE, cut_out: bool = False) -> Image.Image:
+    """The garment image on the canvas: a PNG cut-out cropped to its transparency
+    (``cut_out``), else an ordinary photo fitted onto white."""
+    if cut_out:
+        return preprocess_garment(load_image(source, name="garment image", keep_alpha=True), size)
+    return fit_to_canvas(load_image(source, name="garment image"), size)

@@ -19,8 +19,7 @@ from PIL import Image
 
 from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseUnavailable, INSTALL_HINT,
                                   render_iuv, render_labels, render_segmentation)
-from preprocess.images import MODEL_SIZE, fit_to_canvas, load_image
-from preprocess.images import preprocess_garment as cut_out_garment
+from preprocess.images import MODEL_SIZE, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.masks import GarmentType, MaskVariant, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
@@ -149,13 +148,9 @@ class Preprocessor:
         variant = MaskVariant(model_type)
         person_img, mask_img, parsing, keypoints = self.person_mask(
             person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
-        if preprocess_garment:
-            garment_img = cut_out_garment(load_image(garment, name="garment image", keep_alpha=True))
-        else:
-            garment_img = fit_to_canvas(load_image(garment, name="garment image"))
+        garment_img = load_garment(garment, cut_out=preprocess_garment)
         if densepose is not None:
-            dp_img = fit_to_canvas(load_image(densepose, name="DensePose image"), fill=(0, 0, 0),
-                                   resample=Image.Resampling.NEAREST)
+            dp_img = load_label_image(densepose, "DensePose image")
         else:
             render = render_segmentation if variant is MaskVariant.VITON_HD else render_labels
             dp_img = render(self._analyse(person_img, ("densepose",)).densepose, MODEL_SIZE)
@@ -169,8 +164,7 @@ class Preprocessor:
         ref_img = fit_to_canvas(load_image(reference, name="person image"))
         tgt_img = fit_to_canvas(load_image(target, name="target-pose image"))
         if densepose is not None:
-            dp_img = fit_to_canvas(load_image(densepose, name="DensePose image"), fill=(0, 0, 0),
-                                   resample=Image.Resampling.NEAREST)
+            dp_img = load_label_image(densepose, "DensePose image")
         else:
             instances = self._analyse(tgt_img, ("densepose",)).densepose
             if not instances:

@@ -132,7 +132,7 @@ def test_leffa_loss_reaches_both_unets(base_dirs):
 def _config(tmp_path, root, base_dir, ckpt, stages, **kw) -> TrainConfig:
     text = "\n".join([
         f'output_dir = "{tmp_path / "run"}"', f'data_root = "{root}"', 'data_layout = "viton_hd"',
-        f'init = "checkpoint"', f'checkpoint = "{ckpt}"', f'base = "{base_dir}"', "num_workers = 0",
+        'init = "checkpoint"', f'checkpoint = "{ckpt}"', f'base = "{base_dir}"', "num_workers = 0",
         "learning_rate = 1e-3", "ref_dropout = 0.0", "lambda_leffa = 0.5", "save_every = 2",
         *(f"{k} = {json.dumps(v)}" for k, v in kw.items()), "",
         *(f"[[stages]]\nsteps = {s}\nresolution = [{H}, {W}]\nleffa_loss = {str(leffa).lower()}\n"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from leffa import CheckpointError, MissingWeightsError, ModelKind
 from preprocess.densepose import DensePoseUnavailable
-from preprocess.images import MODEL_SIZE, ImageLoadError, fit_to_canvas, load_image
+from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
 from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
 from webapp.predict import MAX_SEED, GenerateOptions, Generation, Predictor, _free_accelerator_memory
@@ -95,7 +95,7 @@ def mask_from_editor(value) -> Image.Image | None:
     if not painted.any():
         raise gr.Error("The mask is empty: paint the region to replace, or press 'Recompute mask'.")
     mask = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
-    return fit_to_canvas(mask, MODEL_SIZE, fill=(0, 0, 0), resample=Image.Resampling.NEAREST)
+    return fit_label_image(mask)
 
 
 def _examples(folder: str) -> list[str]:
@@ -144,8 +144,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                                         keep_fixed, densepose=upload_path(densepose_upload, "DensePose image"))
         mask = inputs.mask
         if mask_upload is not None:
-            mask = fit_to_canvas(load_image(mask_upload, name="uploaded mask").convert("L"), MODEL_SIZE,
-                                 fill=(0, 0, 0), resample=Image.Resampling.NEAREST).point(lambda v: 255 if v >= 128 else 0)
+            mask = load_label_image(mask_upload, "uploaded mask", binary=True)
         else:
             mask = mask_from_editor(editor) or mask
         kind = ModelKind.VITON_HD if model_type == "viton_hd" else ModelKind.DRESS_CODE
