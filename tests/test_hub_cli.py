@@ -24,6 +24,16 @@ def no_download(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", forbidden)
 
 
+@pytest.fixture
+def online(monkeypatch):
+    """Pretend the Hub is reachable (scripts/test.sh sets HF_HUB_OFFLINE=1, which
+    huggingface_hub reads at import); the tests still replace hf_hub_download itself."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def test_model_kinds():
     assert ModelKind.VITON_HD.checkpoint == "virtual_tryon.pth"
     assert ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
@@ -58,7 +68,7 @@ def test_offline_fails_fast_listing_files(tmp_path, monkeypatch, no_download):
     assert f"hf download franciszzj/Leffa virtual_tryon.pth humanparsing/parsing_atr.onnx --local-dir {tmp_path}" in msg
 
 
-def test_download_only_missing_files(tmp_path, monkeypatch):
+def test_download_only_missing_files(tmp_path, monkeypatch, online):
     import huggingface_hub
 
     asked = []
@@ -68,7 +78,6 @@ def test_download_only_missing_files(tmp_path, monkeypatch):
         (local_dir / filename).write_bytes(b"w")
         return str(local_dir / filename)
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     (tmp_path / "virtual_tryon.pth").write_bytes(b"x")
     paths = hub.resolve_files(["virtual_tryon.pth", "virtual_tryon_dc.pth"], tmp_path, revision="abc123")
@@ -76,13 +85,12 @@ def test_download_only_missing_files(tmp_path, monkeypatch):
     assert all(p.is_file() for p in paths)
 
 
-def test_download_failure_is_explained(tmp_path, monkeypatch):
+def test_download_failure_is_explained(tmp_path, monkeypatch, online):
     import huggingface_hub
 
     def no_network(*a, **k):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(download failed: ConnectionError.*hf download"):
         hub.load_model(ModelKind.VITON_HD, tmp_path)
