@@ -13,7 +13,7 @@ from PIL import Image
 from leffa import CheckpointError, MissingWeightsError, ModelKind
 from preprocess.densepose import DensePoseUnavailable
 from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
-from preprocess.openpose import NoPersonError
+from preprocess.openpose import NoPersonError, draw_keypoints
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
 from webapp.predict import MAX_SEED, GenerateOptions, Generation, Predictor, _free_accelerator_memory
 
@@ -128,8 +128,6 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
             return None, None, None
         person_img, mask, parsing, keypoints = predictor.preprocessor.person_mask(
             person, model_type, garment_type, keep_fixed_regions=keep_fixed)
-        from preprocess.openpose import draw_keypoints
-
         small = person_img.resize(parsing.image.size, Image.Resampling.BICUBIC)
         return editor_value(person_img, mask), parsing.image, draw_keypoints(small, keypoints)
 
