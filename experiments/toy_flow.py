@@ -110,19 +110,23 @@ def batch_of(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 # -- model, training, evaluation ---------------------------------------------------------------------
 def build_model(seed: int) -> LeffaModel:
+    """Both UNets start from one random base UNet, as the published models start from one
+    Stable Diffusion inpainting UNet (``LeffaModel.from_base_weights``)."""
     import tempfile
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from leffa.model import CONFIG_ROOT
 
     folder = Path(tempfile.mkdtemp())
-    for sub in ("unet", "vae", "scheduler"):
-        (folder / sub).mkdir()
-    (folder / "unet" / "config.json").write_text(json.dumps(TINY_UNET))
-    (folder / "vae" / "config.json").write_text((CONFIG_ROOT / "tiny" / "vae" / "config.json").read_text())
+    torch.manual_seed(seed)
+    UNet2DConditionModel.from_config(TINY_UNET).save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(json.loads((CONFIG_ROOT / "tiny" / "vae" / "config.json").read_text())).save_pretrained(
+        folder / "vae")
+    (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
         (CONFIG_ROOT / "tiny" / "scheduler" / "scheduler_config.json").read_text())
-    torch.manual_seed(seed)
-    return LeffaModel.from_config_dir(folder)
+    return LeffaModel.from_base_weights(folder)
 
 
 def train_run(model: LeffaModel, data: list[dict], steps: int, lam: float, batch: int, lr: float, seed: int, log):
