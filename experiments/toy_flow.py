@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from leffa.loss import warp_with_flow
 from leffa.model import LeffaModel
+from leffa.pipeline import latent_conditioning
 from leffa.recording import FlowRecorder
 from leffa.train import LeffaTrainingModule, TrainConfig, training_step
 
@@ -161,8 +162,7 @@ def attention_flows(model: LeffaModel, samples: list[dict], t: int = 300, seed: 
     ts = torch.full((len(samples),), t)
     noisy = model.make_scheduler().add_noise(latents, torch.randn(latents.shape, generator=g), ts)
     hw = latents.shape[-2:]
-    cond = torch.cat([F.interpolate(b["mask"], size=hw, mode="nearest"), masked,
-                      F.interpolate(b["densepose"], size=hw, mode="nearest")], dim=1)
+    cond = latent_conditioning(b["mask"], masked, b["densepose"])
     rec = FlowRecorder(tau=1.0)
     module = LeffaTrainingModule(model).eval()
     module(noisy, ts, cond, ref, rec)

@@ -95,6 +95,14 @@ def _check_sizes(tensors: dict[str, torch.Tensor], factor: int) -> tuple[int, in
     return b, h, w
 
 
+def latent_conditioning(mask: torch.Tensor, masked_latents: torch.Tensor, densepose: torch.Tensor) -> torch.Tensor:
+    """The generative UNet's extra input channels (spec §4.3, §4.7): [mask, masked-image latent,
+    DensePose], mask and DensePose resized to the latent with nearest: (B, 1 + 4 + 3, h, w)."""
+    hw = masked_latents.shape[-2:]
+    to_latent = lambda x: F.interpolate(x, size=hw, mode="nearest").to(masked_latents.device, masked_latents.dtype)
+    return torch.cat([to_latent(mask), masked_latents, to_latent(densepose)], dim=1)
+
+
 def repaint_blend(person: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Paste the generated region back onto the person with a feathered mask (spec §4.11).
 
@@ -235,8 +243,7 @@ class LeffaPipeline:
 
         # 3. Mask and DensePose at latent size, nearest (spec §4.3).
         latent_hw = latent_shape[2:]
-        mask_lat = F.interpolate(mask_t, size=latent_hw, mode="nearest").to(device, dtype)
-        pose_lat = F.interpolate(pose, size=latent_hw, mode="nearest").to(device, dtype)
+        cond = latent_conditioning(mask_t, masked_latents, pose)
 
         # 4. Timesteps and initial noise (spec §4.4–5).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -247,7 +254,7 @@ class LeffaPipeline:
 
         # 5. CFG batch: [unconditional, conditional]; the unconditional reference is zeros.
         ref_batch = torch.cat([torch.zeros_like(ref_latents), ref_latents])
-        cond = torch.cat([mask_lat, masked_latents, pose_lat], dim=1).repeat(2, 1, 1, 1)
+        cond = cond.repeat(2, 1, 1, 1)
 
         state = model.attn_state
         state.recorder = attention_recorder

@@ -25,6 +25,20 @@ from leffa.flow import coordinate_grid, token_grid
 LayerFilter = Callable[[str], bool]
 
 
+def layer_filter(layers: Sequence[str] | LayerFilter | None) -> LayerFilter:
+    """Names, a predicate, or None (every layer) -> a predicate."""
+    if layers is None:
+        return lambda name: True
+    if callable(layers):
+        return layers
+    return set(layers).__contains__
+
+
+def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, factor: float) -> torch.Tensor:
+    """``mean_heads softmax(q kᵀ · factor)`` in float32: (B, heads, r, d), (B, heads, n, d) -> (B, r, n)."""
+    return (q.float() @ k.float().transpose(-1, -2) * factor).softmax(dim=-1).mean(dim=1)
+
+
 @dataclass
 class AttentionRecord:
     q: torch.Tensor  # (B, heads, n, d), generative queries
@@ -52,13 +66,7 @@ class AttentionRecorder:
     def __init__(self, layers: Sequence[str] | LayerFilter | None = None,
                  steps: Sequence[int] | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        if layers is None:
-            self._layer_ok: LayerFilter = lambda name: True
-        elif callable(layers):
-            self._layer_ok = layers
-        else:
-            chosen = set(layers)
-            self._layer_ok = chosen.__contains__
+        self._layer_ok = layer_filter(layers)
         self._steps = None if steps is None else set(steps)
         self.device, self.dtype = torch.device(device), dtype
         self.records: dict[tuple[int, str], AttentionRecord] = {}
@@ -108,10 +116,7 @@ class AttentionRecorder:
                            f"recorded steps {self.steps()}, layers {self.layers()}") from None
 
     def _probs(self, rec: AttentionRecord, rows: torch.Tensor | slice, tau: float) -> torch.Tensor:
-        # (B, heads, r, d) @ (B, heads, d, n_ref) -> head-averaged softmax (B, r, n_ref), in
-        # float32 whatever the storage dtype
-        logits = rec.q[:, :, rows].float() @ rec.k.float().transpose(-1, -2) * (rec.scale / tau)
-        return logits.softmax(dim=-1).mean(dim=1)
+        return head_averaged_attention(rec.q[:, :, rows], rec.k, rec.scale / tau)  # (B, rows, n_ref)
 
     def iter_attention(self, step: int, name: str, chunk: int = 1024,
                        tau: float = 1.0) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -169,12 +174,7 @@ class FlowRecorder:
     """
 
     def __init__(self, layers: Sequence[str] | LayerFilter | None = None, tau: float = 2.0, chunk: int = 2048):
-        if layers is None:
-            self._layer_ok: LayerFilter = lambda name: True
-        elif callable(layers):
-            self._layer_ok = layers
-        else:
-            self._layer_ok = set(layers).__contains__
+        self._layer_ok = layer_filter(layers)
         self.tau, self.chunk = tau, chunk
         self.flows: dict[str, torch.Tensor] = {}
         self._latent_hw: tuple[int, int] | None = None
@@ -193,8 +193,7 @@ class FlowRecorder:
         factor = scale / self.tau
 
         def chunk_flow(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            probs = (q_rows.float() @ k.float().transpose(-1, -2) * factor).softmax(-1).mean(1)
-            return probs @ coords  # (B, rows, 2)
+            return head_averaged_attention(q_rows, k, factor) @ coords  # (B, rows, 2)
 
         n = q.shape[2]
         parts = []

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leffa.attention import run_reference_unet
 from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
 from leffa.model import BaseModel, LeffaModel
+from leffa.pipeline import latent_conditioning
 from leffa.recording import FlowRecorder
 
 
@@ -165,9 +165,7 @@ def training_step(module: LeffaTrainingModule, vae, scheduler, batch: dict, cfg:
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
-    hw = latents.shape[-2:]
-    cond = torch.cat([F.interpolate(mask, size=hw, mode="nearest"), masked,
-                      F.interpolate(pose, size=hw, mode="nearest")], dim=1)
+    cond = latent_conditioning(mask, masked, pose)
     recorder = FlowRecorder(tau=cfg.tau) if use_leffa else None
     pred = module(noisy, t, cond, ref_latents, recorder)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)

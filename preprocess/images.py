@@ -89,6 +89,11 @@ def fit_to_canvas(img: Image.Image, size: tuple[int, int] = MODEL_SIZE, *,
     return canvas
 
 
+def binarize(mask: Image.Image) -> Image.Image:
+    """A single-channel 0/255 mask, thresholded at 128 (as the pipeline reads PIL masks)."""
+    return mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
 def fit_label_image(img: Image.Image, size: tuple[int, int] = MODEL_SIZE) -> Image.Image:
     """A mask or DensePose image on the canvas: nearest resampling, black padding."""
     return fit_to_canvas(img, size, fill=BLACK, resample=Image.Resampling.NEAREST)
@@ -97,7 +102,7 @@ def fit_label_image(img: Image.Image, size: tuple[int, int] = MODEL_SIZE) -> Ima
 def load_label_image(source, name: str, size: tuple[int, int] = MODEL_SIZE, *, binary: bool = False) -> Image.Image:
     """Load a mask (``binary``: single channel, thresholded at 128) or a DensePose image onto the canvas."""
     img = fit_label_image(load_image(source, name=name), size)
-    return img.convert("L").point(lambda v: 255 if v >= 128 else 0) if binary else img
+    return binarize(img) if binary else img
 
 
 def save_image_atomic(img: Image.Image, path: str | Path) -> Path:

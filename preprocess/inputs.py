@@ -19,7 +19,7 @@ from PIL import Image
 
 from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseUnavailable, INSTALL_HINT,
                                   render_iuv, render_labels, render_segmentation)
-from preprocess.images import MODEL_SIZE, fit_to_canvas, load_garment, load_image, load_label_image
+from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.masks import GarmentType, MaskVariant, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
@@ -49,6 +49,15 @@ class PoseInputs:
     target: Image.Image  # the target-pose person: src_image (only its DensePose is used)
     mask: Image.Image  # all 255
     densepose: Image.Image  # IUV rendering of the target
+
+
+@dataclass
+class PersonMask:
+    person: Image.Image  # 768×1024 RGB
+    mask: Image.Image  # 768×1024 L, 255 = generate
+    parsing: Parsing
+    keypoints: np.ndarray  # (18, 2) in pixels of the 384×512 person
+    pose_image: Image.Image  # keypoints drawn on the 384×512 person
 
 
 @dataclass
@@ -130,33 +139,30 @@ class Preprocessor:
         return _Analysis(got.get("parsing"), got.get("keypoints"), got.get("densepose"))
 
     def person_mask(self, person: ImageSource, model_type: str | MaskVariant, garment_type: str | GarmentType,
-                    *, keep_fixed_regions: bool = False) -> tuple[Image.Image, Image.Image, Parsing, np.ndarray]:
-        """(person 768×1024, mask 768×1024 L, parsing, keypoints): what a try-on mask needs."""
+                    *, keep_fixed_regions: bool = False) -> PersonMask:
+        """The try-on mask of a person photo, with what it was computed from."""
         variant, garment_type = MaskVariant(model_type), GarmentType(garment_type)
         person_img = fit_to_canvas(load_image(person, name="person image"))
         a = self._analyse(person_img, ("parsing", "keypoints"))
         mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
                              keep_fixed_regions=keep_fixed_regions)
-        mask_img = Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC).point(
-            lambda v: 255 if v >= 128 else 0)
-        return person_img, mask_img, a.parsing, a.keypoints
+        mask_img = binarize(Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC))
+        small = person_img.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
+        return PersonMask(person_img, mask_img, a.parsing, a.keypoints, draw_keypoints(small, a.keypoints))
 
     def tryon(self, person: ImageSource, garment: ImageSource, model_type: str | MaskVariant,
               garment_type: str | GarmentType, preprocess_garment: bool = False, *,
               densepose: ImageSource | None = None, keep_fixed_regions: bool = False) -> TryOnInputs:
         """Everything a try-on needs. ``densepose``: a ready DensePose image (skips the backend)."""
         variant = MaskVariant(model_type)
-        person_img, mask_img, parsing, keypoints = self.person_mask(
-            person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
+        pm = self.person_mask(person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
         garment_img = load_garment(garment, cut_out=preprocess_garment)
         if densepose is not None:
             dp_img = load_label_image(densepose, "DensePose image")
         else:
             render = render_segmentation if variant is MaskVariant.VITON_HD else render_labels
-            dp_img = render(self._analyse(person_img, ("densepose",)).densepose, MODEL_SIZE)
-        small = person_img.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
-        return TryOnInputs(person_img, garment_img, mask_img, dp_img, parsing.image, keypoints,
-                           draw_keypoints(small, keypoints))
+            dp_img = render(self._analyse(pm.person, ("densepose",)).densepose, MODEL_SIZE)
+        return TryOnInputs(pm.person, garment_img, pm.mask, dp_img, pm.parsing.image, pm.keypoints, pm.pose_image)
 
     def pose(self, reference: ImageSource, target: ImageSource, *,
              densepose: ImageSource | None = None) -> PoseInputs:

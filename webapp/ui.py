@@ -13,7 +13,7 @@ from PIL import Image
 from leffa import CheckpointError, MissingWeightsError, ModelKind
 from preprocess.densepose import DensePoseUnavailable
 from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
-from preprocess.openpose import NoPersonError, draw_keypoints
+from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
 from webapp.predict import MAX_SEED, GenerateOptions, Generation, Predictor, _free_accelerator_memory
 
@@ -126,10 +126,8 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
         person = upload_path(person, "person photo")
         if person is None:
             return None, None, None
-        person_img, mask, parsing, keypoints = predictor.preprocessor.person_mask(
-            person, model_type, garment_type, keep_fixed_regions=keep_fixed)
-        small = person_img.resize(parsing.image.size, Image.Resampling.BICUBIC)
-        return editor_value(person_img, mask), parsing.image, draw_keypoints(small, keypoints)
+        pm = predictor.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
+        return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
 
     @user_errors
     def tryon(person, garment, editor, mask_upload, densepose_upload, model_type, garment_type, steps, guidance,
