@@ -75,8 +75,9 @@ class AttentionRecorder:
         self._latent_hw: tuple[int, int] | None = None
 
     # -- called by the pipeline -------------------------------------------------------
-    def begin(self, latent_hw: tuple[int, int], batch: slice) -> None:
-        """Start a generation: latent size, and which rows of the UNet batch to keep."""
+    def begin(self, latent_hw: tuple[int, int], batch: slice = slice(None)) -> None:
+        """Start a generation: latent size, and which rows of the UNet batch to keep (all by
+        default, as in a single forward pass of ``leffa.train.LeffaTrainingModule``)."""
         self.records.clear()
         self._latent_hw, self._batch = latent_hw, batch
 

@@ -29,7 +29,7 @@ from leffa.attention import run_reference_unet
 from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
 from leffa.model import BaseModel, LeffaModel
 from leffa.pipeline import latent_conditioning
-from leffa.recording import FlowRecorder
+from leffa.recording import AttentionRecorder, FlowRecorder
 
 
 @dataclass
@@ -131,8 +131,11 @@ class LeffaTrainingModule(nn.Module):
         self.model = model
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, ref_latents: torch.Tensor,
-                recorder: FlowRecorder | None = None) -> torch.Tensor:
+                recorder: FlowRecorder | AttentionRecorder | None = None) -> torch.Tensor:
         """Noise prediction (B, 4, h, w). ``cond`` = [mask, masked-image latent, DensePose] (8 ch).
+
+        ``recorder``: a ``FlowRecorder`` for the Leffa loss, or an ``AttentionRecorder`` (with
+        its step set) to inspect the attention of one forward pass.
 
         The reference features and the recorder stay in the model's attention state until
         ``release()`` after the backward pass: with gradient checkpointing, a generative block
@@ -220,6 +223,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         project_dir=str(out),
         # attn2 weights (no text encoder) and the reference UNet's unused tail get no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if not accelerator.is_main_process:
+        log = lambda *_: None  # noqa: E731 -- one process reports
     set_seed(cfg.seed)
     model = build_model(cfg)
     model.vae.requires_grad_(False).eval()
@@ -250,7 +255,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             tmp = ckpt_dir / ".latest.tmp"
             tmp.write_text(folder.name)
             tmp.replace(latest)
-            log(f"saved {path}")
+        log(f"saved {path}")
         accelerator.wait_for_everyone()
         return path
 
@@ -265,7 +270,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         loader = accelerator.prepare(DataLoader(data, batch_size=stage.batch_size or cfg.batch_size, shuffle=True,
                                                 num_workers=cfg.num_workers, drop_last=True))
         log(f"stage {i + 1}/{len(cfg.stages)} {stage.name!r}: {h}x{w}, steps {start}..{end}, "
-            f"Leffa loss {'on' if stage.leffa_loss else 'off'}, {len(data)} samples")
+            f"Leffa loss {'on' if stage.leffa_loss else 'off'}, {len(data)} samples, "
+            f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
         module.train()
         while progress.step < end:
             for batch in loader:

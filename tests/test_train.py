@@ -4,7 +4,10 @@ config errors, base-weight initialisation and the dataset layouts."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from leffa.data import DatasetError, LeffaDataset
 from leffa.loss import flow_loss
 from leffa.recording import FlowRecorder
 from leffa.train import LeffaTrainingModule, TrainConfig, load_config, train, training_step
-from tests.conftest import make_inputs, tiny_model
+from tests.conftest import ROOT, free_port, make_inputs, tiny_model
 
 W, H = 48, 64
 
@@ -231,3 +234,31 @@ def test_init_from_base_weights(tmp_path, base_dirs):
     with pytest.raises(FileNotFoundError, match="no vae/"):
         shutil.rmtree(folder / "vae")
         LeffaModel.from_base_weights(folder)
+
+
+def test_two_processes_stay_in_sync(tmp_path, base_dirs):
+    """Accelerate's multi-process path (gloo on CPU, as NCCL on GPUs): two processes with
+    different batches and noise end every step with identical weights, report once, and save
+    a checkpoint that loads strictly."""
+    root = viton_tree(tmp_path / "data", n=4)
+    ckpt = tmp_path / "init.pth"
+    init = tiny_model(base_dirs["sd15"])
+    torch.save(init.state_dict(), ckpt)
+    _config(tmp_path, root, base_dirs["sd15"], ckpt, [(1, False), (2, True)], batch_size=1)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "LEFFA_TEST_OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "tests.dist_train",
+                           "--config", str(tmp_path / "config.toml")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es) (MULTI_CPU)") == 2  # two stages, reported by one process
+    assert proc.stdout.count("saved ") == 3  # step 1 (end of stage 1), 2 (save_every) and 3
+    rank0, rank1 = (torch.load(tmp_path / f"fingerprint-rank{r}.pt") for r in (0, 1))
+    assert len(rank0["batches"]) == 3 and not torch.equal(rank0["batches"], rank1["batches"])  # own shards
+    rank0 = rank0["params"]
+    assert torch.equal(rank0, rank1["params"])  # gradients were averaged across the processes
+    start = torch.stack([p.detach().double().sum() for u in (init.unet, init.unet_encoder) for p in u.parameters()])
+    assert not torch.equal(rank0, start)
+    trained = LeffaModel.from_pretrained(base_dirs["sd15"], tmp_path / "run/checkpoints/step-3/leffa.safetensors")
+    final = torch.stack([p.double().sum() for u in (trained.unet, trained.unet_encoder) for p in u.parameters()])
+    torch.testing.assert_close(final, rank0, rtol=0, atol=0)

@@ -1,0 +1,33 @@
+"""``python -m leffa.train`` for the multi-process test (tests/test_train.py), run under
+``torch.distributed.run``. After every optimizer step each process also writes to
+``$LEFFA_TEST_OUT/fingerprint-rank{N}.pt`` a fingerprint of its parameters (one float64 sum
+per tensor) and of the batches it has trained on."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from leffa import train
+
+_release, _training_step = train.LeffaTrainingModule.release, train.training_step
+batches: list[torch.Tensor] = []
+
+
+def _training_step_noting_the_batch(module, vae, scheduler, batch, *args, **kwargs):
+    batches.append(batch["src_image"].double().sum())
+    return _training_step(module, vae, scheduler, batch, *args, **kwargs)
+
+
+def _release_and_fingerprint(self: train.LeffaTrainingModule) -> None:
+    _release(self)
+    params = torch.stack([p.detach().double().sum() for u in (self.model.unet, self.model.unet_encoder)
+                          for p in u.parameters()])
+    torch.save({"params": params, "batches": torch.stack(batches)},
+               Path(os.environ["LEFFA_TEST_OUT"]) / f"fingerprint-rank{os.environ['RANK']}.pt")
+
+
+train.training_step = _training_step_noting_the_batch
+train.LeffaTrainingModule.release = _release_and_fingerprint
+sys.exit(train.main(sys.argv[1:]))
