@@ -289,8 +289,10 @@ def figure(path: Path, samples: list[dict], runs: dict[str, Evaluation]) -> None
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)
 
 
 def run_seed(seed: int, args, log=print) -> tuple[dict, dict[str, Evaluation], list[dict]]:
@@ -343,7 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     figure(args.out / "toy_attention.png", test_set[:3], {k: v for k, v in evaluations.items() if k != "untrained"})
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "mean_over_seeds": summary, "per_seed": per_seed}
-    (args.out / "toy_results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    tmp = args.out / ".toy_results.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    tmp.replace(args.out / "toy_results.json")
     print(json.dumps(report["mean_over_seeds"], indent=2, ensure_ascii=False))
     print(f"figure: {args.out / 'toy_attention.png'}")
     return report
