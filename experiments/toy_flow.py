@@ -41,7 +41,7 @@ from leffa.loss import diffusion_loss, warp_with_flow
 from leffa.model import LeffaModel
 from leffa.pipeline import latent_conditioning
 from leffa.recording import AttentionRecorder
-from leffa.train import LeffaTrainingModule, TrainConfig, training_step
+from leffa.train import LeffaTrainingModule, TrainConfig, encode_batch, training_step
 
 H, W = 128, 96
 TINY_UNET = {
@@ -203,9 +203,7 @@ def evaluate(model: LeffaModel, samples: list[dict], seed: int = 0) -> Evaluatio
     50, 150, ..., 950 with fixed noise."""
     b = batch_of(samples)
     g = torch.Generator().manual_seed(seed)
-    vae, sf = model.vae, model.vae.config.scaling_factor
-    latents, masked, ref = (vae.encode(x).latent_dist.sample(g) * sf
-                            for x in (b["src_image"], b["src_image"] * (b["mask"] < 0.5), b["ref_image"]))
+    latents, masked, ref = encode_batch(model.vae, b, g)
     cond = latent_conditioning(b["mask"], masked, b["densepose"])
     scheduler, module = model.make_scheduler(), LeffaTrainingModule(model).eval()
     noise = torch.randn(latents.shape, generator=g)

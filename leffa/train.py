@@ -153,15 +153,23 @@ class LeffaTrainingModule(nn.Module):
         self.model.attn_state.clear()
 
 
+@torch.no_grad()
+def encode_batch(vae, batch: dict, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled VAE latents (sampled, in this order) of the target, of the target with the mask
+    region blanked (the inpainting input), and of the reference."""
+    src, mask = batch["src_image"], batch["mask"]
+    sf = vae.config.scaling_factor
+    return tuple(vae.encode(x.to(vae.dtype)).latent_dist.sample(generator) * sf
+                 for x in (src, src * (mask < 0.5), batch["ref_image"]))
+
+
 def training_step(module: LeffaTrainingModule, vae, scheduler, batch: dict, cfg: TrainConfig, use_leffa: bool,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One batch: (loss, {"diffusion": ..., "leffa": ...})."""
     src, ref, mask, pose = (batch[k] for k in ("src_image", "ref_image", "mask", "densepose"))
     device = src.device
-    with torch.no_grad():
-        sf = vae.config.scaling_factor
-        enc = lambda x: vae.encode(x.to(vae.dtype)).latent_dist.sample(generator) * sf
-        latents, masked, ref_latents = enc(src), enc(src * (mask < 0.5)), enc(ref)
+    latents, masked, ref_latents = encode_batch(vae, batch, generator)
     b = latents.shape[0]
     dropped = torch.rand(b, generator=generator).to(device) < cfg.ref_dropout
     ref_latents = torch.where(dropped[:, None, None, None], torch.zeros_like(ref_latents), ref_latents)
