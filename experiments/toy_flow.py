@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from leffa.flow import coordinate_grid
+from leffa.flow import coordinate_grid, resize_flow
 from leffa.loss import diffusion_loss, warp_with_flow
 from leffa.model import LeffaModel
 from leffa.pipeline import latent_conditioning
@@ -224,7 +224,7 @@ def end_point_error(flow: torch.Tensor, samples: list[dict]) -> float:
     """Mean distance in pixels, inside the mask, between a token-grid flow (B, h, w, 2)
     (upsampled bilinearly to the image) and the true warp."""
     b = batch_of(samples)
-    up = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+    up = resize_flow(flow, (H, W))
     scale = torch.tensor([(W - 1) / 2, (H - 1) / 2])
     err = ((up - b["true_flow"]) * scale).norm(dim=-1)  # (B, H, W) pixels
     m = b["mask"][:, 0] > 0
@@ -241,8 +241,7 @@ def attention_near_source(ev: Evaluation, samples: list[dict], radius: float = 1
     h, w = ev.attention.grid(ev.layers[0])
     px = torch.tensor([(W - 1) / 2, (H - 1) / 2])
     keys = (coordinate_grid(h, w) + 1) * px  # (n, 2) token centres in pixels
-    source = F.interpolate(b["true_flow"].permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=True)
-    source = (source.permute(0, 2, 3, 1).reshape(len(samples), h * w, 2) + 1) * px  # (B, n, 2)
+    source = (resize_flow(b["true_flow"], (h, w)).reshape(len(samples), h * w, 2) + 1) * px  # (B, n, 2)
     near = (keys[None, None] - source[:, :, None]).norm(dim=-1) <= radius  # (B, n queries, n keys)
     rows, cols = (torch.linspace(0, size - 1, n).round().long() for size, n in ((H, h), (W, w)))
     inside = b["mask"][:, 0][:, rows][:, :, cols].reshape(len(samples), h * w) > 0.5  # (B, n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -47,3 +48,11 @@ def attention_flow(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"attention {tuple(attn.shape)} does not match a {height}x{width} grid")
     coords = coordinate_grid(height, width, device=attn.device, dtype=attn.dtype)  # (n, 2)
     return (attn @ coords).view(b, height, width, 2)
+
+
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample a flow field (B, h, w, 2) to ``size`` = (H, W) bilinearly with
+    ``align_corners=True``, the grid convention of the values, so an affine field (the
+    identity among them) stays exact: (B, H, W, 2)."""
+    out = F.interpolate(flow.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=True)
+    return out.permute(0, 2, 3, 1)

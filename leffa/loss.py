@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from leffa.flow import attention_flow
+from leffa.flow import attention_flow, resize_flow
 
 __all__ = ["attention_flow", "diffusion_loss", "flow_loss", "leffa_loss", "warp_with_flow"]
 
@@ -36,9 +36,8 @@ def warp_with_flow(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     The flow is upsampled bilinearly to H×W with ``align_corners=True`` (so an identity flow
     stays the identity) and used as a ``grid_sample`` grid.
     """
-    b, _, h_img, w_img = image.shape
-    grid = F.interpolate(flow.permute(0, 3, 1, 2), size=(h_img, w_img), mode="bilinear", align_corners=True)
-    return F.grid_sample(image, grid.permute(0, 2, 3, 1).to(image.dtype), mode="bilinear", align_corners=True)
+    grid = resize_flow(flow, tuple(image.shape[-2:]))
+    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", align_corners=True)
 
 
 def flow_loss(flows: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], ref_image: torch.Tensor,

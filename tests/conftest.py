@@ -73,6 +73,11 @@ def variant(request) -> str:
     return request.param
 
 
+def param_fingerprint(model: LeffaModel) -> torch.Tensor:
+    """One float64 sum per parameter tensor of both UNets: equal iff the weights are, in practice."""
+    return torch.stack([p.detach().double().sum() for u in (model.unet, model.unet_encoder) for p in u.parameters()])
+
+
 def tiny_model(base_dir: Path, seed: int = 0) -> LeffaModel:
     torch.manual_seed(seed)
     model = LeffaModel.from_config_dir(base_dir).eval()

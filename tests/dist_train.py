@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from leffa import train
+from tests.conftest import param_fingerprint
 
 _release, _training_step = train.LeffaTrainingModule.release, train.training_step
 batches: list[torch.Tensor] = []
@@ -22,9 +23,7 @@ def _training_step_noting_the_batch(module, vae, scheduler, batch, *args, **kwar
 
 def _release_and_fingerprint(self: train.LeffaTrainingModule) -> None:
     _release(self)
-    params = torch.stack([p.detach().double().sum() for u in (self.model.unet, self.model.unet_encoder)
-                          for p in u.parameters()])
-    torch.save({"params": params, "batches": torch.stack(batches)},
+    torch.save({"params": param_fingerprint(self.model), "batches": torch.stack(batches)},
                Path(os.environ["LEFFA_TEST_OUT"]) / f"fingerprint-rank{os.environ['RANK']}.pt")
 
 

@@ -156,3 +156,23 @@ def test_settings_from_env(monkeypatch):
     assert (s.port, s.host, s.tiny) == (9001, "127.0.0.1", True)
     with pytest.raises(SystemExit):
         parse_args(["--queue-size", "0"])
+
+
+def test_warped_reference_follows_the_attention():
+    """One-hot attention: on itself, the warp is the reference unchanged; on the mirrored
+    token, it is the reference mirrored left-right (up to token-grid resolution)."""
+    from leffa import AttentionRecorder
+    from leffa.recording import AttentionRecord
+    from webapp.attention_view import warped_reference
+
+    h, w = 8, 6
+    rng = np.random.default_rng(0)
+    reference = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))  # one pixel per token
+    mirrored = torch.arange(h * w).view(h, w).flip(1).reshape(-1)
+    rec = AttentionRecorder()
+    for name, target in (("same", torch.arange(h * w)), ("mirror", mirrored)):
+        q = 100 * torch.nn.functional.one_hot(target, h * w).float()[None, None]  # (1, 1 head, n, n)
+        rec.records[(0, name)] = AttentionRecord(q, torch.eye(h * w)[None, None], 1.0, (h, w))
+    assert np.array_equal(np.asarray(warped_reference(rec, 0, ["same"], reference)), np.asarray(reference))
+    assert np.array_equal(np.asarray(warped_reference(rec, 0, ["mirror"], reference)),
+                          np.asarray(reference)[:, ::-1])

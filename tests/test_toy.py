@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import toy_flow
+from leffa.flow import resize_flow
 from leffa.loss import flow_loss
 
 
@@ -18,13 +19,9 @@ def samples():
     return toy_flow.make_set(4, seed=3)
 
 
-def _token_grid(flow: torch.Tensor, h: int = 16, w: int = 12) -> torch.Tensor:
-    return F.interpolate(flow.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
-
-
 def test_true_warp_has_zero_loss_and_zero_error(samples):
     b = toy_flow.batch_of(samples)
-    true = _token_grid(b["true_flow"])  # an affine field survives the token grid exactly
+    true = resize_flow(b["true_flow"], (16, 12))  # an affine field survives the token grid exactly
     assert flow_loss([true], b["ref_image"], b["src_image"], b["mask"]).item() < 1e-4
     assert toy_flow.end_point_error(true, samples) < 1e-3
     centre = torch.zeros_like(true)  # uniform attention
@@ -77,7 +74,7 @@ def test_attention_near_source(samples):
     b = toy_flow.batch_of(samples)
     h, w = 16, 12
     # outside the mask the source may lie off the garment image: clamp (those queries do not count)
-    source = ((_token_grid(b["true_flow"]).reshape(len(samples), h * w, 2) + 1) / 2).clamp(0, 1)
+    source = ((resize_flow(b["true_flow"], (16, 12)).reshape(len(samples), h * w, 2) + 1) / 2).clamp(0, 1)
     nearest = (source[..., 1] * (h - 1)).round().long() * w + (source[..., 0] * (w - 1)).round().long()
     q = 100 * F.one_hot(nearest, h * w).float()[:, None]  # (B, 1 head, n, d = n)
     k = torch.eye(h * w).expand(len(samples), 1, h * w, h * w)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from leffa import AttentionRecorder
+from leffa.loss import warp_with_flow
 
 
 def layer_groups(recorder: AttentionRecorder) -> dict[str, list[str]]:
@@ -38,8 +39,6 @@ def warped_reference(recorder: AttentionRecorder, step: int, layers: list[str],
     """``reference`` resampled by the mean attention flow of ``layers``: each output pixel takes
     the colour of where its query looked."""
     flow = torch.stack([recorder.flow(step, name)[0].float() for name in layers]).mean(0)  # (h, w, 2)
-    w, h = reference.size
-    grid = F.interpolate(flow.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=True)
     ref = torch.from_numpy(np.asarray(reference.convert("RGB"), np.float32) / 255).permute(2, 0, 1)[None]
-    warped = F.grid_sample(ref, grid.permute(0, 2, 3, 1), mode="bilinear", align_corners=True)
+    warped = warp_with_flow(ref, flow[None])
     return Image.fromarray((warped[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
