@@ -15,7 +15,6 @@ from leffa.checkpoint import CheckpointError
 from leffa.hub import ENV_CHECKPOINT_DIR, MissingWeightsError, ModelKind, load_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
-from preprocess.densepose import DensePoseUnavailable
 from preprocess.images import (MODEL_SIZE, ImageLoadError, fit_to_canvas, load_garment, load_image,
                                load_label_image, save_image_atomic)
 from preprocess.inputs import Preprocessor
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask", type=Path, default=None,
                    help="inpainting mask (white = replace); default: computed from parsing + pose")
     t.add_argument("--densepose", type=Path, default=None,
-                   help="DensePose rendering of the person; default: computed (needs detectron2)")
+                   help="DensePose rendering of the person; default: computed")
     t.add_argument("--model-type", choices=list(TRYON_KINDS), default="viton_hd",
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
     t.add_argument("--garment-type", choices=[g.value for g in GarmentType], default="upper_body",
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pose", parents=[common], help="pose transfer")
     p.add_argument("--person", required=True, type=Path, help="the person whose appearance is kept")
     p.add_argument("--target", type=Path, default=None,
-                   help="photo of a person in the target pose (its DensePose is computed; needs detectron2)")
+                   help="photo of a person in the target pose (its DensePose is computed)")
     p.add_argument("--densepose", type=Path, default=None,
                    help="DensePose IUV rendering of the target-pose person, instead of --target")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = run(args)
-    except (ImageLoadError, MissingWeightsError, CheckpointError, DensePoseUnavailable, ValueError) as e:
+    except (ImageLoadError, MissingWeightsError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"saved {path}")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseUnavailable, INSTALL_HINT,
-                                  render_iuv, render_labels, render_segmentation)
+from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv, render_labels,
+                                  render_segmentation)
 from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.masks import GarmentType, MaskVariant, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
@@ -27,7 +27,7 @@ from preprocess.parsing import HumanParser, Parsing
 PARSE_SIZE = (384, 512)  # (width, height) at which parsing, keypoints and masks are computed
 PARSING_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx"]
 OPENPOSE_FILES = ["openpose/body_pose_model.pth"]
-DENSEPOSE_FILES = ["densepose/densepose_rcnn_R_50_FPN_s1x.yaml", "densepose/model_final_162be9.pkl"]
+DENSEPOSE_FILES = ["densepose/model_final_162be9.pkl"]
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -67,6 +67,15 @@ class _Analysis:
     densepose: list[DensePoseInstance] | None
 
 
+def densepose_weights(root: str | Path | None = None, revision: str | None = None) -> Path:
+    """The DensePose weights: a local ``.safetensors`` conversion of the published ``.pkl`` if
+    there is one (``python -m preprocess.densepose convert``), else the ``.pkl`` (downloaded if missing)."""
+    from leffa.hub import checkpoint_dir, resolve_files
+
+    converted = checkpoint_dir(root) / Path(DENSEPOSE_FILES[0]).with_suffix(".safetensors")
+    return converted if converted.is_file() else resolve_files(DENSEPOSE_FILES, root, revision)[0]
+
+
 def image_key(img: Image.Image) -> str:
     return hashlib.blake2b(img.tobytes() + repr((img.mode, img.size)).encode(), digest_size=16).hexdigest()
 
@@ -96,15 +105,7 @@ class Preprocessor:
             return OpenPoseDetector.from_file(resolve_files(OPENPOSE_FILES, root, revision)[0], device)
 
         def densepose():
-            from preprocess.densepose import Detectron2DensePose
-
-            try:  # before downloading 250 MB for nothing
-                import densepose  # noqa: F401
-                import detectron2  # noqa: F401
-            except ImportError as e:
-                raise DensePoseUnavailable(f"detectron2 DensePose is not installed ({e}).\n{INSTALL_HINT}") from None
-            config, weights = resolve_files(DENSEPOSE_FILES, root, revision)
-            return Detectron2DensePose(config, weights, device)
+            return DensePoseRCNN.from_checkpoint(densepose_weights(root, revision), device)
 
         return cls(parser, pose, densepose)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.densepose import DensePoseUnavailable, render_segmentation
+from preprocess.densepose import render_segmentation
 from preprocess.inputs import PARSE_SIZE, Preprocessor
 from preprocess.masks import agnostic_mask
 from preprocess.openpose import NoPersonError
@@ -90,12 +90,10 @@ def test_cache_is_bounded():
 
 
 def test_uploaded_densepose_skips_the_backend():
-    def unavailable():
-        raise DensePoseUnavailable("not installed")
+    def never():
+        raise AssertionError("the DensePose backend must not be built when a DensePose image is given")
 
-    pre = Preprocessor(StandInParser, StandInPose, unavailable)
-    with pytest.raises(DensePoseUnavailable):
-        pre.tryon(person_photo(), person_photo(1), "viton_hd", "upper_body")
+    pre = Preprocessor(StandInParser, StandInPose, never)
     dp = Image.new("RGB", (300, 400), (10, 20, 30))
     out = pre.tryon(person_photo(), person_photo(1), "viton_hd", "upper_body", densepose=dp)
     assert np.asarray(out.densepose)[512, 384].tolist() == [10, 20, 30]
@@ -116,10 +114,13 @@ def test_pose_inputs():
         pre.pose(person_photo(), Image.new("RGB", (300, 400), "white"))
 
 
-def test_checkpoint_preprocessor_reports_missing_densepose_backend(tmp_path):
+def test_checkpoint_preprocessor_reports_missing_densepose_weights(tmp_path, monkeypatch):
+    from leffa import MissingWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pre = Preprocessor.from_checkpoints(tmp_path)
-    with pytest.raises(DensePoseUnavailable, match="pip install"):
-        pre._model("densepose")
+    with pytest.raises(MissingWeightsError, match="densepose/model_final_162be9.pkl"):
+        pre.pose(person_photo(), person_photo(1))
 
 
 def test_checkpoint_preprocessor_reports_missing_weights(tmp_path, monkeypatch):

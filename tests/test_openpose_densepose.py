@@ -1,4 +1,4 @@
-"""OpenPose network loading and decoding; DensePose renderings and the missing backend."""
+"""OpenPose network loading and decoding; DensePose renderings."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from leffa.checkpoint import CheckpointError
-from preprocess.densepose import (INSTALL_HINT, DensePoseInstance, DensePoseUnavailable, Detectron2DensePose,
-                                  render_iuv, render_labels, render_segmentation)
+from preprocess.densepose import DensePoseInstance, render_iuv, render_labels, render_segmentation
 from preprocess.openpose import (LIMBS, PAF_CHANNELS, BodyPoseNet, NoPersonError, OpenPoseDetector,
                                  decode_people, draw_keypoints, load_body_pose_weights)
 
@@ -186,12 +185,6 @@ def test_iuv_rendering():
 def test_boxes_are_clipped_to_the_canvas():
     img = np.asarray(render_segmentation([_instance(x=45, y=38)], (48, 40)))
     assert img.shape == (40, 48, 3)
-
-
-def test_missing_backend_explains_how_to_install():
-    with pytest.raises(DensePoseUnavailable) as info:
-        Detectron2DensePose("cfg.yaml", "model.pkl", device="cpu")
-    assert INSTALL_HINT in str(info.value) and "detectron2" in str(info.value)
 
 
 def test_instance_checks_shapes():

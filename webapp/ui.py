@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from leffa import CheckpointError, MissingWeightsError, ModelKind
-from preprocess.densepose import DensePoseUnavailable
 from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
 from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
@@ -44,8 +43,6 @@ def user_errors(fn):
             _free_accelerator_memory()
             raise gr.Error("Out of GPU memory. Try again with fewer steps or without attention recording; "
                            "the server keeps running.") from None
-        except DensePoseUnavailable as e:
-            raise gr.Error(f"{e}\nOr upload a DensePose image under 'Mask and DensePose'.") from None
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
@@ -247,7 +244,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                         recompute = gr.Button("Recompute mask")
                         mask_upload = gr.Image(label="…or upload a mask (white = replace); overrides the editor",
                                                type="filepath")
-                        densepose_upload = gr.Image(label="DensePose image (optional: needed without detectron2)",
+                        densepose_upload = gr.Image(label="DensePose image (optional: replaces the computed one)",
                                                     type="filepath")
             with gr.Accordion("Advanced options", open=False):
                 model_type = gr.Radio([("VITON-HD (recommended)", "viton_hd"), ("DressCode (experimental)", "dress_code")],
@@ -280,7 +277,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
             p_person, p_target, p_result, p_seed_used, p_run = input_row(
                 "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
             with gr.Accordion("Advanced options", open=False):
-                p_densepose = gr.Image(label="DensePose IUV image of the target pose (optional: needed without detectron2)",
+                p_densepose = gr.Image(label="DensePose IUV image of the target pose (optional: replaces the computed one)",
                                        type="filepath")
                 p_steps, p_guidance, p_seed, p_random, p_ref, _, p_record = generation_options(False)
             with gr.Accordion("Intermediate results", open=False):

@@ -1,16 +1,12 @@
-"""DensePose: a backend interface, the optional detectron2 backend, and the three renderings
-the published models were fed (spec §5 "DensePose").
+"""DensePose results and the three renderings the published models were fed (spec §5 "DensePose").
 
-A backend returns ``DensePoseInstance``s (box, part labels I, surface coordinates U, V);
-``render_*`` turn them into the images each model expects. The detectron2 backend is an
-optional extra (it needs torchvision and a CUDA build); without it, upload a DensePose
-image instead.
+A backend (``DensePoseRCNN``, or a stand-in) returns ``DensePoseInstance``s (box, part labels I,
+surface coordinates U, V); ``render_*`` turn them into the images each model expects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import cv2
@@ -18,18 +14,6 @@ import numpy as np
 from PIL import Image
 
 NUM_PARTS = 24
-SCORE_THRESHOLD = 0.5
-INSTALL_HINT = (
-    "Automatic DensePose needs detectron2 and its DensePose project, an optional extra that "
-    "requires a CUDA build of PyTorch with torchvision:\n"
-    "    pip install 'git+https://github.com/facebookresearch/detectron2.git'\n"
-    "    pip install 'git+https://github.com/facebookresearch/detectron2.git#subdirectory=projects/DensePose'\n"
-    "Otherwise upload a DensePose image of the photo yourself."
-)
-
-
-class DensePoseUnavailable(RuntimeError):
-    """The DensePose backend is not installed."""
 
 
 @dataclass
@@ -101,43 +85,3 @@ def render_iuv(instances: list[DensePoseInstance], size: tuple[int, int]) -> Ima
         iuv = np.stack([uv[0], uv[1], inst.labels.astype(np.float32)], axis=2).astype(np.uint8)
         _paste(canvas, inst, iuv, np.ones_like(inst.labels, bool))
     return Image.fromarray(canvas)
-
-
-class Detectron2DensePose:
-    """DensePose R-CNN R50-FPN s1x with detectron2 (optional extra; see ``INSTALL_HINT``)."""
-
-    def __init__(self, config: str | Path, weights: str | Path, device: str = "cuda",
-                 score_threshold: float = SCORE_THRESHOLD):
-        try:
-            from densepose import add_densepose_config
-            from densepose.vis.extractor import DensePoseResultExtractor
-            from detectron2.config import get_cfg
-            from detectron2.engine import DefaultPredictor
-        except ImportError as e:
-            raise DensePoseUnavailable(f"detectron2 DensePose is not installed ({e}).\n{INSTALL_HINT}") from None
-        cfg = get_cfg()
-        add_densepose_config(cfg)
-        cfg.merge_from_file(str(config))
-        cfg.MODEL.WEIGHTS = str(weights)
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
-        cfg.MODEL.DEVICE = device
-        self.predictor = DefaultPredictor(cfg)
-        self.extract = DensePoseResultExtractor()
-
-    def __call__(self, rgb: np.ndarray) -> list[DensePoseInstance]:
-        import torch
-
-        with torch.no_grad():
-            found = self.predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
-        if len(found) == 0:
-            return []
-        order = found.scores.argsort(descending=True).tolist()
-        results, boxes_xywh = self.extract(found)
-        out = []
-        for i in order:
-            x, y, w, h = (int(v) for v in boxes_xywh[i])
-            labels = results[i].labels.numpy().astype(np.uint8)[:h, :w]
-            uv = results[i].uv.numpy().astype(np.float32)[:, :h, :w]
-            out.append(DensePoseInstance((x, y, labels.shape[1], labels.shape[0]), labels, uv,
-                                         float(found.scores[i])))
-        return out

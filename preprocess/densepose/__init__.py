@@ -1,0 +1,16 @@
+"""DensePose (spec §5): DensePose R-CNN R50-FPN s1x in plain PyTorch and the renderings the
+published Leffa models were fed.
+
+- ``render.py``: ``DensePoseInstance`` (box, part labels, U/V) and the three renderings;
+- ``model.py``: the network and its inference steps (``DensePoseRCNN``);
+- ``ops.py``: anchors, box decoding, NMS, ROIAlign;
+- ``extract.py``: head outputs -> per-person labels and U/V in image pixels;
+- ``weights.py``: the published ``.pkl`` (restricted unpickling) or ``.safetensors``, strictly.
+"""
+
+from preprocess.densepose.model import DensePoseRCNN, RCNNConfig
+from preprocess.densepose.render import (NUM_PARTS, DensePoseBackend, DensePoseInstance, part_colours, render_iuv,
+                                         render_labels, render_segmentation)
+
+__all__ = ["NUM_PARTS", "DensePoseBackend", "DensePoseInstance", "DensePoseRCNN", "RCNNConfig", "part_colours",
+           "render_iuv", "render_labels", "render_segmentation"]

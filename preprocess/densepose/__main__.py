@@ -1,0 +1,5 @@
+import sys
+
+from preprocess.densepose.weights import main
+
+sys.exit(main())
