@@ -3,8 +3,8 @@
     python -m benchmarks.bench_preprocess
 
 Uses the full-size OpenPose body network (random weights: same cost as the real ones), the
-real mask code, and the stand-in parser/DensePose (the SCHP and detectron2 networks need
-their weights; their cost is not measured here). The cached re-run is what a user pays when
+real mask code, and the stand-in parser/DensePose (the SCHP network needs its weights; the
+DensePose network is timed against detectron2's by ``benchmarks/parity_densepose.py``). The cached re-run is what a user pays when
 changing only steps/seed/guidance.
 """
 

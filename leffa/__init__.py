@@ -1,24 +1,37 @@
 """Leffa: flow fields in attention for controllable person image generation (CVPR 2025).
 
 A clean re-implementation that loads the published weights (Hub repo ``franciszzj/Leffa``)
-unchanged. Importing this package builds and downloads nothing.
+unchanged. Importing this package builds and downloads nothing, and imports its submodules
+(and diffusers) only when one of the names below is first used: ``leffa.checkpoint`` alone
+needs nothing but torch.
 """
 
-from leffa.checkpoint import CheckpointError
-from leffa.hub import MissingWeightsError, ModelKind, load_model, resolve_files
-from leffa.model import BaseModel, LeffaModel
-from leffa.pipeline import LeffaPipeline, LeffaPipelineOutput
-from leffa.recording import AttentionRecorder
+from __future__ import annotations
 
-__all__ = [
-    "AttentionRecorder",
-    "BaseModel",
-    "CheckpointError",
-    "LeffaModel",
-    "LeffaPipeline",
-    "LeffaPipelineOutput",
-    "MissingWeightsError",
-    "ModelKind",
-    "load_model",
-    "resolve_files",
-]
+import importlib
+
+_EXPORTS = {
+    "AttentionRecorder": "leffa.recording",
+    "BaseModel": "leffa.model",
+    "CheckpointError": "leffa.checkpoint",
+    "LeffaModel": "leffa.model",
+    "LeffaPipeline": "leffa.pipeline",
+    "LeffaPipelineOutput": "leffa.pipeline",
+    "MissingWeightsError": "leffa.hub",
+    "ModelKind": "leffa.hub",
+    "load_model": "leffa.hub",
+    "resolve_files": "leffa.hub",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'leffa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -397,3 +397,21 @@ def test_boxes_are_reported_in_the_callers_pixels(small_model, monkeypatch):
     assert len(a.boxes) >= 1
     torch.testing.assert_close(b.boxes, a.boxes * 2)
     torch.testing.assert_close(b.scores, a.scores)
+
+
+def test_full_float32_turns_tf32_off_inside_and_restores_it():
+    from preprocess.densepose.model import full_float32
+
+    cudnn, cublas = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, cublas.allow_tf32
+    try:
+        cudnn.allow_tf32 = cublas.allow_tf32 = True
+        with full_float32(torch.device("cpu")):  # nothing to change on the CPU
+            assert cudnn.allow_tf32
+        with pytest.raises(RuntimeError, match="inside"):
+            with full_float32(torch.device("cuda")):
+                assert not cudnn.allow_tf32 and not cublas.allow_tf32
+                raise RuntimeError("inside")
+        assert cudnn.allow_tf32 and cublas.allow_tf32
+    finally:
+        cudnn.allow_tf32, cublas.allow_tf32 = saved

@@ -139,6 +139,7 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, spat
     xs = boxes[:, 0:1] + steps[None] * (size[:, 0:1] / n)
     ys = boxes[:, 1:2] + steps[None] * (size[:, 1:2] / n)
     inside = (((xs >= -1.0) & (xs <= W))[:, None, :] & ((ys >= -1.0) & (ys <= H))[:, :, None])  # (R, n·s, n·s)
+    all_inside = bool(inside.all())  # always, for boxes clipped to the image
     # grid_sample's border padding clamps to [0, size-1] exactly as roi_align's bilinear rule does
     gx = (2.0 * xs + 1.0) / W - 1.0
     gy = (2.0 * ys + 1.0) / H - 1.0
@@ -148,8 +149,9 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, spat
             k = len(idx)
             grid = torch.stack(torch.broadcast_tensors(gx[idx][:, None, :], gy[idx][:, :, None]), dim=-1)
             sampled = F.grid_sample(features[b:b + 1], grid.reshape(1, k * n * s, n * s, 2).to(features.dtype),
-                                    mode="bilinear", padding_mode="border", align_corners=False)
-            sampled = sampled.reshape(C, k, n * s, n * s).transpose(0, 1)  # (k, C, n·s, n·s)
-            sampled = sampled * inside[idx][:, None].to(sampled.dtype)
-            out[idx] = sampled.reshape(k, C, n, s, n, s).mean(dim=(3, 5))
+                                    mode="bilinear", padding_mode="border", align_corners=False)  # (1, C, k·n·s, n·s)
+            if not all_inside:
+                sampled = sampled * inside[idx].reshape(1, 1, k * n * s, n * s).to(sampled.dtype)
+            pooled = F.avg_pool2d(sampled, s)  # (1, C, k·n, n): s×s blocks never straddle two boxes
+            out[idx] = pooled.reshape(C, k, n, n).transpose(0, 1)
     return out
