@@ -43,7 +43,7 @@ def run_mode(args) -> dict:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = BaseModel.SDXL_INPAINTING if args.variant == "sdxl" else BaseModel.SD15_INPAINTING
-    model = LeffaModel.from_config_dir(base).eval().place(device, dtype)
+    model = LeffaModel.from_config_dir(base, device=device).eval().place(device, dtype)  # built where it runs
     pipe = LeffaPipeline(model)
     if args.mode == "literal":  # the original: literal attention and the whole reference UNet
         install_literal(model)
@@ -81,7 +81,8 @@ def run_mode(args) -> dict:
     torch.save(out.images, args.save)
     return {"mode": args.mode, "s_per_step": statistics.median(steps) if steps else total,
             "min_s_per_step": min(steps) if steps else total,
-            "total_s": total, "peak_gib": peak / 2**30, "device": str(device)}
+            "total_s": total, "peak_gib": peak / 2**30, "device": str(device),
+            "finite": bool(torch.isfinite(out.images).all())}
 
 
 def main() -> None:
@@ -116,10 +117,10 @@ def main() -> None:
 
     print(f"{args.variant} random init, {args.size}, {args.steps} steps, {args.device} {args.dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'mode':32s} {'s/step':>8s} {'min s/step':>10s} {'total s':>8s} {'peak GiB':>9s}")
+    print(f"{'mode':32s} {'s/step':>8s} {'min s/step':>10s} {'total s':>8s} {'peak GiB':>9s} finite")
     for mode, r in results.items():
-        print(f"{LABELS[mode]:32s} {r['s_per_step']:8.2f} {r['min_s_per_step']:10.2f} {r['total_s']:8.2f} "
-              f"{r['peak_gib']:9.2f}")
+        print(f"{LABELS[mode]:32s} {r['s_per_step']:8.3f} {r['min_s_per_step']:10.3f} {r['total_s']:8.2f} "
+              f"{r['peak_gib']:9.2f} {r['finite']}")
     ratio = lambda a, b, key: results[a][key] / results[b][key]
     if "literal" in results and "ours" in results:
         diff = (images["literal"] - images["ours"]).abs().max().item()
