@@ -41,7 +41,7 @@ from leffa.loss import diffusion_loss, warp_with_flow
 from leffa.model import LeffaModel
 from leffa.pipeline import latent_conditioning
 from leffa.recording import AttentionRecorder
-from leffa.train import LeffaTrainingModule, TrainConfig, encode_batch, training_step
+from training.trainer import LeffaTrainingModule, TrainConfig, encode_batch, training_step
 
 H, W = 128, 96
 TINY_UNET = {
@@ -153,7 +153,7 @@ def build_model(seed: int, calibration: list[dict]) -> LeffaModel:
 
 def train_run(model: LeffaModel, data: list[dict], steps: int, lam: float, batch: int, lr: float, seed: int,
               log=print) -> None:
-    """``steps`` AdamW steps of ``leffa.train.training_step`` (λ = 0: the diffusion loss only).
+    """``steps`` AdamW steps of ``training.trainer.training_step`` (λ = 0: the diffusion loss only).
     The batches, noise and timesteps depend on ``seed`` only, not on λ."""
     cfg = TrainConfig(output_dir="", data_root="", lambda_leffa=lam, ref_dropout=0.0)
     module = LeffaTrainingModule(model).train()

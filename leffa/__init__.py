@@ -2,8 +2,7 @@
 
 A clean re-implementation that loads the published weights (Hub repo ``franciszzj/Leffa``)
 unchanged. Importing this package builds and downloads nothing, and imports its submodules
-(and diffusers) only when one of the names below is first used: ``leffa.checkpoint`` alone
-needs nothing but torch.
+(and diffusers) only when one of the names below is first used.
 """
 
 from __future__ import annotations
@@ -13,14 +12,14 @@ import importlib
 _EXPORTS = {
     "AttentionRecorder": "leffa.recording",
     "BaseModel": "leffa.model",
-    "CheckpointError": "leffa.checkpoint",
+    "CheckpointError": "weightfiles.checkpoint",
     "LeffaModel": "leffa.model",
     "LeffaPipeline": "leffa.pipeline",
     "LeffaPipelineOutput": "leffa.pipeline",
-    "MissingWeightsError": "leffa.hub",
+    "MissingWeightsError": "weightfiles.hub",
     "ModelKind": "leffa.hub",
     "load_model": "leffa.hub",
-    "resolve_files": "leffa.hub",
+    "resolve_files": "weightfiles.hub",
 }
 __all__ = sorted(_EXPORTS)
 

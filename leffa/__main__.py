@@ -1,3 +1,7 @@
-from leffa.cli import main
+"""``python -m leffa``: the command-line application (``cli``), which sits on top of this library."""
 
-raise SystemExit(main())
+import sys
+
+from cli.main import main
+
+sys.exit(main())

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from leffa.attention import LeffaAttentionState, install_processors
-from leffa.checkpoint import load_state_dict_file, check_state_dict
+from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 GENERATIVE_IN_CHANNELS = 12  # 4 noisy latent + 1 mask + 4 masked-image latent + 3 DensePose

@@ -77,7 +77,7 @@ class AttentionRecorder:
     # -- called by the pipeline -------------------------------------------------------
     def begin(self, latent_hw: tuple[int, int], batch: slice = slice(None)) -> None:
         """Start a generation: latent size, and which rows of the UNet batch to keep (all by
-        default, as in a single forward pass of ``leffa.train.LeffaTrainingModule``)."""
+        default, as in a single forward pass of ``training.trainer.LeffaTrainingModule``)."""
         self.records.clear()
         self._latent_hw, self._batch = latent_hw, batch
 

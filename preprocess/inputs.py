@@ -70,7 +70,7 @@ class _Analysis:
 def densepose_weights(root: str | Path | None = None, revision: str | None = None) -> Path:
     """The DensePose weights: a local ``.safetensors`` conversion of the published ``.pkl`` if
     there is one (``python -m preprocess.densepose convert``), else the ``.pkl`` (downloaded if missing)."""
-    from leffa.hub import checkpoint_dir, resolve_files
+    from weightfiles.hub import checkpoint_dir, resolve_files
 
     converted = checkpoint_dir(root) / Path(DENSEPOSE_FILES[0]).with_suffix(".safetensors")
     return converted if converted.is_file() else resolve_files(DENSEPOSE_FILES, root, revision)[0]
@@ -95,7 +95,7 @@ class Preprocessor:
     def from_checkpoints(cls, root: str | Path | None = None, device: str = "cpu",
                          revision: str | None = None) -> Preprocessor:
         """Models from the checkpoint folder / the Hub, each fetched on first use only."""
-        from leffa.hub import resolve_files
+        from weightfiles.hub import resolve_files
 
         def parser():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]

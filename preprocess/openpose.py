@@ -81,7 +81,7 @@ class BodyPoseNet(nn.Module):
 
 def load_body_pose_weights(net: BodyPoseNet, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Load flat CMU key names (``conv1_1.weight``) into the nested network, strictly."""
-    from leffa.checkpoint import check_state_dict
+    from weightfiles.checkpoint import check_state_dict
 
     flat = {k.split(".", 1)[1]: k for k in net.state_dict()}  # "conv1_1.weight" -> "model0.conv1_1.weight"
     renamed = {flat.get(k, k): v for k, v in state.items()}
@@ -207,7 +207,7 @@ class OpenPoseDetector:
 
     @classmethod
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> OpenPoseDetector:
-        from leffa.checkpoint import load_state_dict_file
+        from weightfiles.checkpoint import load_state_dict_file
 
         net = BodyPoseNet()
         load_body_pose_weights(net, load_state_dict_file(path), str(path))

@@ -1,4 +1,4 @@
-"""``python -m leffa.train`` for the multi-process test (tests/test_train.py), run under
+"""``python -m training`` for the multi-process test (tests/test_train.py), run under
 ``torch.distributed.run``. After every optimizer step each process also writes to
 ``$LEFFA_TEST_OUT/fingerprint-rank{N}.pt`` a fingerprint of its parameters (one float64 sum
 per tensor) and of the batches it has trained on."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from leffa import train
+from training import trainer as train
 from tests.conftest import param_fingerprint
 
 _release, _training_step = train.LeffaTrainingModule.release, train.training_step

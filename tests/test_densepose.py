@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from leffa.checkpoint import CheckpointError
+from weightfiles.checkpoint import CheckpointError
 from preprocess.densepose import DensePoseInstance, DensePoseRCNN, RCNNConfig, ops, weights
 from preprocess.densepose.extract import chart_to_box, extract_instances, int_box
 from preprocess.densepose.model import ChartOutput, Detections, resized_shape

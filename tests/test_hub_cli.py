@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leffa import MissingWeightsError, ModelKind, hub
-from leffa.cli import main
+from leffa import MissingWeightsError, ModelKind, load_model
+from weightfiles import hub
+from cli.main import main
 from leffa.model import BaseModel
 from tests.conftest import tiny_model
 
@@ -93,7 +94,7 @@ def test_download_failure_is_explained(tmp_path, monkeypatch, online):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(download failed: ConnectionError.*hf download"):
-        hub.load_model(ModelKind.VITON_HD, tmp_path)
+        load_model(ModelKind.VITON_HD, tmp_path)
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_cli_auto_preprocessing_needs_weights(tmp_path, monkeypatch, capsys, no_
 
 def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tiny_checkpoint, base_dirs):
     """Without --mask/--densepose the CLI takes them from the shared Preprocessor."""
-    from leffa import cli
+    import cli.main as cli_module
     from preprocess.standins import standin_preprocessor
 
     seen = {}
@@ -199,7 +200,7 @@ def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tin
         return out
 
     pre.tryon = tryon
-    monkeypatch.setattr(cli.Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
+    monkeypatch.setattr(cli_module.Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
     person = Image.new("RGB", (300, 400), "white")
     person.paste((20, 30, 40), (100, 50, 200, 380))
     person.save(tmp_path / "person.png")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from leffa.checkpoint import CheckpointError
+from weightfiles.checkpoint import CheckpointError
 from preprocess.densepose import DensePoseInstance, render_iuv, render_labels, render_segmentation
 from preprocess.openpose import (LIMBS, PAF_CHANNELS, BodyPoseNet, NoPersonError, OpenPoseDetector,
                                  decode_people, draw_keypoints, load_body_pose_weights)

@@ -17,10 +17,10 @@ from PIL import Image
 
 from leffa import LeffaModel
 from leffa.attention import self_attention_layers
-from leffa.data import DatasetError, LeffaDataset
+from training.datasets import DatasetError, LeffaDataset
 from leffa.loss import flow_loss
 from leffa.recording import FlowRecorder
-from leffa.train import LeffaTrainingModule, TrainConfig, load_config, train, training_step
+from training.trainer import LeffaTrainingModule, TrainConfig, load_config, train, training_step
 from tests.conftest import ROOT, free_port, make_inputs, param_fingerprint, tiny_model
 
 W, H = 48, 64

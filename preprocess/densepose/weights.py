@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leffa.checkpoint import CheckpointError, check_state_dict
+from weightfiles.checkpoint import CheckpointError, check_state_dict
 
 try:  # numpy ≥ 2
     from numpy._core import multiarray as _multiarray
@@ -91,7 +91,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == ".pkl":
         return read_pkl(path)
     if path.suffix.lower() == ".safetensors":
-        from leffa.checkpoint import load_state_dict_file
+        from weightfiles.checkpoint import load_state_dict_file
 
         return load_state_dict_file(path)
     raise CheckpointError(f"{path}: unsupported DensePose weights format {path.suffix!r} (use .pkl or .safetensors)")

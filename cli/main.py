@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from leffa.checkpoint import CheckpointError
-from leffa.hub import ENV_CHECKPOINT_DIR, MissingWeightsError, ModelKind, load_model
+from leffa.hub import ModelKind, load_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
 from preprocess.images import (MODEL_SIZE, ImageLoadError, fit_to_canvas, load_garment, load_image,
                                load_label_image, save_image_atomic)
 from preprocess.inputs import Preprocessor
 from preprocess.masks import GarmentType
+from weightfiles.checkpoint import CheckpointError
+from weightfiles.hub import ENV_CHECKPOINT_DIR, MissingWeightsError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRYON_KINDS = {"viton_hd": ModelKind.VITON_HD, "dress_code": ModelKind.DRESS_CODE}

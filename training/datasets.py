@@ -81,7 +81,7 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
 def _need_dirs(*dirs: Path) -> None:
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
-        raise DatasetError(f"missing folder(s): {', '.join(missing)} (see leffa/data.py for the layout)")
+        raise DatasetError(f"missing folder(s): {', '.join(missing)} (see training/datasets.py for the layout)")
 
 
 def viton_hd_samples(root: Path, split: str, paired: bool) -> list[Sample]:

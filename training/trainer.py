@@ -1,7 +1,7 @@
 """Training and fine-tuning Leffa (paper §3.3–3.4), on one GPU or many through Accelerate.
 
-    python -m leffa.train --config configs/finetune_viton_hd.toml
-    accelerate launch --num_processes 8 -m leffa.train --config ...     # several GPUs / nodes
+    python -m training --config configs/finetune_viton_hd.toml
+    accelerate launch --num_processes 8 -m training --config ...     # several GPUs / nodes
 
 Loss: the diffusion loss (Eq. 1) plus λ_leffa × the Leffa loss (Eq. 4–5) in the stages that
 turn it on. Both UNets train; the VAE is frozen. Progressive stages (resolution, steps,
@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from leffa.data import LeffaDataset
+    from training.datasets import LeffaDataset
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m leffa.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path, help="TOML config (see configs/)")
     args = p.parse_args(argv)

@@ -1,0 +1,51 @@
+"""The layers point one way (docs/architecture.md): every import in the source, including the
+ones inside functions, checked against the allowed directions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"leffa", "preprocess", "weightfiles", "training", "cli", "webapp", "app"}
+# package -> the packages of ours it may import (besides itself)
+ALLOWED = {
+    "weightfiles": set(),
+    "leffa": {"weightfiles"},
+    "preprocess": {"weightfiles"},
+    "training": {"leffa", "preprocess", "weightfiles"},
+    "cli": {"leffa", "preprocess", "weightfiles"},
+    "webapp": {"leffa", "preprocess", "weightfiles"},
+}
+ENTRY_POINTS = {Path("leffa/__main__.py"): {"cli"}}  # ``python -m leffa`` runs the CLI application
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & OURS
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_point_down(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files
+    wrong = {}
+    for f in files:
+        rel = f.relative_to(ROOT)
+        bad = imported_packages(f) - {package} - ALLOWED[package] - ENTRY_POINTS.get(rel, set())
+        if bad:
+            wrong[str(rel)] = sorted(bad)
+    assert not wrong, f"imports against the layering: {wrong}"
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\ndef g():\n    from leffa.model import LeffaModel\n    import preprocess.images\n")
+    assert imported_packages(f) == {"leffa", "preprocess"}
