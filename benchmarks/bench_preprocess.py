@@ -59,8 +59,8 @@ def main() -> None:
     garment = Image.fromarray(rng.integers(0, 255, (1024, 768, 3), dtype=np.uint8))
     first = timed(lambda: pre.tryon(person, garment, "viton_hd", "upper_body"), 1)
     cached = timed(lambda: pre.tryon(person, garment, "viton_hd", "upper_body"), 10)
-    print(f"preprocess_tryon, first time:            {first * 1000:8.1f} ms")
-    print(f"preprocess_tryon, cached (same person):  {cached * 1000:8.1f} ms  (target < 50 ms)")
+    print(f"Preprocessor.tryon, first time:          {first * 1000:8.1f} ms")
+    print(f"Preprocessor.tryon, cached (same person): {cached * 1000:8.1f} ms  (target < 50 ms)")
 
 
 if __name__ == "__main__":

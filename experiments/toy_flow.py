@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from leffa.flow import coordinate_grid, resize_flow
-from leffa.loss import diffusion_loss, warp_with_flow
+from leffa.flow import coordinate_grid, resize_flow, warp_with_flow
+from leffa.loss import diffusion_loss
 from leffa.model import LeffaModel
 from leffa.pipeline import latent_conditioning
 from leffa.recording import AttentionRecorder

@@ -56,3 +56,13 @@ def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     identity among them) stays exact: (B, H, W, 2)."""
     out = F.interpolate(flow.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=True)
     return out.permute(0, 2, 3, 1)
+
+
+def warp_with_flow(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Warp ``image`` (B, C, H, W) by a token-grid ``flow`` (B, h, w, 2) (Eq. 4's I_warp).
+
+    The flow is upsampled bilinearly to H×W with ``align_corners=True`` (so an identity flow
+    stays the identity) and used as a ``grid_sample`` grid.
+    """
+    grid = resize_flow(flow, tuple(image.shape[-2:]))
+    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", align_corners=True)

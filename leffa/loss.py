@@ -20,24 +20,14 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from leffa.flow import attention_flow, resize_flow
+from leffa.flow import attention_flow, warp_with_flow
 
-__all__ = ["attention_flow", "diffusion_loss", "flow_loss", "leffa_loss", "warp_with_flow"]
+__all__ = ["diffusion_loss", "flow_loss", "leffa_loss"]
 
 THETA_RESOLUTION = 1 / 32
 THETA_TIMESTEP = 500
 TAU = 2.0
 LAMBDA_LEFFA = 1e-3
-
-
-def warp_with_flow(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Warp ``image`` (B, C, H, W) by a token-grid ``flow`` (B, h, w, 2) (Eq. 4's I_warp).
-
-    The flow is upsampled bilinearly to H×W with ``align_corners=True`` (so an identity flow
-    stays the identity) and used as a ``grid_sample`` grid.
-    """
-    grid = resize_flow(flow, tuple(image.shape[-2:]))
-    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", align_corners=True)
 
 
 def flow_loss(flows: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], ref_image: torch.Tensor,

@@ -63,11 +63,18 @@ def expand_conv_in(unet: UNet2DConditionModel, in_channels: int) -> None:
     unet.register_to_config(in_channels=in_channels)
 
 
+def _explicit_upcast(vae_config: dict) -> bool:
+    """Whether a VAE config file itself sets ``force_upcast`` (not diffusers' default)."""
+    return bool(vae_config.get("force_upcast", False))
+
+
 class LeffaModel(nn.Module):
     """VAE + generative UNet (``unet``) + reference UNet (``unet_encoder``)."""
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel,
-                 unet_encoder: UNet2DConditionModel, scheduler_config: dict):
+                 unet_encoder: UNet2DConditionModel, scheduler_config: dict, vae_upcast: bool = False):
+        """``vae_upcast``: keep the VAE in float32 when the UNets run in half precision (the base
+        VAE config's explicit ``force_upcast``: only SDXL's VAE, which overflows in float16)."""
         super().__init__()
         for name, u, c in (("unet", unet, GENERATIVE_IN_CHANNELS),
                            ("unet_encoder", unet_encoder, REFERENCE_IN_CHANNELS)):
@@ -75,6 +82,7 @@ class LeffaModel(nn.Module):
                 raise ValueError(f"{name}.conv_in must take {c} channels, not {u.conv_in.in_channels}")
         self.vae, self.unet, self.unet_encoder = vae, unet, unet_encoder
         self.scheduler_config = dict(scheduler_config)
+        self.vae_upcast = vae_upcast
         # SDXL variant: built with the text_time embedding (its weights are in the
         # checkpoint) but run without it: no time ids, no pooled text (spec §2.4).
         self.is_sdxl = unet.config.addition_embed_type == "text_time"
@@ -102,7 +110,7 @@ class LeffaModel(nn.Module):
             unet_encoder = UNet2DConditionModel.from_config(unet_cfg)
         expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
         expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
-        return cls(vae, unet, unet_encoder, sched_cfg)
+        return cls(vae, unet, unet_encoder, sched_cfg, vae_upcast=_explicit_upcast(vae_cfg))
 
     @classmethod
     def from_base_weights(cls, folder: str | Path) -> LeffaModel:
@@ -117,7 +125,8 @@ class LeffaModel(nn.Module):
         unet_encoder = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
         expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
-        return cls(vae, unet, unet_encoder, _read_json(folder / "scheduler" / "scheduler_config.json"))
+        return cls(vae, unet, unet_encoder, _read_json(folder / "scheduler" / "scheduler_config.json"),
+                   vae_upcast=_explicit_upcast(_read_json(folder / "vae" / "config.json")))
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path | BaseModel, checkpoint: str | Path, *,
@@ -138,13 +147,17 @@ class LeffaModel(nn.Module):
         return model.place(device, dtype)
 
     # -- placement and scheduler --------------------------------------------------------
-    def place(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LeffaModel:
-        """Move to ``device``; UNets in ``dtype``, the VAE in float32 when its config says
-        ``force_upcast`` (the SDXL VAE overflows in float16)."""
+    def place(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
+              vae_dtype: torch.dtype | None = None) -> LeffaModel:
+        """Move to ``device``, the UNets in ``dtype``. The VAE runs in ``vae_dtype``; by default,
+        as the original: in ``dtype``, except float32 for a base whose VAE config asks for
+        ``force_upcast`` (SDXL). The SD1.5 VAE config does not, so it runs in float16 as theirs
+        did (diffusers would upcast it: its ``force_upcast`` defaults to true)."""
+        if vae_dtype is None:
+            vae_dtype = torch.float32 if self.vae_upcast else dtype
         self.unet.to(device, dtype)
         self.unet_encoder.to(device, dtype)
-        upcast = dtype != torch.float32 and self.vae.config.force_upcast
-        self.vae.to(device, torch.float32 if upcast else dtype)
+        self.vae.to(device, vae_dtype)
         return self
 
     @property

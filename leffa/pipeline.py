@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from leffa.attention import run_reference_unet
+from leffa.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
 
-ImageInput = torch.Tensor | Image.Image | Sequence[Image.Image]
 OutputType = Literal["pil", "pt", "np"]
 
 
@@ -30,56 +30,18 @@ class LeffaPipelineOutput:
     images: list[Image.Image] | torch.Tensor | np.ndarray
 
 
-# -- input conversion and validation ------------------------------------------------------
-def _pil_list(x: ImageInput) -> list[Image.Image] | None:
-    if isinstance(x, Image.Image):
-        return [x]
-    if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
-        return list(x)
-    return None
+class GenerationStopped(RuntimeError):
+    """The step callback asked to stop (returned ``False``)."""
 
 
-def image_to_tensor(x: ImageInput, name: str) -> torch.Tensor:
-    """PIL image(s) or a (B, 3, H, W) / (3, H, W) tensor in [-1, 1] -> (B, 3, H, W) float."""
-    pil = _pil_list(x)
-    if pil is not None:
-        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in pil]
-        if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"{name}: the images of a batch must have the same size")
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a PIL image, a list of them or a tensor, got {type(x).__name__}")
-    t = x.unsqueeze(0) if x.ndim == 3 else x
-    if t.ndim != 4 or t.shape[1] != 3:
-        raise ValueError(f"{name}: expected shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a float tensor in [-1, 1], got {t.dtype}")
-    lo, hi = t.min().item(), t.max().item()
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"{name}: values must lie in [-1, 1] (found {lo:.3g}..{hi:.3g}); "
-                         "scale uint8 images with x / 127.5 - 1")
-    return t.float()
+@dataclass
+class PipelineInputs:
+    """The pipeline's inputs as tensors: images (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1}."""
 
-
-def mask_to_tensor(x: ImageInput) -> torch.Tensor:
-    """PIL mask(s) (binarised at 128) or a {0, 1} tensor -> (B, 1, H, W) float, 1 = generate."""
-    pil = _pil_list(x)
-    if pil is not None:
-        arrays = [(np.asarray(im.convert("L")) >= 128).astype(np.float32) for im in pil]
-        if len({a.shape for a in arrays}) > 1:
-            raise ValueError("mask: the masks of a batch must have the same size")
-        return torch.from_numpy(np.stack(arrays))[:, None]
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"mask: expected a PIL image, a list of them or a tensor, got {type(x).__name__}")
-    t = x
-    while t.ndim < 4:
-        t = t.unsqueeze(0)
-    if t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"mask: expected shape (B, 1, H, W), (1, H, W) or (H, W), got {tuple(x.shape)}")
-    if not torch.all((t == 0) | (t == 1)):
-        raise ValueError("mask: values must be 0 (keep) or 1 (generate); binarise it first, "
-                         "e.g. (mask > 0.5).float()")
-    return t.float()
+    src: torch.Tensor
+    ref: torch.Tensor
+    mask: torch.Tensor
+    densepose: torch.Tensor
 
 
 def _check_sizes(tensors: dict[str, torch.Tensor], factor: int) -> tuple[int, int, int]:
@@ -101,22 +63,6 @@ def latent_conditioning(mask: torch.Tensor, masked_latents: torch.Tensor, densep
     hw = masked_latents.shape[-2:]
     to_latent = lambda x: F.interpolate(x, size=hw, mode="nearest").to(masked_latents.device, masked_latents.dtype)
     return torch.cat([to_latent(mask), masked_latents, to_latent(densepose)], dim=1)
-
-
-def repaint_blend(person: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Paste the generated region back onto the person with a feathered mask (spec §4.11).
-
-    person, generated: (B, 3, H, W) in [0, 1]; mask: (B, 1, H, W) in {0, 1}. The mask is
-    blurred with PIL's Gaussian of radius k = H // 100 rounded up to odd (11 at 1024 px).
-    """
-    k = person.shape[-2] // 100
-    k += 1 - k % 2
-    soft = []
-    for m in mask[:, 0].cpu().numpy():
-        im = Image.fromarray((m * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(k))
-        soft.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
-    alpha = torch.stack(soft)[:, None].to(person.device, person.dtype)
-    return person * (1 - alpha) + generated * alpha
 
 
 def rescale_guidance(eps: torch.Tensor, eps_cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -191,7 +137,7 @@ class LeffaPipeline:
         ref_acceleration: bool = False,
         repaint: bool = False,
         output_type: OutputType = "pil",
-        callback: Callable[[int, int], None] | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
         attention_recorder: AttentionRecorder | None = None,
     ) -> LeffaPipelineOutput:
         """Generate.
@@ -214,88 +160,109 @@ class LeffaPipeline:
                 reuse its features at every step (faster, slightly lower quality).
             repaint: paste the result back onto ``src_image`` outside a feathered mask.
             output_type: "pil", "pt" (float (B, 3, H, W) in [0, 1]) or "np".
-            callback: called as ``callback(step, total)`` after each denoising step.
+            callback: called as ``callback(step, total)`` after each denoising step; returning
+                ``False`` stops the run (``GenerationStopped`` is raised, nothing is decoded).
             attention_recorder: opt-in attention recording (see ``leffa.recording``).
         """
+        self.check_inputs(num_inference_steps, output_type)
+        rescale = guidance_scale if guidance_rescale is None else guidance_rescale
+        # 1. Check and convert the inputs.
+        inputs = self.prepare_inputs(src_image, ref_image, mask, densepose)
+        if latents is not None and tuple(latents.shape) != self.latent_shape(inputs):
+            raise ValueError(f"latents must have shape {self.latent_shape(inputs)}, got {tuple(latents.shape)}")
+        # 2.–3. Encode the masked person and the reference; the extra input channels.
+        ref_latents, cond = self.prepare_conditioning(inputs, generator)
+        # 4. Timesteps and initial noise.
+        timesteps, latents = self.prepare_latents(inputs, num_inference_steps, generator, latents)
+        # 5.–7. Reference passes and the denoising loop.
+        latents = self.denoise(latents, timesteps, ref_latents, cond, guidance_scale, rescale, generator,
+                               ref_acceleration, callback, attention_recorder)
+        # 8. Decode and optionally repaint (spec §4.10–11).
+        images = self._decode(latents)
+        if repaint:
+            images = repaint_blend(((inputs.src + 1) / 2).to(images.device), images, inputs.mask.to(images.device))
+        return _output(images.cpu(), output_type)
+
+    @staticmethod
+    def check_inputs(num_inference_steps: int, output_type: str) -> None:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if output_type not in ("pil", "pt", "np"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
-        rescale = guidance_scale if guidance_rescale is None else guidance_rescale
-        model, device, dtype = self.model, self.device, self.model.dtype
 
-        # 1. Check and convert the inputs.
+    def prepare_inputs(self, src_image: ImageInput, ref_image: ImageInput, mask: ImageInput,
+                       densepose: ImageInput) -> PipelineInputs:
+        """The four inputs as tensors of one batch size and size (a multiple of the VAE's factor)."""
         src = image_to_tensor(src_image, "src_image")
         ref = image_to_tensor(ref_image, "ref_image")
         pose = image_to_tensor(densepose, "densepose")
         mask_t = mask_to_tensor(mask)
-        batch, height, width = _check_sizes({"src_image": src, "ref_image": ref, "mask": mask_t,
-                                             "densepose": pose}, self.vae_scale_factor)
+        _check_sizes({"src_image": src, "ref_image": ref, "mask": mask_t, "densepose": pose}, self.vae_scale_factor)
+        return PipelineInputs(src, ref, mask_t, pose)
+
+    def latent_shape(self, inputs: PipelineInputs) -> tuple[int, int, int, int]:
+        b, _, h, w = inputs.src.shape
         f = self.vae_scale_factor
-        latent_shape = (batch, model.vae.config.latent_channels, height // f, width // f)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
+        return b, self.model.vae.config.latent_channels, h // f, w // f
 
-        # 2. Encode the masked person and the reference (spec §4.1–2).
-        masked = src * (mask_t < 0.5)
-        masked_latents = self._encode(masked, generator).to(dtype)
-        ref_latents = self._encode(ref, generator).to(dtype)
+    def prepare_conditioning(self, inputs: PipelineInputs,
+                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG batch of reference latents, [zeros; reference] (spec §4.6), and the generative
+        UNet's extra channels [mask, masked-person latent, DensePose], duplicated (spec §4.1–3)."""
+        dtype = self.model.dtype
+        masked_latents = self._encode(inputs.src * (inputs.mask < 0.5), generator).to(dtype)
+        ref_latents = self._encode(inputs.ref, generator).to(dtype)
+        cond = latent_conditioning(inputs.mask, masked_latents, inputs.densepose)
+        return torch.cat([torch.zeros_like(ref_latents), ref_latents]), cond.repeat(2, 1, 1, 1)
 
-        # 3. Mask and DensePose at latent size, nearest (spec §4.3).
-        latent_hw = latent_shape[2:]
-        cond = latent_conditioning(mask_t, masked_latents, pose)
-
-        # 4. Timesteps and initial noise (spec §4.4–5).
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+    def prepare_latents(self, inputs: PipelineInputs, num_inference_steps: int, generator: torch.Generator | None,
+                        latents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and the initial noise × ``init_noise_sigma`` (spec §4.4–5)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(self.latent_shape(inputs), generator=generator, device=self.device, dtype=self.model.dtype)
+        return self.scheduler.timesteps, latents.to(self.device, self.model.dtype) * self.scheduler.init_noise_sigma
 
-        # 5. CFG batch: [unconditional, conditional]; the unconditional reference is zeros.
-        ref_batch = torch.cat([torch.zeros_like(ref_latents), ref_latents])
-        cond = cond.repeat(2, 1, 1, 1)
-
-        state = model.attn_state
-        state.recorder = attention_recorder
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
+                cond: torch.Tensor, guidance_scale: float, rescale: float, generator: torch.Generator | None,
+                ref_acceleration: bool, callback: Callable[[int, int], bool | None] | None,
+                recorder: AttentionRecorder | None) -> torch.Tensor:
+        """Steps 5–7: the reference passes and the denoising loop (spec §4.7–9)."""
+        model, state = self.model, self.model.attn_state
+        batch = latents.shape[0]
+        state.recorder = recorder
         state.cache_reference_kv = ref_acceleration
-        if attention_recorder is not None:
-            attention_recorder.begin(latent_hw, batch=slice(batch, 2 * batch))
+        if recorder is not None:
+            recorder.begin(tuple(latents.shape[-2:]), batch=slice(batch, 2 * batch))
         try:
-            # 6. Reference acceleration: one reference pass at timesteps[n // 2] (spec §4.9).
-            if ref_acceleration:
-                self._run_reference(ref_batch, timesteps[num_inference_steps // 2])
-
-            # 7. Denoising loop (spec §4.7–8).
+            if ref_acceleration:  # one reference pass at timesteps[n // 2] (spec §4.9)
+                self._run_reference(ref_latents, timesteps[len(timesteps) // 2])
             for i, t in enumerate(timesteps):
-                if attention_recorder is not None:
-                    attention_recorder.set_step(i)
+                if recorder is not None:
+                    recorder.set_step(i)
                 if not ref_acceleration:
-                    self._run_reference(ref_batch, t)
+                    self._run_reference(ref_latents, t)
                 x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                eps = model.unet(torch.cat([x, cond], dim=1), t, encoder_hidden_states=None,
-                                 return_dict=False)[0]
+                eps = model.unet(torch.cat([x, cond], dim=1), t, encoder_hidden_states=None, return_dict=False)[0]
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                 if rescale > 0:
                     eps = rescale_guidance(eps, eps_cond, rescale)
-                latents = self.scheduler.step(eps, t, latents, generator=generator,
-                                              return_dict=False)[0]
-                if callback is not None:
-                    callback(i + 1, len(timesteps))
+                latents = self.scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+                if callback is not None and callback(i + 1, len(timesteps)) is False:
+                    raise GenerationStopped(f"stopped after step {i + 1} of {len(timesteps)}")
         finally:
             state.clear()
-            if attention_recorder is not None:
-                attention_recorder.set_step(None)
+            if recorder is not None:
+                recorder.set_step(None)
+        return latents
 
-        # 8. Decode and optionally repaint (spec §4.10–11).
-        images = self._decode(latents)
-        if repaint:
-            images = repaint_blend(((src + 1) / 2).to(images.device), images, mask_t.to(images.device))
-        images = images.cpu()
-        if output_type == "pt":
-            return LeffaPipelineOutput(images=images)
-        arrays = images.permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return LeffaPipelineOutput(images=arrays)
-        return LeffaPipelineOutput(images=[Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays])
+
+def _output(images: torch.Tensor, output_type: OutputType) -> LeffaPipelineOutput:
+    """(B, 3, H, W) in [0, 1] on the CPU as ``output_type``."""
+    if output_type == "pt":
+        return LeffaPipelineOutput(images=images)
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return LeffaPipelineOutput(images=arrays)
+    return LeffaPipelineOutput(images=[Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays])

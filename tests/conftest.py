@@ -54,7 +54,7 @@ def write_base_dir(root: Path, variant: str) -> Path:
     """A base-config folder like the Hub's, with tiny configs."""
     real = BaseModel.SDXL_INPAINTING if variant == "sdxl" else BaseModel.SD15_INPAINTING
     for sub, name, cfg in (("unet", "config.json", TINY_UNETS[variant]),
-                           ("vae", "config.json", {**TINY_VAE, "force_upcast": variant == "sdxl"}),
+                           ("vae", "config.json", {**TINY_VAE, **({"force_upcast": True} if variant == "sdxl" else {})}),
                            ("scheduler", "scheduler_config.json",
                             json.loads((real.config_dir / "scheduler" / "scheduler_config.json").read_text()))):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -137,3 +137,10 @@ def app_url(tmp_path_factory):
     proc.wait(timeout=20)
 
 
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the app server (directly or through ``client`` / ``page``) is slow."""
+    for item in items:
+        if "app_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -90,6 +90,17 @@ def test_pose_endpoint(client):
     assert Image.open(out[2]).size == (768, 1024)
 
 
+def test_endpoint_parameters_are_the_documented_ones(client):
+    """The README's API: parameter names and order of both endpoints."""
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {name: [p["parameter_name"] for p in info["parameters"]] for name, info in api.items()}
+    assert names["/tryon"] == ["person", "garment", "editor", "mask_upload", "densepose_upload", "model_type",
+                               "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
+                               "repaint", "preprocess_garment", "keep_fixed", "record"]
+    assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
+                                       "random_seed", "ref_acceleration", "record"]
+
+
 def test_attention_recording_reports_groups_and_steps(client):
     out = tryon(client, record=True)
     group, step = out[6], out[7]  # dropdown updates (the gr.State output is not part of the API)
@@ -109,6 +120,74 @@ def test_editor_round_trip():
 
     with pytest.raises(gr.Error, match="mask is empty"):
         mask_from_editor({"background": person, "layers": [Image.new("RGBA", (768, 1024))]})
+
+
+def test_tryon_request_from_values():
+    import gradio as gr
+
+    from webapp.ui import TRYON_PARAMETERS, TryOnRequest
+
+    values = dict(zip(TRYON_PARAMETERS, [{"path": PERSON}, GARMENT, None, None, None, "dress_code", "lower_body",
+                                         "5", 1.5, 7.0, False, True, True, 1, 0, False]))
+    r = TryOnRequest.from_values(values)
+    assert (r.person, r.garment, r.mask_upload, r.kind, r.garment_type) == (PERSON, GARMENT, None,
+                                                                            ModelKind.DRESS_CODE, "lower_body")
+    assert (r.preprocess_garment, r.keep_fixed) == (True, False)
+    o = r.options
+    assert (o.steps, o.guidance_scale, o.seed, o.ref_acceleration, o.repaint, o.record_attention) == (
+        5, 1.5, 7, True, True, False)
+    assert TryOnRequest.from_values({**values, "random_seed": True}).options.seed is None  # drawn, then reported
+    with pytest.raises(gr.Error, match="Upload a garment photo first"):
+        TryOnRequest.from_values({**values, "garment": None})
+
+
+def test_pose_request_needs_a_target():
+    import gradio as gr
+
+    from webapp.ui import POSE_PARAMETERS, PoseRequest
+
+    values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True]))
+    with pytest.raises(gr.Error, match="target pose"):
+        PoseRequest.from_values(values)
+    r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}})
+    assert (r.target, r.densepose_upload, r.options.repaint, r.options.record_attention) == (None, PERSON, False, True)
+
+
+def test_sliders_follow_the_predictors_limits():
+    """The UI reads the option ranges from the predictor (data), for both tabs."""
+    import gradio as gr
+
+    from webapp.predict import MODEL_LIMITS, TINY_LIMITS, OptionLimits, Predictor, tiny_loader
+    from webapp.ui import create_demo
+
+    assert (MODEL_LIMITS.steps_min, MODEL_LIMITS.steps_max, MODEL_LIMITS.steps_default) == (30, 100, 30)
+    assert (TINY_LIMITS.steps_min, TINY_LIMITS.steps_max, TINY_LIMITS.steps_default) == (1, 100, 4)
+    limits = OptionLimits(steps_min=3, steps_max=9, steps_default=5, guidance_min=1.0, guidance_max=4.0,
+                          guidance_default=3.0, seed_default=11)
+    demo = create_demo(Predictor(ModelCache(tiny_loader), preprocessor=None, limits=limits))
+    blocks = list(demo.blocks.values())
+    steps = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Steps"]
+    guidance = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Guidance scale"]
+    seeds = [b for b in blocks if isinstance(b, gr.Number) and b.label == "Seed"]
+    assert len(steps) == len(guidance) == len(seeds) == 2  # try-on and pose transfer
+    assert all((s.minimum, s.maximum, s.value) == (3, 9, 5) for s in steps)
+    assert all((g.minimum, g.maximum, g.value) == (1.0, 4.0, 3.0) for g in guidance)
+    assert all(n.value == 11 and n.maximum == limits.seed_max for n in seeds)
+    assert not any(getattr(b, "elem_id", None) == "tiny-banner" for b in blocks)  # not the --tiny predictor
+
+
+def test_tiny_loader_leaves_the_global_rng_alone():
+    from webapp.predict import tiny_loader
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = tiny_loader(ModelKind.VITON_HD)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = tiny_loader(ModelKind.VITON_HD)  # the same weights on every load of a kind
+    other = tiny_loader(ModelKind.DRESS_CODE)
+    assert torch.equal(torch.get_rng_state(), state)
+    fingerprint = lambda m: [p.detach().sum().item() for p in m.unet.parameters()]  # noqa: E731
+    assert fingerprint(first) == fingerprint(again) != fingerprint(other)
 
 
 def test_model_cache_drops_least_recently_used():

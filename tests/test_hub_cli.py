@@ -7,10 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leffa import MissingWeightsError, ModelKind, load_model
+from leffa import LeffaModel, MissingWeightsError, ModelKind, load_model
 from weightfiles import hub
 from cli.main import main
-from leffa.model import BaseModel
 from tests.conftest import tiny_model
 
 
@@ -35,12 +34,13 @@ def online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-def test_model_kinds():
-    assert ModelKind.VITON_HD.checkpoint == "virtual_tryon.pth"
-    assert ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
-    assert ModelKind.POSE_TRANSFER.checkpoint == "pose_transfer.pth"
-    assert ModelKind.POSE_TRANSFER.base is BaseModel.SDXL_INPAINTING
-    assert ModelKind.VITON_HD.base is BaseModel.SD15_INPAINTING
+@pytest.mark.parametrize("kind, gigabytes", [(ModelKind.VITON_HD, 7.21), (ModelKind.DRESS_CODE, 7.21),
+                                             (ModelKind.POSE_TRANSFER, 20.87)])
+def test_each_kind_builds_the_model_of_its_published_file(kind, gigabytes):
+    """A kind's base config gives a model the size of its published float32 file (spec §1)."""
+    model = LeffaModel.from_config_dir(kind.base, device="meta")
+    assert model.is_sdxl == (kind is ModelKind.POSE_TRANSFER)
+    assert sum(p.numel() for p in model.state_dict().values()) * 4 / 1e9 == pytest.approx(gigabytes, abs=0.01)
 
 
 def test_local_file_is_used(tmp_path, no_download):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from leffa.flow import attention_flow, coordinate_grid
-from leffa.loss import diffusion_loss, flow_loss, leffa_loss, warp_with_flow
+from leffa.flow import warp_with_flow
+from leffa.loss import diffusion_loss, flow_loss, leffa_loss
 from leffa.recording import FlowRecorder
 
 

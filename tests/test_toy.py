@@ -36,6 +36,7 @@ def test_garment_mask_and_print_opacity():
     assert 0.1 < opaque["mask"].mean() < 0.9
 
 
+@pytest.mark.slow
 def test_script_runs_end_to_end(tmp_path):
     report = toy_flow.main(["--steps", "2", "--seeds", "0", "1", "--train-size", "8", "--test-size", "3",
                             "--batch", "2", "--out", str(tmp_path)])

@@ -236,6 +236,7 @@ def test_init_from_base_weights(tmp_path, base_dirs):
         LeffaModel.from_base_weights(folder)
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_sync(tmp_path, base_dirs):
     """Accelerate's multi-process path (gloo on CPU, as NCCL on GPUs): two processes with
     different batches and noise end every step with identical weights, report once, and save

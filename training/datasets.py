@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from leffa.pipeline import image_to_tensor, mask_to_tensor
+from leffa.image_tensors import image_to_tensor, mask_to_tensor
 from preprocess.images import fit_to_canvas, load_image, load_label_image
 
 DRESS_CODE_CATEGORIES = ("upper_body", "lower_body", "dresses")

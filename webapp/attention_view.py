@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from leffa import AttentionRecorder
-from leffa.loss import warp_with_flow
+from leffa.flow import warp_with_flow
 
 
 def layer_groups(recorder: AttentionRecorder) -> dict[str, list[str]]:

@@ -37,6 +37,25 @@ class GenerateOptions:
     record_attention: bool = False
 
 
+@dataclass(frozen=True)
+class OptionLimits:
+    """The ranges and defaults of the generation options, as data: what a front end offers
+    (the UI's sliders read them; nothing decides ranges from the model elsewhere)."""
+
+    steps_min: int = 30  # the original demo's 30-100 steps, default 30
+    steps_max: int = 100
+    steps_default: int = 30
+    guidance_min: float = 0.1
+    guidance_max: float = 5.0
+    guidance_default: float = 2.5
+    seed_default: int = 42
+    seed_max: int = MAX_SEED
+
+
+MODEL_LIMITS = OptionLimits()  # the published models
+TINY_LIMITS = OptionLimits(steps_min=1, steps_default=4)  # the untrained --tiny model: a few steps are enough
+
+
 @dataclass
 class Generation:
     image: Image.Image
@@ -45,7 +64,10 @@ class Generation:
     recorder: AttentionRecorder | None
 
 
-def _free_accelerator_memory() -> None:
+def free_accelerator_memory() -> None:
+    """Give memory back after dropping models or an out-of-memory error: collect the garbage
+    (the dropped tensors) and return the CUDA caching allocator's free blocks to the device, so
+    that the next load or generation can use them. Safe to call on CPU-only machines."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -65,7 +87,7 @@ class ModelCache:
 
     def _drop_oldest(self) -> None:
         self._pipes.popitem(last=False)
-        _free_accelerator_memory()
+        free_accelerator_memory()
 
     def get(self, kind: ModelKind, progress: Progress = _no_progress) -> LeffaPipeline:
         with self._lock:
@@ -95,14 +117,22 @@ def checkpoint_loader(root: str | None, device: str, dtype: torch.dtype) -> Call
 
 
 def tiny_loader(kind: ModelKind) -> LeffaModel:
-    """Tiny random-weight models (``--tiny``): same code paths, untrained output."""
-    torch.manual_seed(list(ModelKind).index(kind))
-    return LeffaModel.from_config_dir(CONFIG_ROOT / "tiny").eval()
+    """Tiny random-weight models (``--tiny``): same code paths, untrained output.
+
+    The weights are the same for a kind on every load (seeded by the kind). They are drawn in a
+    forked CPU random state (the model is built on the CPU), so the server's global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(list(ModelKind).index(kind))
+        return LeffaModel.from_config_dir(CONFIG_ROOT / "tiny").eval()
 
 
 class Predictor:
-    def __init__(self, models: ModelCache, preprocessor: Preprocessor, tiny: bool = False):
-        self.models, self.preprocessor, self.tiny = models, preprocessor, tiny
+    """Preprocessing and generation for a front end: ``limits`` are the option ranges it should
+    offer; ``tiny`` says the models are the untrained ``--tiny`` ones (for a notice)."""
+
+    def __init__(self, models: ModelCache, preprocessor: Preprocessor, tiny: bool = False,
+                 limits: OptionLimits = MODEL_LIMITS):
+        self.models, self.preprocessor, self.tiny, self.limits = models, preprocessor, tiny, limits
 
     def tryon_inputs(self, person, garment, model_type: str, garment_type: str, preprocess_garment: bool = False,
                      keep_fixed_regions: bool = False, densepose=None) -> TryOnInputs:
@@ -134,7 +164,8 @@ def build_predictor(settings) -> Predictor:
     from preprocess.standins import standin_preprocessor
 
     if settings.tiny:
-        return Predictor(ModelCache(tiny_loader, settings.max_models), standin_preprocessor(), tiny=True)
+        return Predictor(ModelCache(tiny_loader, settings.max_models), standin_preprocessor(), tiny=True,
+                         limits=TINY_LIMITS)
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

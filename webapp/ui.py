@@ -1,9 +1,16 @@
-"""The Gradio UI: ``create_demo(predictor)`` builds it, ``launch(demo, settings)`` serves it."""
+"""The Gradio UI: ``create_demo(predictor)`` builds it, ``launch(demo, settings)`` serves it.
+
+The event handlers are module-level functions that take the predictor explicitly (bound with
+``functools.partial``); the two generation endpoints receive their values by parameter name and pack
+them into a request (``TryOnRequest``, ``PoseRequest``) first. One builder per tab lays out its
+components and wires its events; option ranges come from ``predictor.limits``."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -14,7 +21,7 @@ from leffa import CheckpointError, MissingWeightsError, ModelKind
 from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
 from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
-from webapp.predict import MAX_SEED, GenerateOptions, Generation, Predictor, _free_accelerator_memory
+from webapp.predict import GenerateOptions, Generation, OptionLimits, Predictor, Progress, free_accelerator_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -40,7 +47,7 @@ def user_errors(fn):
         except gr.Error:
             raise
         except torch.cuda.OutOfMemoryError:
-            _free_accelerator_memory()
+            free_accelerator_memory()
             raise gr.Error("Out of GPU memory. Try again with fewer steps or without attention recording; "
                            "the server keeps running.") from None
         except USER_ERRORS as e:
@@ -99,9 +106,79 @@ def _examples(folder: str) -> list[str]:
     return sorted(str(p) for p in (EXAMPLES / folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
 
 
-def _options(steps, guidance, seed, random_seed, ref_acceleration, repaint, record) -> GenerateOptions:
-    return GenerateOptions(int(steps), float(guidance), None if random_seed else int(seed or 0),
-                           bool(ref_acceleration), bool(repaint), bool(record))
+# -- requests: what an event's values mean -----------------------------------------------------------
+def _options(values: dict[str, Any]) -> GenerateOptions:
+    """The generation options among an event's values (no ``repaint`` value: off)."""
+    return GenerateOptions(int(values["steps"]), float(values["guidance"]),
+                           None if values["random_seed"] else int(values["seed"] or 0),
+                           bool(values["ref_acceleration"]), bool(values.get("repaint", False)), bool(values["record"]))
+
+
+@dataclass(frozen=True)
+class TryOnRequest:
+    """One ``/tryon`` request: the uploads as cached files, the choices and the generation options."""
+
+    person: str
+    garment: str
+    editor: dict | None  # the mask editor's value: the painted layers over the person
+    mask_upload: str | None  # an uploaded mask: overrides the editor
+    densepose_upload: str | None  # an uploaded DensePose image: replaces the computed one
+    model_type: str  # "viton_hd" or "dress_code"
+    garment_type: str  # "upper_body", "lower_body" or "dresses"
+    preprocess_garment: bool  # the garment is a PNG cut-out
+    keep_fixed: bool  # never mask other clothes, shoes and hands
+    options: GenerateOptions
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> TryOnRequest:
+        """From the event's values by parameter name (``TRYON_PARAMETERS``); a missing or
+        incomplete upload is a message."""
+        return cls(_need(values["person"], "a person photo"), _need(values["garment"], "a garment photo"),
+                   values["editor"], upload_path(values["mask_upload"], "mask"),
+                   upload_path(values["densepose_upload"], "DensePose image"), values["model_type"],
+                   values["garment_type"], bool(values["preprocess_garment"]), bool(values["keep_fixed"]),
+                   _options(values))
+
+    @property
+    def kind(self) -> ModelKind:
+        return ModelKind.VITON_HD if self.model_type == "viton_hd" else ModelKind.DRESS_CODE
+
+
+@dataclass(frozen=True)
+class PoseRequest:
+    """One ``/pose_transfer`` request: the person to keep, the target pose (a photo, its DensePose
+    image, or both) and the generation options."""
+
+    person: str
+    target: str | None
+    densepose_upload: str | None
+    options: GenerateOptions
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> PoseRequest:
+        """From the event's values by parameter name (``POSE_PARAMETERS``)."""
+        person = _need(values["person"], "a photo of the person to keep")
+        target = upload_path(values["target"], "target-pose photo")
+        densepose_upload = upload_path(values["densepose_upload"], "DensePose image")
+        if target is None and densepose_upload is None:
+            raise gr.Error("Upload a photo in the target pose (or its DensePose image) first.")
+        return cls(person, target, densepose_upload, _options(values))
+
+
+# The endpoints' parameters, in their order (the API's; README documents it): each tab's builder
+# wires its components to these names, and the handler receives them by name.
+GENERATION_PARAMETERS = ("steps", "guidance", "seed", "random_seed", "ref_acceleration")
+TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
+                    *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record")
+POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record")
+
+
+# -- handlers: module-level, the predictor bound with functools.partial -------------------------------
+# The generation handlers get their values as keywords (the events' ``inputs_kwargs``; the API keeps
+# these names and order). ``progress`` stays the one positional parameter: Gradio injects gr.Progress
+# only into a positional slot.
+def _reporter(progress) -> Progress:
+    return lambda fraction, desc: progress(fraction, desc=desc)
 
 
 def _attention_outputs(gen: Generation):
@@ -113,180 +190,191 @@ def _attention_outputs(gen: Generation):
     return gen, gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1])
 
 
-def create_demo(predictor: Predictor) -> gr.Blocks:
-    tiny = predictor.tiny
-    step_range = (1, 100, 4) if tiny else (30, 100, 30)  # (min, max, default): the original's 30-100, 30
+@user_errors
+def compute_mask(predictor: Predictor, person, model_type, garment_type, keep_fixed):
+    """The automatic mask, in the editor, with the parsing and keypoints it came from."""
+    person = upload_path(person, "person photo")
+    if person is None:
+        return None, None, None
+    pm = predictor.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
+    return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
 
-    # -- handlers ---------------------------------------------------------------------------------
-    @user_errors
-    def compute_mask(person, model_type, garment_type, keep_fixed):
-        person = upload_path(person, "person photo")
-        if person is None:
-            return None, None, None
-        pm = predictor.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
-        return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
 
-    @user_errors
-    def tryon(person, garment, editor, mask_upload, densepose_upload, model_type, garment_type, steps, guidance,
-              seed, random_seed, ref_acceleration, repaint, preprocess_garment, keep_fixed, record,
-              progress=gr.Progress(track_tqdm=True)):
-        person, garment = _need(person, "a person photo"), _need(garment, "a garment photo")
-        mask_upload = upload_path(mask_upload, "mask")
-        progress(0, desc="Preprocessing")
-        inputs = predictor.tryon_inputs(person, garment, model_type, garment_type, preprocess_garment,
-                                        keep_fixed, densepose=upload_path(densepose_upload, "DensePose image"))
-        mask = inputs.mask
-        if mask_upload is not None:
-            mask = load_label_image(mask_upload, "uploaded mask", binary=True)
-        else:
-            mask = mask_from_editor(editor) or mask
-        kind = ModelKind.VITON_HD if model_type == "viton_hd" else ModelKind.DRESS_CODE
-        gen = predictor.generate(kind, inputs.person, inputs.garment, mask, inputs.densepose,
-                                 _options(steps, guidance, seed, random_seed, ref_acceleration, repaint, record),
-                                 lambda f, d: progress(f, desc=d))
-        return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose,
-                *_attention_outputs(gen))
+@user_errors
+def tryon(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
+    """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``."""
+    request = TryOnRequest.from_values(values)
+    progress(0, desc="Preprocessing")
+    inputs = predictor.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
+                                    request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
+    if request.mask_upload is not None:
+        mask = load_label_image(request.mask_upload, "uploaded mask", binary=True)
+    else:
+        mask = mask_from_editor(request.editor) or inputs.mask
+    gen = predictor.generate(request.kind, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
+                             _reporter(progress))
+    return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose, *_attention_outputs(gen))
 
-    @user_errors
-    def pose_transfer(person, target, densepose_upload, steps, guidance, seed, random_seed, ref_acceleration,
-                      record, progress=gr.Progress(track_tqdm=True)):
-        person = _need(person, "a photo of the person to keep")
-        target = upload_path(target, "target-pose photo")
-        densepose_upload = upload_path(densepose_upload, "DensePose image")
-        if target is None and densepose_upload is None:
-            raise gr.Error("Upload a photo in the target pose (or its DensePose image) first.")
-        progress(0, desc="Preprocessing")
-        if target is None:
-            target = Image.new("RGB", MODEL_SIZE, "white")  # only its DensePose is used
-        inputs = predictor.pose_inputs(person, target, densepose=densepose_upload)
-        gen = predictor.generate(ModelKind.POSE_TRANSFER, inputs.target, inputs.person, inputs.mask, inputs.densepose,
-                                 _options(steps, guidance, seed, random_seed, ref_acceleration, False, record),
-                                 lambda f, d: progress(f, desc=d))
-        return (gen.image, gen.seed, inputs.densepose, *_attention_outputs(gen))
 
-    @user_errors
-    def show_attention(state: Generation | None, group, step, evt: gr.SelectData):
-        if state is None or state.recorder is None:
-            raise gr.Error("Turn on 'Record attention maps' in the advanced options and generate first.")
-        x, y = evt.index
-        w, h = state.image.size
-        point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
-        layers = layer_groups(state.recorder)[group]
-        return heatmap_overlay(state.recorder, int(step), layers, point, state.reference)
+@user_errors
+def pose_transfer(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
+    """``/pose_transfer``: ``values`` are named by ``POSE_PARAMETERS``."""
+    request = PoseRequest.from_values(values)
+    progress(0, desc="Preprocessing")
+    target = request.target or Image.new("RGB", MODEL_SIZE, "white")  # without a photo only its DensePose is used
+    inputs = predictor.pose_inputs(request.person, target, densepose=request.densepose_upload)
+    gen = predictor.generate(ModelKind.POSE_TRANSFER, inputs.target, inputs.person, inputs.mask, inputs.densepose,
+                             request.options, _reporter(progress))
+    return (gen.image, gen.seed, inputs.densepose, *_attention_outputs(gen))
 
-    @user_errors
-    def warp(state: Generation | None, group, step):
-        if state is None or state.recorder is None:
-            raise gr.Error("Turn on 'Record attention maps' in the advanced options and generate first.")
-        return warped_reference(state.recorder, int(step), layer_groups(state.recorder)[group], state.reference)
 
-    # -- layout -------------------------------------------------------------------------------------
-    def generation_options(with_repaint: bool):
-        steps = gr.Slider(*step_range[:2], value=step_range[2], step=1, label="Steps")
-        guidance = gr.Slider(0.1, 5.0, value=2.5, step=0.1, label="Guidance scale")
-        with gr.Row():
-            seed = gr.Number(42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-            random_seed = gr.Checkbox(False, label="Random seed")
-        ref_acceleration = gr.Checkbox(False, label="Reference acceleration (~30% faster, may slightly reduce quality)")
-        repaint = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)", visible=with_repaint)
-        record = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
-        return steps, guidance, seed, random_seed, ref_acceleration, repaint, record
+def _recorded(state: Generation | None) -> Generation:
+    if state is None or state.recorder is None:
+        raise gr.Error("Turn on 'Record attention maps' in the advanced options and generate first.")
+    return state
 
-    def input_row(prefix: str, *uploads_spec: tuple[str, str, str]):
-        """Uploads with their example galleries, and the result column.
 
-        ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
-        uploads = []
-        with gr.Row():
-            for label, folder, key in uploads_spec:
-                with gr.Column():
-                    image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}")
-                    gr.Examples(_examples(folder), inputs=image, label=f"Examples: {folder}")
-                    uploads.append(image)
+@user_errors
+def show_attention(state: Generation | None, group, step, evt: gr.SelectData):
+    """The heatmap of where the clicked point of the result looked in the reference."""
+    state = _recorded(state)
+    x, y = evt.index
+    w, h = state.image.size
+    point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
+    return heatmap_overlay(state.recorder, int(step), layer_groups(state.recorder)[group], point, state.reference)
+
+
+@user_errors
+def warp(state: Generation | None, group, step):
+    """The reference warped by the attention flow."""
+    state = _recorded(state)
+    return warped_reference(state.recorder, int(step), layer_groups(state.recorder)[group], state.reference)
+
+
+# -- layout: shared parts, one builder per tab, the demo --------------------------------------------
+def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr.components.Component]:
+    """The generation option components, by endpoint parameter name; ranges from ``limits``."""
+    c = {"steps": gr.Slider(limits.steps_min, limits.steps_max, value=limits.steps_default, step=1, label="Steps"),
+         "guidance": gr.Slider(limits.guidance_min, limits.guidance_max, value=limits.guidance_default, step=0.1,
+                               label="Guidance scale")}
+    with gr.Row():
+        c["seed"] = gr.Number(limits.seed_default, precision=0, minimum=0, maximum=limits.seed_max, label="Seed")
+        c["random_seed"] = gr.Checkbox(False, label="Random seed")
+    c["ref_acceleration"] = gr.Checkbox(False, label="Reference acceleration (~30% faster, may slightly reduce quality)")
+    if with_repaint:
+        c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
+    c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
+    return c
+
+
+def input_row(prefix: str, *uploads_spec: tuple[str, str, str]):
+    """Uploads with their example galleries, and the result column.
+
+    ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
+    uploads = []
+    with gr.Row():
+        for label, folder, key in uploads_spec:
             with gr.Column():
-                result = gr.Image(label="Result (click a point: attention maps below)", type="pil", interactive=False,
-                                  height=420, elem_id=f"{prefix}-result", format="png")
-                seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
-                run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
-        return (*uploads, result, seed_used, run)
+                image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}")
+                gr.Examples(_examples(folder), inputs=image, label=f"Examples: {folder}")
+                uploads.append(image)
+        with gr.Column():
+            result = gr.Image(label="Result (click a point: attention maps below)", type="pil", interactive=False,
+                              height=420, elem_id=f"{prefix}-result", format="png")
+            seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
+            run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
+    return (*uploads, result, seed_used, run)
 
-    def attention_panel(result, state, what: str):
-        with gr.Accordion("Attention maps", open=False):
-            gr.Markdown(f"Click a point on the result: the heatmap shows where it looked in the {what} "
-                        "(averaged over the heads and the layers of one token grid).")
-            with gr.Row():
-                group = gr.Dropdown(label="Layer group (token grid)", choices=[], interactive=True)
-                step = gr.Dropdown(label="Denoising step", choices=[], interactive=True)
-            with gr.Row():
-                heat = gr.Image(label=f"Where the point looked in the {what}", interactive=False, type="pil",
-                                elem_id=f"heatmap-{what}")
-                warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil")
-            warp_button = gr.Button(f"Warp the {what} by the attention flow")
-        result.select(show_attention, [state, group, step], heat, api_visibility="private")
-        warp_button.click(warp, [state, group, step], warped, api_visibility="private")
-        return group, step
 
+def attention_panel(result, state, what: str):
+    """The attention-map accordion under a result; returns its (layer group, step) dropdowns."""
+    with gr.Accordion("Attention maps", open=False):
+        gr.Markdown(f"Click a point on the result: the heatmap shows where it looked in the {what} "
+                    "(averaged over the heads and the layers of one token grid).")
+        with gr.Row():
+            group = gr.Dropdown(label="Layer group (token grid)", choices=[], interactive=True)
+            step = gr.Dropdown(label="Denoising step", choices=[], interactive=True)
+        with gr.Row():
+            heat = gr.Image(label=f"Where the point looked in the {what}", interactive=False, type="pil",
+                            elem_id=f"heatmap-{what}")
+            warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil")
+        warp_button = gr.Button(f"Warp the {what} by the attention flow")
+    result.select(show_attention, [state, group, step], heat, api_visibility="private")
+    warp_button.click(warp, [state, group, step], warped, api_visibility="private")
+    return group, step
+
+
+def _intermediate(label: str) -> gr.Image:
+    return gr.Image(label=label, interactive=False, type="pil", format="png")
+
+
+def build_tryon_tab(predictor: Predictor) -> None:
+    with gr.Tab("Virtual try-on", id="tryon"):
+        state = gr.State(None)
+        c = {}
+        c["person"], c["garment"], result, seed_used, run = input_row(
+            "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
+        with gr.Accordion("Mask and DensePose", open=True), gr.Row():
+            c["editor"] = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
+                                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(),
+                                         sources=(), transforms=(), height=520, elem_id="tryon-mask-editor")
+            with gr.Column():
+                recompute = gr.Button("Recompute mask")
+                c["mask_upload"] = gr.Image(label="…or upload a mask (white = replace); overrides the editor",
+                                            type="filepath")
+                c["densepose_upload"] = gr.Image(label="DensePose image (optional: replaces the computed one)",
+                                                 type="filepath")
+        with gr.Accordion("Advanced options", open=False):
+            c["model_type"] = gr.Radio(
+                [("VITON-HD (recommended)", "viton_hd"), ("DressCode (experimental)", "dress_code")],
+                value="viton_hd", label="Model type")
+            c["garment_type"] = gr.Radio(
+                [("Upper body", "upper_body"), ("Lower body", "lower_body"), ("Dress", "dresses")],
+                value="upper_body", label="Garment type")
+            c["preprocess_garment"] = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
+            c["keep_fixed"] = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
+            c.update(generation_options(predictor.limits, with_repaint=True))
+        with gr.Accordion("Intermediate results", open=False), gr.Row():
+            parsing, keypoints = _intermediate("Human parsing"), _intermediate("Keypoints")
+            mask_used, densepose = _intermediate("Mask used"), _intermediate("DensePose")
+        group, step = attention_panel(result, state, "garment")
+
+    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed")]
+    mask_handler = functools.partial(compute_mask, predictor)  # one handler: one concurrency group
+    for trigger in [*(component.change for component in mask_inputs), recompute.click]:
+        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints], api_name="compute_mask",
+                api_visibility="private", preprocess=False)
+    run.click(functools.partial(tryon, predictor), inputs_kwargs={name: c[name] for name in TRYON_PARAMETERS},
+              outputs=[result, seed_used, parsing, keypoints, mask_used, densepose, state, group, step],
+              api_name="tryon", api_description=False, preprocess=False)
+
+
+def build_pose_tab(predictor: Predictor) -> None:
+    with gr.Tab("Pose transfer", id="pose"):
+        state = gr.State(None)
+        c = {}
+        c["person"], c["target"], result, seed_used, run = input_row(
+            "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
+        with gr.Accordion("Advanced options", open=False):
+            c["densepose_upload"] = gr.Image(label="DensePose IUV image of the target pose (optional: replaces the "
+                                                   "computed one)", type="filepath")
+            c.update(generation_options(predictor.limits, with_repaint=False))
+        with gr.Accordion("Intermediate results", open=False):
+            densepose = _intermediate("DensePose IUV of the target")
+        group, step = attention_panel(result, state, "person")
+    run.click(functools.partial(pose_transfer, predictor), inputs_kwargs={name: c[name] for name in POSE_PARAMETERS},
+              outputs=[result, seed_used, densepose, state, group, step], api_name="pose_transfer",
+              api_description=False, preprocess=False)
+
+
+def create_demo(predictor: Predictor) -> gr.Blocks:
+    """The app: a tab per task; option ranges from ``predictor.limits``."""
     with gr.Blocks(title="Leffa: virtual try-on and pose transfer") as demo:
         gr.Markdown(HEADER)
-        if tiny:
+        if predictor.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
-        with gr.Tab("Virtual try-on", id="tryon"):
-            tryon_state = gr.State(None)
-            person, garment, result, seed_used, run = input_row(
-                "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
-            with gr.Accordion("Mask and DensePose", open=True):
-                with gr.Row():
-                    editor = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)",
-                                            type="pil", brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                                            eraser=gr.Eraser(), sources=(), transforms=(), height=520,
-                                            elem_id="tryon-mask-editor")
-                    with gr.Column():
-                        recompute = gr.Button("Recompute mask")
-                        mask_upload = gr.Image(label="…or upload a mask (white = replace); overrides the editor",
-                                               type="filepath")
-                        densepose_upload = gr.Image(label="DensePose image (optional: replaces the computed one)",
-                                                    type="filepath")
-            with gr.Accordion("Advanced options", open=False):
-                model_type = gr.Radio([("VITON-HD (recommended)", "viton_hd"), ("DressCode (experimental)", "dress_code")],
-                                      value="viton_hd", label="Model type")
-                garment_type = gr.Radio([("Upper body", "upper_body"), ("Lower body", "lower_body"), ("Dress", "dresses")],
-                                        value="upper_body", label="Garment type")
-                preprocess_garment = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
-                keep_fixed = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
-                t_steps, t_guidance, t_seed, t_random, t_ref, t_repaint, t_record = generation_options(True)
-            with gr.Accordion("Intermediate results", open=False):
-                with gr.Row():
-                    parsing_out = gr.Image(label="Human parsing", interactive=False, type="pil", format="png")
-                    keypoints_out = gr.Image(label="Keypoints", interactive=False, type="pil", format="png")
-                    mask_out = gr.Image(label="Mask used", interactive=False, type="pil", format="png")
-                    densepose_out = gr.Image(label="DensePose", interactive=False, type="pil", format="png")
-            t_group, t_step = attention_panel(result, tryon_state, "garment")
-
-            mask_inputs = [person, model_type, garment_type, keep_fixed]
-            mask_outputs = [editor, parsing_out, keypoints_out]
-            for trigger in (person.change, model_type.change, garment_type.change, keep_fixed.change, recompute.click):
-                trigger(compute_mask, mask_inputs, mask_outputs, api_visibility="private", preprocess=False)
-            run.click(tryon,
-                      [person, garment, editor, mask_upload, densepose_upload, model_type, garment_type, t_steps,
-                       t_guidance, t_seed, t_random, t_ref, t_repaint, preprocess_garment, keep_fixed, t_record],
-                      [result, seed_used, parsing_out, keypoints_out, mask_out, densepose_out, tryon_state, t_group,
-                       t_step], api_name="tryon", preprocess=False)
-
-        with gr.Tab("Pose transfer", id="pose"):
-            pose_state = gr.State(None)
-            p_person, p_target, p_result, p_seed_used, p_run = input_row(
-                "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
-            with gr.Accordion("Advanced options", open=False):
-                p_densepose = gr.Image(label="DensePose IUV image of the target pose (optional: replaces the computed one)",
-                                       type="filepath")
-                p_steps, p_guidance, p_seed, p_random, p_ref, _, p_record = generation_options(False)
-            with gr.Accordion("Intermediate results", open=False):
-                p_densepose_out = gr.Image(label="DensePose IUV of the target", interactive=False, type="pil", format="png")
-            p_group, p_step = attention_panel(p_result, pose_state, "person")
-            p_run.click(pose_transfer,
-                        [p_person, p_target, p_densepose, p_steps, p_guidance, p_seed, p_random, p_ref, p_record],
-                        [p_result, p_seed_used, p_densepose_out, pose_state, p_group, p_step], api_name="pose_transfer",
-                        preprocess=False)
+        build_tryon_tab(predictor)
+        build_pose_tab(predictor)
     return demo
 
 
