@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from errors import OptionError, UserError
 from leffa.hub import ModelKind, load_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
-from preprocess.images import (MODEL_SIZE, ImageLoadError, fit_to_canvas, load_garment, load_image,
-                               load_label_image, save_image_atomic)
+from preprocess.images import (MODEL_SIZE, fit_to_canvas, load_garment, load_image, load_label_image,
+                               save_image_atomic)
 from preprocess.inputs import Preprocessor
 from preprocess.masks import GarmentType
-from weightfiles.checkpoint import CheckpointError
-from weightfiles.hub import ENV_CHECKPOINT_DIR, MissingWeightsError
+from weightfiles.hub import ENV_CHECKPOINT_DIR
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRYON_KINDS = {"viton_hd": ModelKind.VITON_HD, "dress_code": ModelKind.DRESS_CODE}
@@ -94,7 +94,7 @@ def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA GPU is available")
+        raise OptionError(f"--device {args.device} asked for, but no CUDA GPU is available")
     if args.dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, DTYPES[args.dtype]
@@ -121,12 +121,12 @@ def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image
         return src, ref, Image.new("L", size, 255), load_label_image(args.densepose, "DensePose image", size)
 
     if size != MODEL_SIZE:
-        raise ValueError("automatic preprocessing works at 768x1024: drop --size, or give "
+        raise OptionError("automatic preprocessing works at 768x1024: drop --size, or give "
                          "--mask and --densepose")
     pre = Preprocessor.from_checkpoints(args.checkpoint_dir, str(device), args.revision)
     if args.command == "pose":
         if args.target is None:
-            raise ValueError("pose transfer needs --target (a photo in the target pose) or --densepose")
+            raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
         p = pre.pose(args.person, args.target)
         return p.target, p.person, p.mask, p.densepose
     t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
@@ -138,7 +138,7 @@ def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image
 def run(args) -> Path:
     kind = TRYON_KINDS[args.model_type] if args.command == "tryon" else ModelKind.POSE_TRANSFER
     if args.steps < 1:
-        raise SystemExit("error: --steps must be at least 1")
+        raise OptionError("--steps must be at least 1")
     device, dtype = _device_dtype(args)
     src, ref, mask, densepose = _inputs(args, device)  # inputs first: fail before the slow load
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = run(args)
-    except (ImageLoadError, MissingWeightsError, CheckpointError, ValueError) as e:
+    except UserError as e:  # anything else is a bug: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"saved {path}")

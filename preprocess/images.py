@@ -9,13 +9,15 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from errors import UserError
+
 MODEL_SIZE = (768, 1024)  # (width, height) every published model was fed
 MAX_PIXELS = 50_000_000  # refuse larger images (decompression bombs, absurd uploads)
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An input image cannot be used; the message says why and what to do."""
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv, render_labels,
                                   render_segmentation)
 from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment, load_image, load_label_image
-from preprocess.masks import GarmentType, MaskVariant, agnostic_mask
+from preprocess.masks import GarmentType, MaskVariant, agnostic_mask, enum_option
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
 
@@ -142,7 +142,8 @@ class Preprocessor:
     def person_mask(self, person: ImageSource, model_type: str | MaskVariant, garment_type: str | GarmentType,
                     *, keep_fixed_regions: bool = False) -> PersonMask:
         """The try-on mask of a person photo, with what it was computed from."""
-        variant, garment_type = MaskVariant(model_type), GarmentType(garment_type)
+        variant = enum_option(MaskVariant, model_type, "model type")
+        garment_type = enum_option(GarmentType, garment_type, "garment type")
         person_img = fit_to_canvas(load_image(person, name="person image"))
         a = self._analyse(person_img, ("parsing", "keypoints"))
         mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
@@ -155,7 +156,7 @@ class Preprocessor:
               garment_type: str | GarmentType, preprocess_garment: bool = False, *,
               densepose: ImageSource | None = None, keep_fixed_regions: bool = False) -> TryOnInputs:
         """Everything a try-on needs. ``densepose``: a ready DensePose image (skips the backend)."""
-        variant = MaskVariant(model_type)
+        variant = enum_option(MaskVariant, model_type, "model type")
         pm = self.person_mask(person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
         garment_img = load_garment(garment, cut_out=preprocess_garment)
         if densepose is not None:

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from errors import OptionError
+
 # ATR labels (0..17) plus 18 = neck
 BACKGROUND, HAT, HAIR, SUNGLASSES, UPPER_CLOTHES, SKIRT, PANTS, DRESS, BELT = range(9)
 LEFT_SHOE, RIGHT_SHOE, HEAD, LEFT_LEG, RIGHT_LEG, LEFT_ARM, RIGHT_ARM, BAG, SCARF, NECK = range(9, 19)
@@ -34,11 +36,12 @@ class MaskVariant(str, Enum):
     DRESS_CODE = "dress_code"
 
 
-def _enum(cls, value, name):
+def enum_option(cls, value, name: str):
+    """``cls(value)``, or an ``OptionError`` that lists the allowed values."""
     try:
         return cls(value)
     except ValueError:
-        raise ValueError(f"{name} must be one of {', '.join(m.value for m in cls)}; got {value!r}") from None
+        raise OptionError(f"{name} must be one of {', '.join(m.value for m in cls)}; got {value!r}") from None
 
 
 def _is(parse: np.ndarray, *labels: int) -> np.ndarray:
@@ -203,7 +206,7 @@ def agnostic_mask(parse: np.ndarray, keypoints: np.ndarray, garment_type: str | 
     Returns:
         (512, 384) uint8 mask, 255 = inpaint.
     """
-    garment_type, variant = _enum(GarmentType, garment_type, "garment_type"), _enum(MaskVariant, variant, "variant")
+    garment_type, variant = enum_option(GarmentType, garment_type, "garment_type"), enum_option(MaskVariant, variant, "variant")
     parse = np.asarray(parse)
     keypoints = np.asarray(keypoints, dtype=np.float64)
     if parse.ndim != 2 or parse.dtype != np.uint8:

@@ -18,6 +18,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
+from errors import UserError
+
 NUM_POINTS = 18
 # limbs as (point a, point b), 0-based COCO order, and the PAF channels (x, y) of each
 LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
@@ -27,7 +29,7 @@ PAF_CHANNELS = [(12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 
                 (26, 27)]
 
 
-class NoPersonError(ValueError):
+class NoPersonError(UserError, ValueError):
     """No person was found in the image."""
 
 

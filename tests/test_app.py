@@ -255,3 +255,20 @@ def test_warped_reference_follows_the_attention():
     assert np.array_equal(np.asarray(warped_reference(rec, 0, ["same"], reference)), np.asarray(reference))
     assert np.array_equal(np.asarray(warped_reference(rec, 0, ["mirror"], reference)),
                           np.asarray(reference)[:, ::-1])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=101), "steps must be between 30 and 100, got 101"),
+    (dict(steps=1000), "steps must be between 30 and 100"),
+    (dict(guidance_scale=-100.0), "guidance must be between 0.1 and 5.0, got -100.0"),
+    (dict(seed=-1), "seed must be between 0 and"),
+    (dict(seed=2**70), "seed must be between 0 and"),
+])
+def test_server_checks_options_against_its_limits(options, message):
+    from errors import OptionError
+    from webapp.predict import MODEL_LIMITS, GenerateOptions
+
+    MODEL_LIMITS.check(GenerateOptions())  # the defaults pass
+    MODEL_LIMITS.check(GenerateOptions(seed=None))  # "random seed"
+    with pytest.raises(OptionError, match=message):
+        MODEL_LIMITS.check(GenerateOptions(**options))

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"leffa", "preprocess", "weightfiles", "training", "cli", "webapp", "app"}
+OURS = {"errors", "leffa", "preprocess", "weightfiles", "training", "cli", "webapp", "app"}
 # package -> the packages of ours it may import (besides itself)
 ALLOWED = {
-    "weightfiles": set(),
-    "leffa": {"weightfiles"},
-    "preprocess": {"weightfiles"},
-    "training": {"leffa", "preprocess", "weightfiles"},
-    "cli": {"leffa", "preprocess", "weightfiles"},
-    "webapp": {"leffa", "preprocess", "weightfiles"},
+    "errors": set(),
+    "weightfiles": {"errors"},
+    "leffa": {"errors", "weightfiles"},
+    "preprocess": {"errors", "weightfiles"},
+    "training": {"errors", "leffa", "preprocess", "weightfiles"},
+    "cli": {"errors", "leffa", "preprocess", "weightfiles"},
+    "webapp": {"errors", "leffa", "preprocess", "weightfiles"},
 }
 ENTRY_POINTS = {Path("leffa/__main__.py"): {"cli"}}  # ``python -m leffa`` runs the CLI application
 
@@ -49,3 +50,17 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\n\ndef g():\n    from leffa.model import LeffaModel\n    import preprocess.images\n")
     assert imported_packages(f) == {"leffa", "preprocess"}
+
+
+def test_every_error_a_user_can_fix_is_a_user_error():
+    """The app and the CLI show exactly ``UserError``s as messages (anything else is a bug)."""
+    from errors import OptionError, UserError
+    from preprocess.images import ImageLoadError
+    from preprocess.openpose import NoPersonError
+    from training.datasets import DatasetError
+    from weightfiles.checkpoint import CheckpointError
+    from weightfiles.hub import MissingWeightsError
+
+    for cls in (OptionError, ImageLoadError, NoPersonError, DatasetError, CheckpointError, MissingWeightsError):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(OptionError, ValueError) and issubclass(MissingWeightsError, RuntimeError)

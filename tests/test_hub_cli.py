@@ -224,3 +224,22 @@ def test_cli_auto_preprocessing_refuses_other_sizes(tmp_path, capsys):
     assert main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--size", "48x64",
                  "--out", str(tmp_path / "o.png")]) == 2
     assert "works at 768x1024" in capsys.readouterr().err
+
+
+def test_cli_reports_user_errors_and_lets_bugs_raise(tmp_path, tiny_checkpoint, base_dirs, capsys, monkeypatch):
+    import cli.main as cli_module
+
+    p = _write_inputs(tmp_path)
+    assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"], "--steps", "0")) == 2
+    assert "error: --steps must be at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"], "--device", "cuda")) == 2
+        assert "--device cuda asked for, but no CUDA GPU is available" in capsys.readouterr().err
+
+    def broken(*a, **k):
+        raise KeyError("a bug, not a user mistake")
+
+    monkeypatch.setattr(cli_module.LeffaPipeline, "__call__", broken)
+    with pytest.raises(KeyError, match="a bug"):  # not turned into a message: it keeps its traceback
+        main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"]))
+    assert not (tmp_path / "o.png").exists()

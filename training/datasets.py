@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from errors import UserError
 from leffa.image_tensors import image_to_tensor, mask_to_tensor
 from preprocess.images import fit_to_canvas, load_image, load_label_image
 
@@ -52,7 +53,7 @@ class DatasetLayout(str, Enum):
     DEEPFASHION = "deepfashion"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset folder does not have the expected layout; the message names the path."""
 
 

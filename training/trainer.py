@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from errors import OptionError, UserError
 from leffa.attention import run_reference_unet
 from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
 from leffa.model import BaseModel, LeffaModel
@@ -74,7 +75,7 @@ class TrainConfig:
 def _check_literal(cfg: TrainConfig) -> None:
     for name, hint in typing.get_type_hints(TrainConfig).items():
         if typing.get_origin(hint) is Literal and getattr(cfg, name) not in typing.get_args(hint):
-            raise ValueError(f"{name} must be one of {', '.join(typing.get_args(hint))}; got {getattr(cfg, name)!r}")
+            raise OptionError(f"{name} must be one of {', '.join(typing.get_args(hint))}; got {getattr(cfg, name)!r}")
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -83,34 +84,34 @@ def load_config(path: str | Path) -> TrainConfig:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"config file not found: {path}") from None
+        raise OptionError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path} is not valid TOML: {e}") from None
+        raise OptionError(f"{path} is not valid TOML: {e}") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        raise OptionError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     stage_keys = {f.name for f in dataclasses.fields(Stage)}
     stages = []
     for i, s in enumerate(raw.pop("stages", [])):
         bad = sorted(set(s) - stage_keys)
         if bad:
-            raise ValueError(f"{path}: stage {i + 1}: unknown setting(s) {', '.join(bad)}")
+            raise OptionError(f"{path}: stage {i + 1}: unknown setting(s) {', '.join(bad)}")
         stages.append(Stage(**{**s, "resolution": tuple(s.get("resolution", (1024, 768)))}))
     try:
         cfg = TrainConfig(**raw, stages=stages)
     except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise OptionError(f"{path}: {e}") from None
     _check_literal(cfg)
     if not stages:
-        raise ValueError(f"{path}: no [[stages]]")
+        raise OptionError(f"{path}: no [[stages]]")
     for i, s in enumerate(stages):
         if s.steps < 1 or s.resolution[0] % 8 or s.resolution[1] % 8:
-            raise ValueError(f"{path}: stage {i + 1}: steps must be >= 1 and the resolution multiples of 8")
+            raise OptionError(f"{path}: stage {i + 1}: steps must be >= 1 and the resolution multiples of 8")
     if cfg.init == "checkpoint" and not cfg.checkpoint:
-        raise ValueError(f"{path}: init = 'checkpoint' needs checkpoint = '...'")
+        raise OptionError(f"{path}: init = 'checkpoint' needs checkpoint = '...'")
     if cfg.init == "base_weights" and not cfg.base_weights:
-        raise ValueError(f"{path}: init = 'base_weights' needs base_weights = '...'")
+        raise OptionError(f"{path}: init = 'base_weights' needs base_weights = '...'")
     return cfg
 
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ValueError as e:
+    except UserError as e:
         print(f"error: {e}")
         return 2
     path = train(cfg)

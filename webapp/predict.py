@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from errors import OptionError
 from leffa import AttentionRecorder, LeffaModel, LeffaPipeline, ModelKind, load_model
 from leffa.model import CONFIG_ROOT
 from preprocess.inputs import PoseInputs, Preprocessor, TryOnInputs
@@ -50,6 +51,20 @@ class OptionLimits:
     guidance_default: float = 2.5
     seed_default: int = 42
     seed_max: int = MAX_SEED
+
+    def check(self, options: GenerateOptions) -> None:
+        """Raise an ``OptionError`` for an option outside these limits (the server's own check:
+        API callers bypass the sliders)."""
+        problems = []
+        if not self.steps_min <= options.steps <= self.steps_max:
+            problems.append(f"steps must be between {self.steps_min} and {self.steps_max}, got {options.steps}")
+        if not self.guidance_min <= options.guidance_scale <= self.guidance_max:
+            problems.append(f"guidance must be between {self.guidance_min} and {self.guidance_max}, "
+                            f"got {options.guidance_scale}")
+        if options.seed is not None and not 0 <= options.seed <= self.seed_max:
+            problems.append(f"seed must be between 0 and {self.seed_max}, got {options.seed}")
+        if problems:
+            raise OptionError("; ".join(problems))
 
 
 MODEL_LIMITS = OptionLimits()  # the published models
@@ -145,6 +160,7 @@ class Predictor:
     def generate(self, kind: ModelKind, src: Image.Image, ref: Image.Image, mask: Image.Image,
                  densepose: Image.Image, options: GenerateOptions,
                  progress: Progress = _no_progress) -> Generation:
+        self.limits.check(options)
         pipe = self.models.get(kind, progress)
         seed = random.randint(0, MAX_SEED) if options.seed is None else int(options.seed)
         recorder = None

@@ -17,16 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leffa import CheckpointError, MissingWeightsError, ModelKind
-from preprocess.images import MODEL_SIZE, ImageLoadError, fit_label_image, load_image, load_label_image
-from preprocess.openpose import NoPersonError
+from errors import UserError
+from leffa import ModelKind
+from preprocess.images import MODEL_SIZE, fit_label_image, load_image, load_label_image
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
 from webapp.predict import GenerateOptions, Generation, OptionLimits, Predictor, Progress, free_accelerator_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MASK_COLOUR = (255, 0, 255)
-USER_ERRORS = (ImageLoadError, NoPersonError, MissingWeightsError, CheckpointError, ValueError)
 
 HEADER = """# Leffa: virtual try-on and pose transfer
 Re-implementation of *Learning Flow Fields in Attention for Controllable Person Image Generation*
@@ -50,7 +49,7 @@ def user_errors(fn):
             free_accelerator_memory()
             raise gr.Error("Out of GPU memory. Try again with fewer steps or without attention recording; "
                            "the server keeps running.") from None
-        except USER_ERRORS as e:
+        except UserError as e:  # anything else is a bug: Gradio shows an error and logs the traceback
             raise gr.Error(str(e)) from None
 
     return wrapper
@@ -204,6 +203,7 @@ def compute_mask(predictor: Predictor, person, model_type, garment_type, keep_fi
 def tryon(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
     """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``."""
     request = TryOnRequest.from_values(values)
+    predictor.limits.check(request.options)  # before the slow part
     progress(0, desc="Preprocessing")
     inputs = predictor.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
                                     request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
@@ -220,6 +220,7 @@ def tryon(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values)
 def pose_transfer(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
     """``/pose_transfer``: ``values`` are named by ``POSE_PARAMETERS``."""
     request = PoseRequest.from_values(values)
+    predictor.limits.check(request.options)
     progress(0, desc="Preprocessing")
     target = request.target or Image.new("RGB", MODEL_SIZE, "white")  # without a photo only its DensePose is used
     inputs = predictor.pose_inputs(request.person, target, densepose=request.densepose_upload)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+
 SHOW = 5  # how many offending keys an error message names
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 

@@ -11,13 +11,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from errors import UserError
+
 HUB_REPO_ID = "franciszzj/Leffa"
 ENV_CHECKPOINT_DIR = "LEFFA_CHECKPOINT_DIR"
 ENV_REVISION = "LEFFA_HUB_REVISION"
 DEFAULT_CHECKPOINT_DIR = "ckpts"
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """Weights are not in the checkpoint folder and could not be downloaded."""
 
 

@@ -1,0 +1,14 @@
+"""The errors a user can fix, at the bottom of the layers (docs/architecture.md).
+
+A ``UserError`` means the input, an option or the set-up is wrong and its message says what to
+do; the app and the CLI show exactly these as messages. Any other exception is a bug and keeps
+its traceback. The subclasses below also derive from the built-in type their callers expect.
+"""
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says how."""
+
+
+class OptionError(UserError, ValueError):
+    """An option, argument or setting with a value that is not allowed."""
