@@ -8,14 +8,21 @@ files: ``vae.*``, ``unet.*`` (generative) and ``unet_encoder.*`` (reference).
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from leffa.attention import LeffaAttentionState, install_processors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leffa.recording import AttentionRecorder, FlowRecorder
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
@@ -90,6 +97,7 @@ class LeffaModel(nn.Module):
             if u.config.addition_embed_type == "text_time":
                 u.register_to_config(addition_embed_type=None)
         self.attn_state = LeffaAttentionState()
+        self._lock = threading.RLock()
         install_processors(unet, unet_encoder, self.attn_state)
 
     # -- construction -----------------------------------------------------------------
@@ -159,6 +167,22 @@ class LeffaModel(nn.Module):
         self.unet_encoder.to(device, dtype)
         self.vae.to(device, vae_dtype)
         return self
+
+    @contextmanager
+    def attention_session(self, *, recorder: AttentionRecorder | FlowRecorder | None = None,
+                          cache_reference_kv: bool = False) -> Iterator[LeffaAttentionState]:
+        """Hold the model for one generation or one training step: takes the model's lock (so
+        pipelines and trainers sharing this model never interleave), sets the processors' shared
+        state from the arguments and clears it on exit, whatever happens."""
+        with self._lock:
+            state = self.attn_state
+            state.clear()
+            state.recorder, state.cache_reference_kv, state.in_session = recorder, cache_reference_kv, True
+            try:
+                yield state
+            finally:
+                state.clear()
+                state.in_session = False
 
     @property
     def device(self) -> torch.device:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -72,17 +70,6 @@ def rescale_guidance(eps: torch.Tensor, eps_cond: torch.Tensor, rescale: float) 
     return rescale * rescaled + (1 - rescale) * eps
 
 
-def _one_at_a_time(method):
-    """Serialise calls: the model's attention state holds one generation at a time."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 # -- the pipeline -------------------------------------------------------------------------
 class LeffaPipeline:
     """Virtual try-on / pose transfer with a ``LeffaModel``.
@@ -98,7 +85,6 @@ class LeffaPipeline:
     def __init__(self, model: LeffaModel):
         self.model = model
         self.scheduler = model.make_scheduler()
-        self._lock = threading.Lock()
         self.vae_scale_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)  # 8
 
     @property
@@ -120,7 +106,6 @@ class LeffaPipeline:
         """Run the reference UNet; its processors store every layer's reference feature."""
         run_reference_unet(self.model.unet_encoder, self.model.attn_state, ref_latents, t)
 
-    @_one_at_a_time
     @torch.no_grad()
     def __call__(
         self,
@@ -166,22 +151,24 @@ class LeffaPipeline:
         """
         self.check_inputs(num_inference_steps, output_type)
         rescale = guidance_scale if guidance_rescale is None else guidance_rescale
-        # 1. Check and convert the inputs.
-        inputs = self.prepare_inputs(src_image, ref_image, mask, densepose)
-        if latents is not None and tuple(latents.shape) != self.latent_shape(inputs):
-            raise ValueError(f"latents must have shape {self.latent_shape(inputs)}, got {tuple(latents.shape)}")
-        # 2.–3. Encode the masked person and the reference; the extra input channels.
-        ref_latents, cond = self.prepare_conditioning(inputs, generator)
-        # 4. Timesteps and initial noise.
-        timesteps, latents = self.prepare_latents(inputs, num_inference_steps, generator, latents)
-        # 5.–7. Reference passes and the denoising loop.
-        latents = self.denoise(latents, timesteps, ref_latents, cond, guidance_scale, rescale, generator,
-                               ref_acceleration, callback, attention_recorder)
-        # 8. Decode and optionally repaint (spec §4.10–11).
-        images = self._decode(latents)
-        if repaint:
-            images = repaint_blend(((inputs.src + 1) / 2).to(images.device), images, inputs.mask.to(images.device))
-        return _output(images.cpu(), output_type)
+        # one generation at a time per model (its attention state and this scheduler)
+        with self.model.attention_session(recorder=attention_recorder, cache_reference_kv=ref_acceleration):
+            # 1. Check and convert the inputs.
+            inputs = self.prepare_inputs(src_image, ref_image, mask, densepose)
+            if latents is not None and tuple(latents.shape) != self.latent_shape(inputs):
+                raise ValueError(f"latents must have shape {self.latent_shape(inputs)}, got {tuple(latents.shape)}")
+            # 2.–3. Encode the masked person and the reference; the extra input channels.
+            ref_latents, cond = self.prepare_conditioning(inputs, generator)
+            # 4. Timesteps and initial noise.
+            timesteps, latents = self.prepare_latents(inputs, num_inference_steps, generator, latents)
+            # 5.–7. Reference passes and the denoising loop.
+            latents = self.denoise(latents, timesteps, ref_latents, cond, guidance_scale, rescale, generator,
+                                   ref_acceleration, callback, attention_recorder)
+            # 8. Decode and optionally repaint (spec §4.10–11).
+            images = self._decode(latents)
+            if repaint:
+                images = repaint_blend(((inputs.src + 1) / 2).to(images.device), images, inputs.mask.to(images.device))
+            return _output(images.cpu(), output_type)
 
     @staticmethod
     def check_inputs(num_inference_steps: int, output_type: str) -> None:
@@ -228,10 +215,8 @@ class LeffaPipeline:
                 ref_acceleration: bool, callback: Callable[[int, int], bool | None] | None,
                 recorder: AttentionRecorder | None) -> torch.Tensor:
         """Steps 5–7: the reference passes and the denoising loop (spec §4.7–9)."""
-        model, state = self.model, self.model.attn_state
+        model = self.model
         batch = latents.shape[0]
-        state.recorder = recorder
-        state.cache_reference_kv = ref_acceleration
         if recorder is not None:
             recorder.begin(tuple(latents.shape[-2:]), batch=slice(batch, 2 * batch))
         try:
@@ -252,7 +237,6 @@ class LeffaPipeline:
                 if callback is not None and callback(i + 1, len(timesteps)) is False:
                     raise GenerationStopped(f"stopped after step {i + 1} of {len(timesteps)}")
         finally:
-            state.clear()
             if recorder is not None:
                 recorder.set_step(None)
         return latents

@@ -232,3 +232,31 @@ def test_bfloat16_matches_float32(base_dirs, variant):
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     diff = (half - full).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.05
+
+
+def test_two_pipelines_on_one_model_take_turns(model):
+    """The attention session is the model's: a second pipeline on the same model waits."""
+    import threading
+
+    first, second = LeffaPipeline(model), LeffaPipeline(model)
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def hold(step, total):
+        order.append(("first", step))
+        if step == 1:
+            inside.set()
+            release.wait(timeout=60)
+
+    t = threading.Thread(target=lambda: _run(first, callback=hold, num_inference_steps=2))
+    t.start()
+    assert inside.wait(timeout=60)
+    u = threading.Thread(target=lambda: _run(second, callback=lambda s, n: order.append(("second", s)),
+                                             num_inference_steps=2))
+    u.start()
+    u.join(timeout=2)
+    assert u.is_alive() and ("second", 1) not in order  # waiting for the model
+    release.set()
+    t.join(timeout=120)
+    u.join(timeout=120)
+    assert order == [("first", 1), ("first", 2), ("second", 1), ("second", 2)]
+    assert not model.attn_state.in_session and model.attn_state.recorder is None

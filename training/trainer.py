@@ -18,6 +18,7 @@ import json
 import math
 import tomllib
 import typing
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -130,6 +131,7 @@ class LeffaTrainingModule(nn.Module):
     def __init__(self, model: LeffaModel):
         super().__init__()
         self.model = model
+        self._session = ExitStack()  # the model's attention session, from forward() to release()
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, ref_latents: torch.Tensor,
                 recorder: FlowRecorder | AttentionRecorder | None = None) -> torch.Tensor:
@@ -142,16 +144,17 @@ class LeffaTrainingModule(nn.Module):
         ``release()`` after the backward pass: with gradient checkpointing, a generative block
         is recomputed then and must read (and record) exactly what it did in the forward pass.
         """
-        state = self.model.attn_state
-        state.recorder = recorder
+        self.release()  # a forward pass without release() (e.g. evaluation) ends here
+        state = self._session.enter_context(self.model.attention_session(recorder=recorder))
         if recorder is not None:
             recorder.begin(tuple(noisy.shape[-2:]))
         run_reference_unet(self.model.unet_encoder, state, ref_latents, timesteps)
         return self.model.unet(torch.cat([noisy, cond], dim=1), timesteps, encoder_hidden_states=None).sample
 
     def release(self) -> None:
-        """Drop the reference features and the recorder (after ``backward``)."""
-        self.model.attn_state.clear()
+        """End the attention session of the last forward pass (after ``backward``): drops the
+        reference features and the recorder and frees the model for other users."""
+        self._session.close()
 
 
 @torch.no_grad()
