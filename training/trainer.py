@@ -221,13 +221,30 @@ def _save_weights(model: LeffaModel, folder: Path, fmt: str) -> Path:
     return path
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Run (or resume) every stage; return the last exported weights file."""
+@dataclass
+class _Run:
+    """What a training run holds between steps (Accelerate objects, the model, the progress)."""
+
+    accelerator: object  # accelerate.Accelerator
+    model: LeffaModel
+    module: nn.Module  # LeffaTrainingModule, wrapped by Accelerate
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    scheduler: object  # the noise scheduler
+    progress: _Progress
+    ckpt_dir: Path
+    generator: torch.Generator | None = None
+
+    @property
+    def latest(self) -> Path:
+        return self.ckpt_dir / "latest"
+
+
+def _setup(cfg: TrainConfig, log) -> _Run:
+    """Accelerate, the model (VAE frozen), AdamW over both UNets, and a resume from the latest
+    checkpoint when there is one."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-
-    from training.datasets import LeffaDataset
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -235,8 +252,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
         project_dir=str(out),
         # attn2 weights (no text encoder) and the reference UNet's unused tail get no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if not accelerator.is_main_process:
-        log = lambda *_: None  # noqa: E731 -- one process reports
     set_seed(cfg.seed)
     model = build_model(cfg)
     model.vae.requires_grad_(False).eval()
@@ -250,64 +265,83 @@ def train(cfg: TrainConfig, log=print) -> Path:
     module, optimizer = accelerator.prepare(module, optimizer)
     progress = _Progress()
     accelerator.register_for_checkpointing(progress)
-    scheduler = model.make_scheduler()
-    ckpt_dir = out / "checkpoints"
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        accelerator.load_state(str(ckpt_dir / latest.read_text().strip()))
-        log(f"resumed from {latest.read_text().strip()} at step {progress.step}")
-    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index + progress.step)
-
-    def save() -> Path:
-        folder = ckpt_dir / f"step-{progress.step}"
-        accelerator.save_state(str(folder))
-        path = folder / f"leffa.{cfg.save_format}"
+    run = _Run(accelerator, model, module, optimizer, params, model.make_scheduler(), progress, out / "checkpoints")
+    if run.latest.is_file():
+        accelerator.load_state(str(run.ckpt_dir / run.latest.read_text().strip()))
         if accelerator.is_main_process:
-            path = _save_weights(accelerator.unwrap_model(module).model, folder, cfg.save_format)
-            tmp = ckpt_dir / ".latest.tmp"
-            tmp.write_text(folder.name)
-            tmp.replace(latest)
-        log(f"saved {path}")
-        accelerator.wait_for_everyone()
-        return path
+            log(f"resumed from {run.latest.read_text().strip()} at step {progress.step}")
+    run.generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index + progress.step)
+    return run
 
-    saved = None
-    end = 0
+
+def _save_checkpoint(run: _Run, cfg: TrainConfig, log) -> Path:
+    """The full state (for resuming) and the weights in the published layout; ``latest`` last."""
+    accelerator = run.accelerator
+    folder = run.ckpt_dir / f"step-{run.progress.step}"
+    accelerator.save_state(str(folder))
+    path = folder / f"leffa.{cfg.save_format}"
+    if accelerator.is_main_process:
+        path = _save_weights(accelerator.unwrap_model(run.module).model, folder, cfg.save_format)
+        tmp = run.ckpt_dir / ".latest.tmp"
+        tmp.write_text(folder.name)
+        tmp.replace(run.latest)
+    log(f"saved {path}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _run_stage(run: _Run, cfg: TrainConfig, index: int, stage: Stage, start: int, end: int, log) -> Path | None:
+    """Train until step ``end``; the last checkpoint saved, if any."""
+    from torch.utils.data import DataLoader
+
+    from training.datasets import LeffaDataset
+
+    accelerator, progress, saved = run.accelerator, run.progress, None
+    h, w = stage.resolution
+    data = LeffaDataset(cfg.data_layout, cfg.data_root, cfg.split, cfg.paired, size=(w, h))
+    loader = accelerator.prepare(DataLoader(data, batch_size=stage.batch_size or cfg.batch_size, shuffle=True,
+                                            num_workers=cfg.num_workers, drop_last=True))
+    log(f"stage {index + 1}/{len(cfg.stages)} {stage.name!r}: {h}x{w}, steps {start}..{end}, "
+        f"Leffa loss {'on' if stage.leffa_loss else 'off'}, {len(data)} samples, "
+        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
+    run.module.train()
+    while progress.step < end:
+        for batch in loader:
+            with accelerator.accumulate(run.module):
+                loss, parts = training_step(run.module, run.model.vae, run.scheduler, batch, cfg, stage.leffa_loss,
+                                            run.generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+            accelerator.unwrap_model(run.module).release()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss became {loss.item()} at step {progress.step}")
+            if accelerator.sync_gradients:
+                progress.step += 1
+                if progress.step % 10 == 0 or progress.step == end:
+                    log(json.dumps({"step": progress.step, "loss": round(loss.item(), 6),
+                                    **{k: round(v, 6) for k, v in parts.items()}}))
+                if progress.step % cfg.save_every == 0 or progress.step == end:
+                    saved = _save_checkpoint(run, cfg, log)
+            if progress.step >= end:
+                break
+    return saved
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Run (or resume) every stage; return the last exported weights file."""
+    run = _setup(cfg, log)
+    if not run.accelerator.is_main_process:
+        log = lambda *_: None  # noqa: E731 -- one process reports
+    saved, end = None, 0
     for i, stage in enumerate(cfg.stages):
         start, end = end, end + stage.steps
-        if progress.step >= end:
-            continue
-        h, w = stage.resolution
-        data = LeffaDataset(cfg.data_layout, cfg.data_root, cfg.split, cfg.paired, size=(w, h))
-        loader = accelerator.prepare(DataLoader(data, batch_size=stage.batch_size or cfg.batch_size, shuffle=True,
-                                                num_workers=cfg.num_workers, drop_last=True))
-        log(f"stage {i + 1}/{len(cfg.stages)} {stage.name!r}: {h}x{w}, steps {start}..{end}, "
-            f"Leffa loss {'on' if stage.leffa_loss else 'off'}, {len(data)} samples, "
-            f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
-        module.train()
-        while progress.step < end:
-            for batch in loader:
-                with accelerator.accumulate(module):
-                    loss, parts = training_step(module, model.vae, scheduler, batch, cfg, stage.leffa_loss, generator)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                accelerator.unwrap_model(module).release()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {progress.step}")
-                if accelerator.sync_gradients:
-                    progress.step += 1
-                    if progress.step % 10 == 0 or progress.step == end:
-                        log(json.dumps({"step": progress.step, "loss": round(loss.item(), 6),
-                                        **{k: round(v, 6) for k, v in parts.items()}}))
-                    if progress.step % cfg.save_every == 0 or progress.step == end:
-                        saved = save()
-                if progress.step >= end:
-                    break
-    accelerator.end_training()
-    return saved or ckpt_dir / latest.read_text().strip() / f"leffa.{cfg.save_format}"
+        if run.progress.step < end:
+            saved = _run_stage(run, cfg, i, stage, start, end, log) or saved
+    run.accelerator.end_training()
+    return saved or run.ckpt_dir / run.latest.read_text().strip() / f"leffa.{cfg.save_format}"
 
 
 def main(argv: list[str] | None = None) -> int:
