@@ -100,7 +100,7 @@ class LeffaPipeline:
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
         x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        return (x / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype, as the original
 
     def _run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
         """Run the reference UNet; its processors store every layer's reference feature."""
@@ -131,7 +131,8 @@ class LeffaPipeline:
             src_image: the person (try-on) or the target-pose person (pose transfer).
                 (B, 3, H, W) in [-1, 1] or PIL; H, W multiples of 8.
             ref_image: the garment (try-on) or the person to keep (pose transfer).
-            mask: 1 where the image is generated, 0 where ``src_image`` is kept.
+            mask: 1 where the image is generated, 0 where ``src_image`` is kept (tensors binarised at
+                0.5, PIL masks at 128, as the original).
             densepose: the DensePose rendering of ``src_image`` (spec §5), in [-1, 1] or PIL.
             num_inference_steps: DDPM steps.
             guidance_scale: classifier-free guidance scale ``g`` (the unconditional branch

@@ -117,77 +117,109 @@ def _limb_score(paf_x, paf_y, a, b, image_height, samples=10, threshold=0.05):
     return None
 
 
+Peak = tuple[float, float, float]  # x, y, score
+Connection = tuple[int, int, float]  # candidate id of point a, of point b, limb score
+
+
+def heatmap_candidates(heatmaps: np.ndarray, threshold: float = 0.1) -> tuple[list[list[int]], list[Peak]]:
+    """Step 1: the peaks of each part's heatmap as candidates. Returns, per part, the ids of its
+    candidates, and all candidates (x, y, score) indexed by id (part by part, in peak order)."""
+    ids_by_part: list[list[int]] = []
+    candidates: list[Peak] = []
+    for part in range(NUM_POINTS):
+        peaks = find_peaks(heatmaps[:, :, part], threshold)
+        ids_by_part.append(list(range(len(candidates), len(candidates) + len(peaks))))
+        candidates += peaks
+    return ids_by_part, candidates
+
+
+def match_limb(ids_a: list[int], ids_b: list[int], candidates: list[Peak], paf_x: np.ndarray,
+               paf_y: np.ndarray, image_height: int) -> list[Connection]:
+    """Step 2, one limb: score every (a, b) pair of candidates along the limb's PAF, then take
+    the best-scoring pairs greedily, each candidate at most once."""
+    scored = []
+    for i, a in enumerate(ids_a):
+        for j, b in enumerate(ids_b):
+            s = _limb_score(paf_x, paf_y, candidates[a], candidates[b], image_height)
+            if s is not None:
+                scored.append((s, i, j))
+    scored.sort(key=lambda t: -t[0])
+    used_a, used_b, chosen = set(), set(), []
+    for s, i, j in scored:
+        if i in used_a or j in used_b:
+            continue
+        chosen.append((ids_a[i], ids_b[j], s))
+        used_a.add(i), used_b.add(j)
+        if len(chosen) >= min(len(ids_a), len(ids_b)):
+            break
+    return chosen
+
+
+@dataclass(eq=False)
+class _Person:
+    """A person being assembled: a candidate id per part (-1 = none), total score, part count."""
+
+    ids: list[int]
+    score: float
+    count: int
+
+
+def _add_connection(people: list[_Person], limb: int, connection: Connection, candidates: list[Peak]) -> None:
+    """Step 3, one connection: extend the person owning either end, merge two disjoint owners,
+    or start a new person (not from the last two limbs, ear to shoulder)."""
+    (pa, pb), (id_a, id_b, s) = LIMBS[limb], connection
+    owners = [p for p in people if p.ids[pa] == id_a or p.ids[pb] == id_b]
+    if len(owners) == 1 and owners[0].ids[pb] != id_b:
+        owner = owners[0]
+        owner.ids[pb] = id_b
+        owner.count += 1
+        owner.score += candidates[id_b][2] + s
+    elif len(owners) == 2:
+        p1, p2 = owners
+        if not any(u >= 0 and v >= 0 for u, v in zip(p1.ids, p2.ids)):  # disjoint: merge
+            p1.ids = [u if u >= 0 else v for u, v in zip(p1.ids, p2.ids)]
+            p1.score += p2.score + s
+            p1.count += p2.count
+            people.remove(p2)
+        else:
+            p1.ids[pb] = id_b
+            p1.count += 1
+            p1.score += candidates[id_b][2] + s
+    elif not owners and limb < 17:
+        ids = [-1] * NUM_POINTS
+        ids[pa], ids[pb] = id_a, id_b
+        people.append(_Person(ids, candidates[id_a][2] + candidates[id_b][2] + s, 2))
+
+
+def assemble_people(connections: list[list[Connection]], candidates: list[Peak]) -> list[_Person]:
+    """Step 3: join the limbs, in ``LIMBS`` order, into people; keep those with at least 4
+    parts and a mean score of at least 0.4."""
+    people: list[_Person] = []
+    for limb, chosen in enumerate(connections):
+        for connection in chosen:
+            _add_connection(people, limb, connection, candidates)
+    return [p for p in people if p.count >= 4 and p.score / p.count >= 0.4]
+
+
+def _points(person: _Person, candidates: list[Peak]) -> np.ndarray:
+    """Step 4: a person as an (18, 3) array of (x, y, score), missing points (0, 0, 0)."""
+    pts = np.zeros((NUM_POINTS, 3), np.float32)
+    for part, cid in enumerate(person.ids):
+        if cid >= 0:
+            pts[part] = candidates[cid]
+    return pts
+
+
 def decode_people(heatmaps: np.ndarray, pafs: np.ndarray, threshold: float = 0.1) -> list[np.ndarray]:
     """People from (H, W, 19) heatmaps and (H, W, 38) PAFs at image resolution.
 
-    Returns a list of (18, 3) arrays (x, y, score; missing points (0, 0, 0)), best first.
+    Returns a list of (18, 3) arrays (x, y, score; missing points (0, 0, 0)).
     """
-    h = heatmaps.shape[0]
-    peaks = []  # per part: list of (x, y, score, id)
-    candidates = []
-    for part in range(NUM_POINTS):
-        part_peaks = []
-        for x, y, s in find_peaks(heatmaps[:, :, part], threshold):
-            part_peaks.append((x, y, s, len(candidates)))
-            candidates.append((x, y, s))
-        peaks.append(part_peaks)
-
-    # limb candidates, greedily matched by score
-    connections: list[list[tuple[int, int, float]]] = []
-    for (pa, pb), (cx, cy) in zip(LIMBS, PAF_CHANNELS):
-        scored = []
-        for i, a in enumerate(peaks[pa]):
-            for j, b in enumerate(peaks[pb]):
-                s = _limb_score(pafs[:, :, cx], pafs[:, :, cy], a, b, h)
-                if s is not None:
-                    scored.append((s, i, j))
-        scored.sort(key=lambda t: -t[0])
-        used_a, used_b, chosen = set(), set(), []
-        for s, i, j in scored:
-            if i in used_a or j in used_b:
-                continue
-            chosen.append((peaks[pa][i][3], peaks[pb][j][3], s))
-            used_a.add(i), used_b.add(j)
-            if len(chosen) >= min(len(peaks[pa]), len(peaks[pb])):
-                break
-        connections.append(chosen)
-
-    # assemble people: rows of 18 candidate ids (-1 = none), total score, part count
-    people: list[list] = []
-    for k, ((pa, pb), chosen) in enumerate(zip(LIMBS, connections)):
-        for id_a, id_b, s in chosen:
-            owners = [p for p in people if p[0][pa] == id_a or p[0][pb] == id_b]
-            if len(owners) == 1:
-                p = owners[0]
-                if p[0][pb] != id_b:
-                    p[0][pb] = id_b
-                    p[2] += 1
-                    p[1] += candidates[id_b][2] + s
-            elif len(owners) == 2:
-                p1, p2 = owners
-                if not any(u >= 0 and v >= 0 for u, v in zip(p1[0], p2[0])):  # disjoint: merge
-                    p1[0] = [u if u >= 0 else v for u, v in zip(p1[0], p2[0])]
-                    p1[1] += p2[1] + s
-                    p1[2] += p2[2]
-                    people.remove(p2)
-                else:
-                    p1[0][pb] = id_b
-                    p1[2] += 1
-                    p1[1] += candidates[id_b][2] + s
-            elif not owners and k < 17:
-                ids = [-1] * NUM_POINTS
-                ids[pa], ids[pb] = id_a, id_b
-                people.append([ids, candidates[id_a][2] + candidates[id_b][2] + s, 2])
-    people = [p for p in people if p[2] >= 4 and p[1] / p[2] >= 0.4]
-
-    result = []
-    for ids, _, _ in people:
-        pts = np.zeros((NUM_POINTS, 3), np.float32)
-        for part, cid in enumerate(ids):
-            if cid >= 0:
-                pts[part] = candidates[cid]
-        result.append(pts)
-    return result
+    ids_by_part, candidates = heatmap_candidates(heatmaps, threshold)
+    connections = [match_limb(ids_by_part[a], ids_by_part[b], candidates, pafs[:, :, cx], pafs[:, :, cy],
+                              heatmaps.shape[0])
+                   for (a, b), (cx, cy) in zip(LIMBS, PAF_CHANNELS)]
+    return [_points(p, candidates) for p in assemble_people(connections, candidates)]
 
 
 def person_size(points: np.ndarray) -> float:

@@ -10,7 +10,8 @@ import torch
 from weightfiles.checkpoint import CheckpointError
 from preprocess.densepose import DensePoseInstance, render_iuv, render_labels, render_segmentation
 from preprocess.openpose import (LIMBS, PAF_CHANNELS, BodyPoseNet, NoPersonError, OpenPoseDetector,
-                                 decode_people, draw_keypoints, load_body_pose_weights)
+                                 decode_people, draw_keypoints, heatmap_candidates, load_body_pose_weights,
+                                 match_limb)
 
 
 # -- OpenPose network ------------------------------------------------------------------------
@@ -107,6 +108,32 @@ def test_missing_points_are_zero():
     (person,) = decode_people(heat, paf)
     assert person[4].tolist() == [0, 0, 0]
     np.testing.assert_allclose(person[3, :2], SKELETON[3], atol=1.0)
+
+
+def test_person_without_neck_is_merged_from_its_parts():
+    """No neck: the arms and the head start as separate partial people and are merged by the
+    ear-shoulder limbs (which never start a person); each leg (3 parts) is dropped."""
+    heat, paf = plant([SKELETON])
+    heat[:, :, 1] = 0
+    (person,) = decode_people(heat, paf)
+    present = [0, 2, 3, 4, 5, 6, 7, 14, 15, 16, 17]
+    np.testing.assert_allclose(person[present, :2], SKELETON[present], atol=1.0)
+    assert (person[present, 2] > 0.9).all()
+    assert not person[[1, 8, 9, 10, 11, 12, 13]].any()
+
+
+def test_decoding_steps():
+    heat, paf = plant([SKELETON])
+    ids_by_part, candidates = heatmap_candidates(heat)
+    assert [len(ids) for ids in ids_by_part] == [1] * 18 and ids_by_part[5] == [5]
+    np.testing.assert_allclose(np.array(candidates)[:, :2], SKELETON, atol=1.0)
+    (a, b), (cx, cy) = LIMBS[1], PAF_CHANNELS[1]  # neck -> left shoulder
+    ((id_a, id_b, score),) = match_limb(ids_by_part[a], ids_by_part[b], candidates,
+                                        paf[:, :, cx], paf[:, :, cy], 512)
+    assert (id_a, id_b) == (1, 5) and 0.8 < score <= 1.0  # mean PAF projection, no length penalty
+    # the wrong pairing (left shoulder's candidate as the right shoulder's PAF partner) scores nothing
+    (cx, cy) = PAF_CHANNELS[0]
+    assert match_limb(ids_by_part[1], ids_by_part[5], candidates, paf[:, :, cx], paf[:, :, cy], 512) == []
 
 
 def test_no_person_is_a_clear_error():
