@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -18,11 +19,17 @@ from leffa.pipeline import LeffaPipeline
 from preprocess.images import (MODEL_SIZE, fit_to_canvas, load_garment, load_image, load_label_image,
                                save_image_atomic)
 from preprocess.inputs import Preprocessor
-from preprocess.masks import GarmentType
+from preprocess.masks import GarmentType, TryOnModel
 from weightfiles.hub import ENV_CHECKPOINT_DIR
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TRYON_KINDS = {"viton_hd": ModelKind.VITON_HD, "dress_code": ModelKind.DRESS_CODE}
+
+
+class Task(str, Enum):
+    """The subcommands."""
+
+    TRYON = "tryon"
+    POSE = "pose"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -62,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = float16 on CUDA, float32 on CPU")
 
-    t = sub.add_parser("tryon", parents=[common], help="virtual try-on")
+    t = sub.add_parser(Task.TRYON.value, parents=[common], help="virtual try-on")
     t.add_argument("--person", required=True, type=Path, help="photo of the person")
     t.add_argument("--garment", required=True, type=Path, help="photo of the garment")
     t.add_argument("--mask", type=Path, default=None,
                    help="inpainting mask (white = replace); default: computed from parsing + pose")
     t.add_argument("--densepose", type=Path, default=None,
                    help="DensePose rendering of the person; default: computed")
-    t.add_argument("--model-type", choices=list(TRYON_KINDS), default="viton_hd",
+    t.add_argument("--model-type", choices=[m.value for m in TryOnModel], default=TryOnModel.VITON_HD.value,
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
     t.add_argument("--garment-type", choices=[g.value for g in GarmentType], default="upper_body",
                    help="what the garment is (default upper_body)")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--repaint", action="store_true", help="keep the person's pixels outside the mask")
     t.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
-    p = sub.add_parser("pose", parents=[common], help="pose transfer")
+    p = sub.add_parser(Task.POSE.value, parents=[common], help="pose transfer")
     p.add_argument("--person", required=True, type=Path, help="the person whose appearance is kept")
     p.add_argument("--target", type=Path, default=None,
                    help="photo of a person in the target pose (its DensePose is computed)")
@@ -107,15 +114,15 @@ def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
     return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
 
 
-def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
+def _inputs(args, task: Task, device: torch.device) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
     """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles)."""
     size = args.size
-    if args.command == "tryon" and args.mask is not None and args.densepose is not None:
+    if task is Task.TRYON and args.mask is not None and args.densepose is not None:
         src = fit_to_canvas(load_image(args.person, name="person image"), size)
         ref = load_garment(args.garment, size, cut_out=args.preprocess_garment)
         return src, ref, load_label_image(args.mask, "mask", size, binary=True), \
             load_label_image(args.densepose, "DensePose image", size)
-    if args.command == "pose" and args.densepose is not None:
+    if task is Task.POSE and args.densepose is not None:
         ref = fit_to_canvas(load_image(args.person, name="person image"), size)
         src = Image.new("RGB", size, (255, 255, 255))  # all masked: its pixels are never seen
         return src, ref, Image.new("L", size, 255), load_label_image(args.densepose, "DensePose image", size)
@@ -124,7 +131,7 @@ def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image
         raise OptionError("automatic preprocessing works at 768x1024: drop --size, or give "
                          "--mask and --densepose")
     pre = Preprocessor.from_checkpoints(args.checkpoint_dir, str(device), args.revision)
-    if args.command == "pose":
+    if task is Task.POSE:
         if args.target is None:
             raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
         p = pre.pose(args.person, args.target)
@@ -136,11 +143,12 @@ def _inputs(args, device: torch.device) -> tuple[Image.Image, Image.Image, Image
 
 
 def run(args) -> Path:
-    kind = TRYON_KINDS[args.model_type] if args.command == "tryon" else ModelKind.POSE_TRANSFER
+    task = Task(args.command)
+    kind = ModelKind(TryOnModel(args.model_type).weights) if task is Task.TRYON else ModelKind.POSE_TRANSFER
     if args.steps < 1:
         raise OptionError("--steps must be at least 1")
     device, dtype = _device_dtype(args)
-    src, ref, mask, densepose = _inputs(args, device)  # inputs first: fail before the slow load
+    src, ref, mask, densepose = _inputs(args, task, device)  # inputs first: fail before the slow load
     t0 = time.perf_counter()
     model = _load(args, kind, device, dtype)
     print(f"loaded {kind.value} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

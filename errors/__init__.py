@@ -5,6 +5,13 @@ do; the app and the CLI show exactly these as messages. Any other exception is a
 its traceback. The subclasses below also derive from the built-in type their callers expect.
 """
 
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
 
 class UserError(Exception):
     """Something the user can fix; the message says how."""
@@ -12,3 +19,11 @@ class UserError(Exception):
 
 class OptionError(UserError, ValueError):
     """An option, argument or setting with a value that is not allowed."""
+
+
+def enum_option(cls: type[E], value, name: str) -> E:
+    """``cls(value)``, or an ``OptionError`` that names the option and lists the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise OptionError(f"{name} must be one of {', '.join(m.value for m in cls)}; got {value!r}") from None

@@ -12,15 +12,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv, render_labels,
-                                  render_segmentation)
+from errors import enum_option
+from preprocess.densepose import DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv
 from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment, load_image, load_label_image
-from preprocess.masks import GarmentType, MaskVariant, agnostic_mask, enum_option
+from preprocess.masks import GarmentType, TryOnModel, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
 
@@ -58,6 +59,14 @@ class PersonMask:
     parsing: Parsing
     keypoints: np.ndarray  # (18, 2) in pixels of the 384×512 person
     pose_image: Image.Image  # keypoints drawn on the 384×512 person
+
+
+class Part(str, Enum):
+    """The analyses of a person photo, each computed once and cached."""
+
+    PARSING = "parsing"  # SCHP at 384×512
+    KEYPOINTS = "keypoints"  # OpenPose at 384×512
+    DENSEPOSE = "densepose"  # DensePose R-CNN at 768×1024
 
 
 @dataclass
@@ -115,55 +124,54 @@ class Preprocessor:
                 self._models[name] = self._factories[name]()
             return self._models[name]
 
-    def _part(self, person: Image.Image, key: str, part: str):
-        """One analysis of a photo (parsing, keypoints or densepose), cached by content."""
+    def _part(self, person: Image.Image, key: str, part: Part):
+        """One analysis of a photo, cached by content."""
         with self._lock:
             if (key, part) in self._cache:
                 self._cache.move_to_end((key, part))
                 return self._cache[(key, part)]
-        if part == "densepose":
+        if part is Part.DENSEPOSE:
             result = self._model("densepose")(np.asarray(person))  # at 768×1024
         else:
             small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
-            result = self._model("parser" if part == "parsing" else "pose")(
-                small if part == "parsing" else np.asarray(small))
+            result = (self._model("parser")(small) if part is Part.PARSING
+                      else self._model("pose")(np.asarray(small)))
         with self._lock:
             self._cache[(key, part)] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return result
 
-    def _analyse(self, person: Image.Image, parts: tuple[str, ...]) -> _Analysis:
+    def _analyse(self, person: Image.Image, parts: tuple[Part, ...]) -> _Analysis:
         """Parsing/keypoints at 384×512 and DensePose at 768×1024, each cached per photo."""
         key = image_key(person)
         got = {part: self._part(person, key, part) for part in parts}
-        return _Analysis(got.get("parsing"), got.get("keypoints"), got.get("densepose"))
+        return _Analysis(got.get(Part.PARSING), got.get(Part.KEYPOINTS), got.get(Part.DENSEPOSE))
 
-    def person_mask(self, person: ImageSource, model_type: str | MaskVariant, garment_type: str | GarmentType,
+    def person_mask(self, person: ImageSource, model_type: str | TryOnModel, garment_type: str | GarmentType,
                     *, keep_fixed_regions: bool = False) -> PersonMask:
         """The try-on mask of a person photo, with what it was computed from."""
-        variant = enum_option(MaskVariant, model_type, "model type")
+        variant = enum_option(TryOnModel, model_type, "model type")
         garment_type = enum_option(GarmentType, garment_type, "garment type")
         person_img = fit_to_canvas(load_image(person, name="person image"))
-        a = self._analyse(person_img, ("parsing", "keypoints"))
+        a = self._analyse(person_img, (Part.PARSING, Part.KEYPOINTS))
         mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
                              keep_fixed_regions=keep_fixed_regions)
         mask_img = binarize(Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC))
         small = person_img.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
         return PersonMask(person_img, mask_img, a.parsing, a.keypoints, draw_keypoints(small, a.keypoints))
 
-    def tryon(self, person: ImageSource, garment: ImageSource, model_type: str | MaskVariant,
+    def tryon(self, person: ImageSource, garment: ImageSource, model_type: str | TryOnModel,
               garment_type: str | GarmentType, preprocess_garment: bool = False, *,
               densepose: ImageSource | None = None, keep_fixed_regions: bool = False) -> TryOnInputs:
         """Everything a try-on needs. ``densepose``: a ready DensePose image (skips the backend)."""
-        variant = enum_option(MaskVariant, model_type, "model type")
+        variant = enum_option(TryOnModel, model_type, "model type")
         pm = self.person_mask(person, variant, garment_type, keep_fixed_regions=keep_fixed_regions)
         garment_img = load_garment(garment, cut_out=preprocess_garment)
         if densepose is not None:
             dp_img = load_label_image(densepose, "DensePose image")
         else:
-            render = render_segmentation if variant is MaskVariant.VITON_HD else render_labels
-            dp_img = render(self._analyse(pm.person, ("densepose",)).densepose, MODEL_SIZE)
+            dp_img = variant.render_densepose(self._analyse(pm.person, (Part.DENSEPOSE,)).densepose, MODEL_SIZE)
         return TryOnInputs(pm.person, garment_img, pm.mask, dp_img, pm.parsing.image, pm.keypoints, pm.pose_image)
 
     def pose(self, reference: ImageSource, target: ImageSource, *,
@@ -174,7 +182,7 @@ class Preprocessor:
         if densepose is not None:
             dp_img = load_label_image(densepose, "DensePose image")
         else:
-            instances = self._analyse(tgt_img, ("densepose",)).densepose
+            instances = self._analyse(tgt_img, (Part.DENSEPOSE,)).densepose
             if not instances:
                 from preprocess.openpose import NoPersonError
 

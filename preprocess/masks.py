@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from errors import OptionError
+from errors import enum_option
+from preprocess.densepose.render import DensePoseInstance, render_labels, render_segmentation
 
 # ATR labels (0..17) plus 18 = neck
 BACKGROUND, HAT, HAIR, SUNGLASSES, UPPER_CLOTHES, SKIRT, PANTS, DRESS, BELT = range(9)
@@ -30,18 +31,31 @@ class GarmentType(str, Enum):
     LOWER_BODY = "lower_body"
     DRESSES = "dresses"
 
+    @property
+    def label(self) -> str:
+        return {"upper_body": "Upper body", "lower_body": "Lower body", "dresses": "Dress"}[self.value]
 
-class MaskVariant(str, Enum):
-    VITON_HD = "viton_hd"
-    DRESS_CODE = "dress_code"
 
+class TryOnModel(str, Enum):
+    """The two published try-on models, and what each needs from preprocessing: its mask
+    variant (``agnostic_mask``), its DensePose rendering, and its weights file."""
 
-def enum_option(cls, value, name: str):
-    """``cls(value)``, or an ``OptionError`` that lists the allowed values."""
-    try:
-        return cls(value)
-    except ValueError:
-        raise OptionError(f"{name} must be one of {', '.join(m.value for m in cls)}; got {value!r}") from None
+    VITON_HD = "viton_hd"  # VITON-HD data, upper body ("recommended")
+    DRESS_CODE = "dress_code"  # DressCode data, upper / lower body / dresses ("experimental")
+
+    @property
+    def label(self) -> str:
+        return {"viton_hd": "VITON-HD (recommended)", "dress_code": "DressCode (experimental)"}[self.value]
+
+    @property
+    def weights(self) -> str:
+        """The published checkpoint's stem (``leffa.ModelKind`` value): ``virtual_tryon[_dc].pth``."""
+        return {"viton_hd": "virtual_tryon", "dress_code": "virtual_tryon_dc"}[self.value]
+
+    def render_densepose(self, instances: list[DensePoseInstance], size: tuple[int, int]) -> Image.Image:
+        """VITON-HD was fed the part-colour segmentation, DressCode the part labels (spec §5)."""
+        render = render_segmentation if self is TryOnModel.VITON_HD else render_labels
+        return render(instances, size)
 
 
 def _is(parse: np.ndarray, *labels: int) -> np.ndarray:
@@ -191,7 +205,7 @@ def _dress_code(parse, kp, garment_type) -> np.ndarray:
 
 
 def agnostic_mask(parse: np.ndarray, keypoints: np.ndarray, garment_type: str | GarmentType,
-                  variant: str | MaskVariant, *, keep_fixed_regions: bool = False) -> np.ndarray:
+                  variant: str | TryOnModel, *, keep_fixed_regions: bool = False) -> np.ndarray:
     """The inpainting mask for a try-on.
 
     Args:
@@ -206,7 +220,7 @@ def agnostic_mask(parse: np.ndarray, keypoints: np.ndarray, garment_type: str | 
     Returns:
         (512, 384) uint8 mask, 255 = inpaint.
     """
-    garment_type, variant = enum_option(GarmentType, garment_type, "garment_type"), enum_option(MaskVariant, variant, "variant")
+    garment_type, variant = enum_option(GarmentType, garment_type, "garment_type"), enum_option(TryOnModel, variant, "variant")
     parse = np.asarray(parse)
     keypoints = np.asarray(keypoints, dtype=np.float64)
     if parse.ndim != 2 or parse.dtype != np.uint8:
@@ -215,7 +229,7 @@ def agnostic_mask(parse: np.ndarray, keypoints: np.ndarray, garment_type: str | 
         raise ValueError(f"parse has label {parse.max()}; labels are 0..{NECK}")
     if keypoints.shape != (18, 2):
         raise ValueError(f"keypoints must be (18, 2), got {keypoints.shape}")
-    if variant is MaskVariant.VITON_HD:
+    if variant is TryOnModel.VITON_HD:
         mask = _viton_hd(parse, keypoints, garment_type, keep_fixed_regions)
     else:
         if keep_fixed_regions:

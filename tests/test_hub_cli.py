@@ -243,3 +243,17 @@ def test_cli_reports_user_errors_and_lets_bugs_raise(tmp_path, tiny_checkpoint, 
     with pytest.raises(KeyError, match="a bug"):  # not turned into a message: it keeps its traceback
         main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"]))
     assert not (tmp_path / "o.png").exists()
+
+
+def test_tryon_model_knows_its_weights_and_densepose_rendering():
+    """One enum for the try-on model: the app and the CLI take its weights and rendering from it."""
+    from preprocess.densepose import DensePoseInstance, render_labels, render_segmentation
+    from preprocess.masks import TryOnModel
+
+    assert {ModelKind(m.weights) for m in TryOnModel} == {ModelKind.VITON_HD, ModelKind.DRESS_CODE}
+    labels = np.array([[0, 3], [7, 24]], np.uint8)
+    people = [DensePoseInstance((1, 1, 2, 2), labels, np.zeros((2, 2, 2), np.float32))]
+    for model, render in ((TryOnModel.VITON_HD, render_segmentation), (TryOnModel.DRESS_CODE, render_labels)):
+        assert np.array_equal(np.asarray(model.render_densepose(people, (4, 4))), np.asarray(render(people, (4, 4))))
+    assert not np.array_equal(np.asarray(TryOnModel.VITON_HD.render_densepose(people, (4, 4))),
+                              np.asarray(TryOnModel.DRESS_CODE.render_densepose(people, (4, 4))))

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from errors import OptionError, UserError
+from errors import OptionError, UserError, enum_option
 from leffa.attention import run_reference_unet
 from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
 from leffa.model import BaseModel, LeffaModel
@@ -47,7 +47,7 @@ class Stage:
 class TrainConfig:
     output_dir: str
     data_root: str
-    data_layout: Literal["viton_hd", "dress_code", "deepfashion"] = "viton_hd"
+    data_layout: str = "viton_hd"  # a training.datasets.DatasetLayout value
     split: str = "train"
     paired: bool = True
     init: Literal["checkpoint", "base_weights", "random"] = "checkpoint"
@@ -104,6 +104,9 @@ def load_config(path: str | Path) -> TrainConfig:
     except TypeError as e:
         raise OptionError(f"{path}: {e}") from None
     _check_literal(cfg)
+    from training.datasets import DatasetLayout
+
+    enum_option(DatasetLayout, cfg.data_layout, "data_layout")
     if not stages:
         raise OptionError(f"{path}: no [[stages]]")
     for i, s in enumerate(stages):

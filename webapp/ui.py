@@ -20,6 +20,7 @@ from PIL import Image
 from errors import UserError
 from leffa import ModelKind
 from preprocess.images import MODEL_SIZE, fit_label_image, load_image, load_label_image
+from preprocess.masks import GarmentType, TryOnModel
 from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
 from webapp.predict import GenerateOptions, Generation, OptionLimits, Predictor, Progress, free_accelerator_memory
 
@@ -140,7 +141,7 @@ class TryOnRequest:
 
     @property
     def kind(self) -> ModelKind:
-        return ModelKind.VITON_HD if self.model_type == "viton_hd" else ModelKind.DRESS_CODE
+        return ModelKind(TryOnModel(self.model_type).weights)
 
 
 @dataclass(frozen=True)
@@ -327,11 +328,9 @@ def build_tryon_tab(predictor: Predictor) -> None:
                                                  type="filepath")
         with gr.Accordion("Advanced options", open=False):
             c["model_type"] = gr.Radio(
-                [("VITON-HD (recommended)", "viton_hd"), ("DressCode (experimental)", "dress_code")],
-                value="viton_hd", label="Model type")
+                [(m.label, m.value) for m in TryOnModel], value=TryOnModel.VITON_HD.value, label="Model type")
             c["garment_type"] = gr.Radio(
-                [("Upper body", "upper_body"), ("Lower body", "lower_body"), ("Dress", "dresses")],
-                value="upper_body", label="Garment type")
+                [(g.label, g.value) for g in GarmentType], value=GarmentType.UPPER_BODY.value, label="Garment type")
             c["preprocess_garment"] = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
             c["keep_fixed"] = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
             c.update(generation_options(predictor.limits, with_repaint=True))
