@@ -6,7 +6,7 @@ Random-initialised full-size model (SD1.5 widths by default), so no weights are 
     python -m benchmarks.bench_pipeline --size 768x1024 --steps 10 --device cuda --dtype float16
 
 (a) "literal": the original's formulation, [x; r] through attn1 as queries, keys and values,
-    first n outputs kept (tests/literal.py), and the whole reference UNet run;
+    first n outputs kept (benchmarks/literal.py), and the whole reference UNet run;
 (b) "ours": queries from x only, keys/values from [x; r]; the reference pass stops after the
     last reference feature;
 (c) "ours + ref_acceleration": the reference UNet run once, its K/V projections cached.
@@ -35,24 +35,17 @@ LABELS = {"literal": "(a) literal concat-then-slice", "ours": "(b) ours",
 
 
 def run_mode(args) -> dict:
+    from benchmarks.literal import LiteralPipeline
     from leffa import LeffaModel, LeffaPipeline
     from leffa.model import BaseModel
-    from tests.literal import install_literal
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = BaseModel.SDXL_INPAINTING if args.variant == "sdxl" else BaseModel.SD15_INPAINTING
     model = LeffaModel.from_config_dir(base, device=device).eval().place(device, dtype)  # built where it runs
-    pipe = LeffaPipeline(model)
-    if args.mode == "literal":  # the original: literal attention and the whole reference UNet
-        install_literal(model)
-
-        def full_reference_pass(ref_latents, t):
-            model.attn_state.new_reference_pass()
-            model.unet_encoder(ref_latents, t, encoder_hidden_states=None, return_dict=False)
-
-        pipe._run_reference = full_reference_pass
+    # the original: literal attention and the whole reference UNet
+    pipe = LiteralPipeline(model) if args.mode == "literal" else LeffaPipeline(model)
     w, h = args.size
     g = torch.Generator().manual_seed(0)
     img = lambda: torch.rand(1, 3, h, w, generator=g) * 2 - 1

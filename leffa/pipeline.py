@@ -102,8 +102,10 @@ class LeffaPipeline:
         x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (x / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype, as the original
 
-    def _run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
-        """Run the reference UNet; its processors store every layer's reference feature."""
+    def run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
+        """Run the reference UNet; its processors store every layer's reference feature. It stops
+        after the last feature it captures (the UNet's tail would be unused work); a subclass may
+        run it differently (``benchmarks/literal.py`` runs all of it, as the original does)."""
         run_reference_unet(self.model.unet_encoder, self.model.attn_state, ref_latents, t)
 
     @torch.no_grad()
@@ -222,12 +224,12 @@ class LeffaPipeline:
             recorder.begin(tuple(latents.shape[-2:]), batch=slice(batch, 2 * batch))
         try:
             if ref_acceleration:  # one reference pass at timesteps[n // 2] (spec §4.9)
-                self._run_reference(ref_latents, timesteps[len(timesteps) // 2])
+                self.run_reference(ref_latents, timesteps[len(timesteps) // 2])
             for i, t in enumerate(timesteps):
                 if recorder is not None:
                     recorder.set_step(i)
                 if not ref_acceleration:
-                    self._run_reference(ref_latents, t)
+                    self.run_reference(ref_latents, t)
                 x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
                 eps = model.unet(torch.cat([x, cond], dim=1), t, encoder_hidden_states=None, return_dict=False)[0]
                 eps_uncond, eps_cond = eps.chunk(2)

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from leffa.attention import (ReferenceAttnProcessor, ReferenceCaptureProcessor, SkipAttnProcessor,
                              run_reference_unet, self_attention_layers)
 from tests.conftest import tiny_model
-from tests.literal import install_literal
+from benchmarks.literal import install_literal
 
 
 def _run_unets(model, seed=0, batch=2):
@@ -41,6 +41,19 @@ def test_matches_literal_concat_then_slice(model):
     install_literal(model)
     literal = _run_unets(model)
     assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, literal, atol=1e-5, rtol=0)
+
+
+def test_pipeline_equals_the_originals_end_to_end(base_dirs, variant):
+    """Whole generations: ours against the literal formulation with the whole reference UNet."""
+    from benchmarks.literal import LiteralPipeline
+    from leffa import LeffaPipeline
+    from tests.conftest import make_inputs, tiny_model
+
+    run = lambda pipe: pipe(**make_inputs(), num_inference_steps=2, output_type="pt",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0)).images
+    ours = run(LeffaPipeline(tiny_model(base_dirs[variant])))
+    literal = run(LiteralPipeline(tiny_model(base_dirs[variant])))
     torch.testing.assert_close(ours, literal, atol=1e-5, rtol=0)
 
 

@@ -1,7 +1,9 @@
-"""The original's literal formulation, for equivalence tests and the benchmark.
+"""The original's literal formulation: the baseline of ``bench_pipeline`` and of the
+equivalence tests (tests/test_attention.py).
 
 Their fork concatenates the reference feature to the generative tokens *before* ``attn1``
-(queries, keys and values all from ``[x; r]``, 2n tokens) and keeps the first n outputs.
+(queries, keys and values all from ``[x; r]``, 2n tokens) and keeps the first n outputs; and it
+runs the whole reference UNet on every pass.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from leffa.attention import LeffaAttentionState, SkipAttnProcessor
 from leffa.model import LeffaModel
+from leffa.pipeline import LeffaPipeline
 
 
 class ConcatThenSliceProcessor:
@@ -31,3 +34,15 @@ def install_literal(model: LeffaModel) -> None:
         procs[key] = (ConcatThenSliceProcessor(name, model.attn_state) if name.endswith("attn1")
                       else SkipAttnProcessor())
     model.unet.set_attn_processor(procs)
+
+
+class LiteralPipeline(LeffaPipeline):
+    """``LeffaPipeline`` as the original runs: literal attention, the whole reference UNet."""
+
+    def __init__(self, model: LeffaModel):
+        super().__init__(model)
+        install_literal(model)
+
+    def run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
+        self.model.attn_state.new_reference_pass()
+        self.model.unet_encoder(ref_latents, t, encoder_hidden_states=None, return_dict=False)
