@@ -45,4 +45,4 @@ class LiteralPipeline(LeffaPipeline):
 
     def run_reference(self, ref_latents: torch.Tensor, t: torch.Tensor) -> None:
         self.model.attn_state.new_reference_pass()
-        self.model.unet_encoder(ref_latents, t, encoder_hidden_states=None, return_dict=False)
+        self.model.reference_unet(ref_latents, t, encoder_hidden_states=None, return_dict=False)

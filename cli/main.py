@@ -135,7 +135,7 @@ def _inputs(args, task: Task, device: torch.device) -> tuple[Image.Image, Image.
         if args.target is None:
             raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
         p = pre.pose(args.person, args.target)
-        return p.target, p.person, p.mask, p.densepose
+        return p.target, p.reference, p.mask, p.densepose
     t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
                   densepose=args.densepose, keep_fixed_regions=args.keep_fixed_regions)
     mask = t.mask if args.mask is None else load_label_image(args.mask, "mask", size, binary=True)

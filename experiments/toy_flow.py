@@ -158,7 +158,7 @@ def train_run(model: LeffaModel, data: list[dict], steps: int, lam: float, batch
     cfg = TrainConfig(output_dir="", data_root="", lambda_leffa=lam, ref_dropout=0.0)
     module = LeffaTrainingModule(model).train()
     model.vae.requires_grad_(False)
-    params = [p for u in (model.unet, model.unet_encoder) for p in u.parameters()]
+    params = [p for u in (model.unet, model.reference_unet) for p in u.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     scheduler = model.make_scheduler()
     g = torch.Generator().manual_seed(seed)

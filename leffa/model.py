@@ -75,30 +75,58 @@ def _explicit_upcast(vae_config: dict) -> bool:
     return bool(vae_config.get("force_upcast", False))
 
 
+# our module name -> the published checkpoints' name (state-dict key prefixes); the one place
+# where the reference UNet is called ``unet_encoder``
+CHECKPOINT_NAMES = {"reference_unet.": "unet_encoder."}
+
+
+def _renamed(state_dict: dict, prefix: str, mapping: dict[str, str]) -> None:
+    """Rename ``prefix + old`` keys to ``prefix + new`` in place, keeping the order."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        for old, new in mapping.items():
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old):]
+                break
+        state_dict[key] = value
+
+
+def _to_checkpoint_names(module, state_dict, prefix, local_metadata) -> None:
+    _renamed(state_dict, prefix, CHECKPOINT_NAMES)
+
+
+def _from_checkpoint_names(module, state_dict, prefix, *args) -> None:
+    _renamed(state_dict, prefix, {new: old for old, new in CHECKPOINT_NAMES.items()})
+
+
 class LeffaModel(nn.Module):
-    """VAE + generative UNet (``unet``) + reference UNet (``unet_encoder``)."""
+    """VAE + generative UNet (``unet``) + reference UNet (``reference_unet``; ``unet_encoder`` in the
+    published checkpoints: ``state_dict`` and ``load_state_dict`` use that name, see ``CHECKPOINT_NAMES``)."""
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel,
-                 unet_encoder: UNet2DConditionModel, scheduler_config: dict, vae_upcast: bool = False):
+                 reference_unet: UNet2DConditionModel, scheduler_config: dict, vae_upcast: bool = False):
         """``vae_upcast``: keep the VAE in float32 when the UNets run in half precision (the base
         VAE config's explicit ``force_upcast``: only SDXL's VAE, which overflows in float16)."""
         super().__init__()
         for name, u, c in (("unet", unet, GENERATIVE_IN_CHANNELS),
-                           ("unet_encoder", unet_encoder, REFERENCE_IN_CHANNELS)):
+                           ("reference_unet", reference_unet, REFERENCE_IN_CHANNELS)):
             if u.conv_in.in_channels != c:
                 raise ValueError(f"{name}.conv_in must take {c} channels, not {u.conv_in.in_channels}")
-        self.vae, self.unet, self.unet_encoder = vae, unet, unet_encoder
+        self.vae, self.unet, self.reference_unet = vae, unet, reference_unet
         self.scheduler_config = dict(scheduler_config)
         self.vae_upcast = vae_upcast
         # SDXL variant: built with the text_time embedding (its weights are in the
         # checkpoint) but run without it: no time ids, no pooled text (spec §2.4).
         self.is_sdxl = unet.config.addition_embed_type == "text_time"
-        for u in (unet, unet_encoder):
+        for u in (unet, reference_unet):
             if u.config.addition_embed_type == "text_time":
                 u.register_to_config(addition_embed_type=None)
         self.attn_state = LeffaAttentionState()
         self._lock = threading.RLock()
-        install_processors(unet, unet_encoder, self.attn_state)
+        install_processors(unet, reference_unet, self.attn_state)
+        self.register_state_dict_post_hook(_to_checkpoint_names)
+        self.register_load_state_dict_pre_hook(_from_checkpoint_names)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -115,10 +143,10 @@ class LeffaModel(nn.Module):
         with torch.device(device):
             vae = AutoencoderKL.from_config(vae_cfg)
             unet = UNet2DConditionModel.from_config(unet_cfg)
-            unet_encoder = UNet2DConditionModel.from_config(unet_cfg)
+            reference_unet = UNet2DConditionModel.from_config(unet_cfg)
         expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
-        expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
-        return cls(vae, unet, unet_encoder, sched_cfg, vae_upcast=_explicit_upcast(vae_cfg))
+        expand_conv_in(reference_unet, REFERENCE_IN_CHANNELS)
+        return cls(vae, unet, reference_unet, sched_cfg, vae_upcast=_explicit_upcast(vae_cfg))
 
     @classmethod
     def from_base_weights(cls, folder: str | Path) -> LeffaModel:
@@ -130,10 +158,10 @@ class LeffaModel(nn.Module):
                 raise FileNotFoundError(f"{folder} is not a diffusers base-model folder: no {sub}/")
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-        unet_encoder = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        reference_unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         expand_conv_in(unet, GENERATIVE_IN_CHANNELS)
-        expand_conv_in(unet_encoder, REFERENCE_IN_CHANNELS)
-        return cls(vae, unet, unet_encoder, _read_json(folder / "scheduler" / "scheduler_config.json"),
+        expand_conv_in(reference_unet, REFERENCE_IN_CHANNELS)
+        return cls(vae, unet, reference_unet, _read_json(folder / "scheduler" / "scheduler_config.json"),
                    vae_upcast=_explicit_upcast(_read_json(folder / "vae" / "config.json")))
 
     @classmethod
@@ -164,7 +192,7 @@ class LeffaModel(nn.Module):
         if vae_dtype is None:
             vae_dtype = torch.float32 if self.vae_upcast else dtype
         self.unet.to(device, dtype)
-        self.unet_encoder.to(device, dtype)
+        self.reference_unet.to(device, dtype)
         self.vae.to(device, vae_dtype)
         return self
 

@@ -106,7 +106,7 @@ class LeffaPipeline:
         """Run the reference UNet; its processors store every layer's reference feature. It stops
         after the last feature it captures (the UNet's tail would be unused work); a subclass may
         run it differently (``benchmarks/literal.py`` runs all of it, as the original does)."""
-        run_reference_unet(self.model.unet_encoder, self.model.attn_state, ref_latents, t)
+        run_reference_unet(self.model.reference_unet, self.model.attn_state, ref_latents, t)
 
     @torch.no_grad()
     def __call__(

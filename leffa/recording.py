@@ -90,7 +90,8 @@ class AttentionRecorder:
         return (self._steps is None or self.step in self._steps) and self._layer_ok(name)
 
     def record(self, name: str, q: torch.Tensor, k_ref: torch.Tensor, scale: float) -> None:
-        assert self.step is not None and self._latent_hw is not None
+        if self.step is None or self._latent_hw is None:
+            raise RuntimeError("record() before begin() and set_step(): the processors ask wants() first")
         keep = lambda t: t[self._batch].detach().to(self.device, self.dtype, copy=True)
         grid = token_grid(q.shape[2], self._latent_hw)
         self.records[(self.step, name)] = AttentionRecord(keep(q), keep(k_ref), float(scale), grid)
@@ -188,7 +189,8 @@ class FlowRecorder:
         return self._latent_hw is not None and self._layer_ok(name)
 
     def record(self, name: str, q: torch.Tensor, k_ref: torch.Tensor, scale: float) -> None:
-        assert self._latent_hw is not None
+        if self._latent_hw is None:
+            raise RuntimeError("record() before begin(): the processors ask wants() first")
         h, w = token_grid(q.shape[2], self._latent_hw)
         coords = coordinate_grid(h, w, device=q.device, dtype=torch.float32)
         factor = scale / self.tau

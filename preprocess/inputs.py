@@ -46,7 +46,7 @@ class TryOnInputs:
 
 @dataclass
 class PoseInputs:
-    person: Image.Image  # the person whose appearance is kept: ref_image
+    reference: Image.Image  # the person whose appearance is kept: ref_image
     target: Image.Image  # the target-pose person: src_image (only its DensePose is used)
     mask: Image.Image  # all 255
     densepose: Image.Image  # IUV rendering of the target

@@ -75,7 +75,7 @@ def variant(request) -> str:
 
 def param_fingerprint(model: LeffaModel) -> torch.Tensor:
     """One float64 sum per parameter tensor of both UNets: equal iff the weights are, in practice."""
-    return torch.stack([p.detach().double().sum() for u in (model.unet, model.unet_encoder) for p in u.parameters()])
+    return torch.stack([p.detach().double().sum() for u in (model.unet, model.reference_unet) for p in u.parameters()])
 
 
 def tiny_model(base_dir: Path, seed: int = 0) -> LeffaModel:
@@ -83,7 +83,7 @@ def tiny_model(base_dir: Path, seed: int = 0) -> LeffaModel:
     model = LeffaModel.from_config_dir(base_dir).eval()
     # conv_in's extra channels start at zero; make them matter so the tests see them
     with torch.no_grad():
-        for u in (model.unet, model.unet_encoder):
+        for u in (model.unet, model.reference_unet):
             u.conv_in.weight.normal_(0, 0.2)
     return model
 

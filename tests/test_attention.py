@@ -18,14 +18,14 @@ def _run_unets(model, seed=0, batch=2):
     gen = torch.randn(batch, 12, 8, 6, generator=g)
     t = torch.tensor(500)
     with torch.no_grad():
-        run_reference_unet(model.unet_encoder, model.attn_state, ref, t)
+        run_reference_unet(model.reference_unet, model.attn_state, ref, t)
         return model.unet(gen, t, encoder_hidden_states=None).sample
 
 
 def test_processors_installed_by_name(model):
     names = self_attention_layers(model.unet)
-    assert names and names == self_attention_layers(model.unet_encoder)
-    for unet, cls in ((model.unet, ReferenceAttnProcessor), (model.unet_encoder, ReferenceCaptureProcessor)):
+    assert names and names == self_attention_layers(model.reference_unet)
+    for unet, cls in ((model.unet, ReferenceAttnProcessor), (model.reference_unet, ReferenceCaptureProcessor)):
         procs = unet.attn_processors
         for key, proc in procs.items():
             if key.endswith("attn1.processor"):
@@ -85,12 +85,12 @@ def test_cache_invalidated_by_new_reference_pass(model):
 def test_reference_pass_stops_after_last_feature(model):
     """run_reference_unet captures every feature but skips the unused tail (conv_out)."""
     ran_conv_out = []
-    model.unet_encoder.conv_out.register_forward_hook(lambda *a: ran_conv_out.append(1))
+    model.reference_unet.conv_out.register_forward_hook(lambda *a: ran_conv_out.append(1))
     _run_unets(model)
     assert len(model.attn_state.ref_features) == model.attn_state.num_layers > 0
     assert not ran_conv_out and not model.attn_state.stop_when_complete
     with torch.no_grad():  # a direct call is an ordinary full forward pass
-        model.unet_encoder(torch.randn(1, 4, 8, 6), torch.tensor(3), encoder_hidden_states=None)
+        model.reference_unet(torch.randn(1, 4, 8, 6), torch.tensor(3), encoder_hidden_states=None)
     assert ran_conv_out
 
 
@@ -99,18 +99,18 @@ def test_reference_unet_is_plain_self_attention(model):
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(1, 4, 8, 6, generator=g)
     with torch.no_grad():
-        ours = model.unet_encoder(ref, torch.tensor(10), encoder_hidden_states=None).sample
-        model.unet_encoder.set_attn_processor({
+        ours = model.reference_unet(ref, torch.tensor(10), encoder_hidden_states=None).sample
+        model.reference_unet.set_attn_processor({
             k: AttnProcessor2_0() if k.endswith("attn1.processor") else SkipAttnProcessor()
-            for k in model.unet_encoder.attn_processors})
-        stock = model.unet_encoder(ref, torch.tensor(10), encoder_hidden_states=None).sample
+            for k in model.reference_unet.attn_processors})
+        stock = model.reference_unet(ref, torch.tensor(10), encoder_hidden_states=None).sample
     torch.testing.assert_close(ours, stock, atol=1e-6, rtol=0)
 
 
 def test_captured_feature_is_norm1_input(model):
     """The stored reference feature is exactly norm1(h) of that block."""
-    name = self_attention_layers(model.unet_encoder)[0]
-    block = model.unet_encoder.get_submodule(name.removesuffix(".attn1"))
+    name = self_attention_layers(model.reference_unet)[0]
+    block = model.reference_unet.get_submodule(name.removesuffix(".attn1"))
     seen = {}
     block.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
     _run_unets(model)
@@ -120,8 +120,8 @@ def test_captured_feature_is_norm1_input(model):
 def test_attn2_noop_keeps_residual(base_dirs):
     """With attn2 skipped the block computes h + attn1(n1(h)), then h + norm2(h), then FF."""
     model = tiny_model(base_dirs["sd15"])
-    name = self_attention_layers(model.unet_encoder)[0]
-    block = model.unet_encoder.get_submodule(name.removesuffix(".attn1"))
+    name = self_attention_layers(model.reference_unet)[0]
+    block = model.reference_unet.get_submodule(name.removesuffix(".attn1"))
     h = torch.randn(2, 48, block.norm1.normalized_shape[0])
     with torch.no_grad():
         out = block(h)

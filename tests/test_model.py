@@ -112,7 +112,7 @@ def test_vae_dtype_follows_the_original_with_the_shipped_configs(base, vae_dtype
     """The original runs the SD1.5 VAE in float16 (its config sets no force_upcast, though
     diffusers defaults that to true); only the SDXL VAE, whose config asks for it, is upcast."""
     model = LeffaModel.from_config_dir(base, device="meta").place("meta", torch.float16)
-    assert model.unet.dtype == torch.float16 and model.unet_encoder.dtype == torch.float16
+    assert model.unet.dtype == torch.float16 and model.reference_unet.dtype == torch.float16
     assert model.vae.dtype == vae_dtype
     assert model.place("meta", torch.float16, vae_dtype=torch.float32).vae.dtype == torch.float32  # explicit
     assert model.place("meta", torch.float32).vae.dtype == torch.float32
@@ -120,7 +120,7 @@ def test_vae_dtype_follows_the_original_with_the_shipped_configs(base, vae_dtype
 
 def test_place_upcasts_vae_when_config_says(base_dirs):
     model = tiny_model(base_dirs["sdxl"]).place("cpu", torch.bfloat16)
-    assert model.unet.dtype == torch.bfloat16 and model.unet_encoder.dtype == torch.bfloat16
+    assert model.unet.dtype == torch.bfloat16 and model.reference_unet.dtype == torch.bfloat16
     assert model.vae.dtype == torch.float32  # force_upcast
     model = tiny_model(base_dirs["sd15"]).place("cpu", torch.bfloat16)  # tiny SD VAE: no upcast
     assert model.vae.dtype == torch.bfloat16

@@ -65,7 +65,7 @@ def test_latents_are_honoured(model):
 
 def _count_reference_calls(model):
     calls = []
-    model.unet_encoder.register_forward_pre_hook(lambda mod, args: calls.append(int(args[1])))
+    model.reference_unet.register_forward_pre_hook(lambda mod, args: calls.append(int(args[1])))
     return calls
 
 

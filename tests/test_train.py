@@ -61,7 +61,7 @@ def test_viton_hd_dataset(tmp_path):
     assert item["src_image"].shape == (3, H, W) and item["ref_image"].shape == (3, H, W)
     assert item["mask"].shape == (1, H, W) and set(item["mask"].unique().tolist()) == {0.0, 1.0}
     assert -1 <= item["src_image"].min() and item["src_image"].max() <= 1
-    assert ds.samples[0].reference.name == ds.samples[0].person.name  # paired
+    assert ds.samples[0].reference.name == ds.samples[0].target.name  # paired
     unpaired = LeffaDataset("viton_hd", root, "test", paired=False, size=(W, H))
     assert unpaired.samples[0].reference.name == "00001_00.jpg"
     ds.size = (24, 32)  # a later stage at another resolution
@@ -80,7 +80,7 @@ def test_dress_code_dataset(tmp_path):
     assert len(ds) == 2 and ds[1]["mask"].min() == 1
     unpaired = LeffaDataset("dress_code", root, "test", paired=False, size=(W, H))
     s = unpaired.samples[0]
-    assert s.person.parent.parent.name == "upper_body" and s.reference.parent.parent.name == "dresses"
+    assert s.target.parent.parent.name == "upper_body" and s.reference.parent.parent.name == "dresses"
 
 
 def test_deepfashion_dataset(tmp_path):
@@ -125,10 +125,10 @@ def test_leffa_loss_reaches_both_unets(base_dirs):
     loss = flow_loss(rec.flows, inputs["ref_image"], inputs["src_image"], inputs["mask"], torch.tensor([100, 200]))
     loss.backward()
     module.release()
-    for unet in (model.unet, model.unet_encoder):
+    for unet in (model.unet, model.reference_unet):
         grads = [p.grad for p in unet.parameters() if p.grad is not None]
         assert grads and sum(g.abs().sum() for g in grads) > 0
-    assert model.unet.conv_in.weight.grad.abs().sum() > 0 and model.unet_encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.unet.conv_in.weight.grad.abs().sum() > 0 and model.reference_unet.conv_in.weight.grad.abs().sum() > 0
 
 
 # -- training runs --------------------------------------------------------------------------------
@@ -227,10 +227,10 @@ def test_init_from_base_weights(tmp_path, base_dirs):
     AutoencoderKL.from_config(json.loads((src / "vae/config.json").read_text())).save_pretrained(folder / "vae")
     shutil.copytree(src / "scheduler", folder / "scheduler")
     model = LeffaModel.from_base_weights(folder)
-    assert model.unet.conv_in.weight.shape[1] == 12 and model.unet_encoder.conv_in.weight.shape[1] == 4
+    assert model.unet.conv_in.weight.shape[1] == 12 and model.reference_unet.conv_in.weight.shape[1] == 4
     torch.testing.assert_close(model.unet.conv_in.weight[:, :9], unet.conv_in.weight)
     assert model.unet.conv_in.weight[:, 9:].abs().sum() == 0
-    torch.testing.assert_close(model.unet_encoder.conv_in.weight, unet.conv_in.weight[:, :4])
+    torch.testing.assert_close(model.reference_unet.conv_in.weight, unet.conv_in.weight[:, :4])
     with pytest.raises(FileNotFoundError, match="no vae/"):
         shutil.rmtree(folder / "vae")
         LeffaModel.from_base_weights(folder)

@@ -59,7 +59,7 @@ class DatasetError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    person: Path  # the image to generate (src_image / target)
+    target: Path  # the image to generate (src_image)
     reference: Path  # garment, or the source person for pose transfer
     mask: Path | None  # None: generate everything (pose transfer)
     densepose: Path
@@ -142,7 +142,7 @@ class LeffaDataset(Dataset):
             self.samples = deepfashion_samples(root, split)
         if not self.samples:
             raise DatasetError(f"no samples found under {root} ({layout.value}, split {split!r})")
-        missing = [p for s in self.samples for p in (s.person, s.reference, s.mask, s.densepose)
+        missing = [p for s in self.samples for p in (s.target, s.reference, s.mask, s.densepose)
                    if p is not None and not p.is_file()]
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -154,10 +154,10 @@ class LeffaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, size = self.samples[i], self.size
-        person = fit_to_canvas(load_image(s.person, name=str(s.person)), size)
+        target = fit_to_canvas(load_image(s.target, name=str(s.target)), size)
         reference = fit_to_canvas(load_image(s.reference, name=str(s.reference)), size)
         mask = load_label_image(s.mask, str(s.mask), size, binary=True) if s.mask else Image.new("L", size, 255)
-        return {"src_image": image_to_tensor(person, "src_image")[0],
+        return {"src_image": image_to_tensor(target, "src_image")[0],
                 "ref_image": image_to_tensor(reference, "ref_image")[0],
                 "mask": mask_to_tensor(mask)[0],
                 "densepose": image_to_tensor(load_label_image(s.densepose, str(s.densepose), size), "densepose")[0]}

@@ -151,7 +151,7 @@ class LeffaTrainingModule(nn.Module):
         state = self._session.enter_context(self.model.attention_session(recorder=recorder))
         if recorder is not None:
             recorder.begin(tuple(noisy.shape[-2:]))
-        run_reference_unet(self.model.unet_encoder, state, ref_latents, timesteps)
+        run_reference_unet(self.model.reference_unet, state, ref_latents, timesteps)
         return self.model.unet(torch.cat([noisy, cond], dim=1), timesteps, encoder_hidden_states=None).sample
 
     def release(self) -> None:
@@ -261,9 +261,9 @@ def _setup(cfg: TrainConfig, log) -> _Run:
     model.vae.to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        model.unet_encoder.enable_gradient_checkpointing()
+        model.reference_unet.enable_gradient_checkpointing()
     module = LeffaTrainingModule(model)
-    params = [p for u in (model.unet, model.unet_encoder) for p in u.parameters() if p.requires_grad]
+    params = [p for u in (model.unet, model.reference_unet) for p in u.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     module, optimizer = accelerator.prepare(module, optimizer)
     progress = _Progress()

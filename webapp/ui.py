@@ -225,7 +225,7 @@ def pose_transfer(predictor: Predictor, progress=gr.Progress(track_tqdm=True), *
     progress(0, desc="Preprocessing")
     target = request.target or Image.new("RGB", MODEL_SIZE, "white")  # without a photo only its DensePose is used
     inputs = predictor.pose_inputs(request.person, target, densepose=request.densepose_upload)
-    gen = predictor.generate(ModelKind.POSE_TRANSFER, inputs.target, inputs.person, inputs.mask, inputs.densepose,
+    gen = predictor.generate(ModelKind.POSE_TRANSFER, inputs.target, inputs.reference, inputs.mask, inputs.densepose,
                              request.options, _reporter(progress))
     return (gen.image, gen.seed, inputs.densepose, *_attention_outputs(gen))
 
