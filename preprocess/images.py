@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from errors import UserError
+from errors import OptionError, UserError
 
 MODEL_SIZE = (768, 1024)  # (width, height) every published model was fed
 MAX_PIXELS = 50_000_000  # refuse larger images (decompression bombs, absurd uploads)
@@ -105,6 +106,25 @@ def load_label_image(source, name: str, size: tuple[int, int] = MODEL_SIZE, *, b
     """Load a mask (``binary``: single channel, thresholded at 128) or a DensePose image onto the canvas."""
     img = fit_label_image(load_image(source, name=name), size)
     return binarize(img) if binary else img
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work, an output path that cannot take an image: an unknown extension,
+    an existing folder, a parent that is a file, or a folder this process may not write to."""
+    path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"{path} is a folder: give a file name such as {path / 'result.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) is None:
+        raise OptionError(f"{path}: cannot tell the image format from {path.suffix or 'no extension'!r}; "
+                          "use .png, .jpg or .webp")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders save_image_atomic would make
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OptionError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptionError(f"cannot write {path}: no permission to write in {folder}")
+    return path
 
 
 def save_image_atomic(img: Image.Image, path: str | Path) -> Path:

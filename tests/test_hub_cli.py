@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from leffa import LeffaModel, MissingWeightsError, ModelKind, load_model
-from weightfiles import hub
 from cli.main import main
+from leffa import LeffaModel, MissingWeightsError, ModelKind, load_model
 from tests.conftest import tiny_model
+from weightfiles import hub
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -184,7 +190,7 @@ def test_cli_auto_preprocessing_needs_weights(tmp_path, monkeypatch, capsys, no_
 
 def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tiny_checkpoint, base_dirs):
     """Without --mask/--densepose the CLI takes them from the shared Preprocessor."""
-    import cli.main as cli_module
+    import cli.run as cli_module
     from preprocess.standins import standin_preprocessor
 
     seen = {}
@@ -227,7 +233,7 @@ def test_cli_auto_preprocessing_refuses_other_sizes(tmp_path, capsys):
 
 
 def test_cli_reports_user_errors_and_lets_bugs_raise(tmp_path, tiny_checkpoint, base_dirs, capsys, monkeypatch):
-    import cli.main as cli_module
+    import cli.run as cli_module
 
     p = _write_inputs(tmp_path)
     assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"], "--steps", "0")) == 2
@@ -257,3 +263,35 @@ def test_tryon_model_knows_its_weights_and_densepose_rendering():
         assert np.array_equal(np.asarray(model.render_densepose(people, (4, 4))), np.asarray(render(people, (4, 4))))
     assert not np.array_equal(np.asarray(TryOnModel.VITON_HD.render_densepose(people, (4, 4))),
                               np.asarray(TryOnModel.DRESS_CODE.render_densepose(people, (4, 4))))
+
+
+def test_cli_parses_arguments_without_torch():
+    """``python -m leffa --help`` and argument errors answer at once: no torch or diffusers yet."""
+    code = ("import sys; from cli.main import build_parser; "
+            "build_parser().parse_args(['tryon', '--person', 'p.png', '--garment', 'g.png', '--out', 'o.png']); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("out, message", [("result.txt", "cannot tell the image format"),
+                                          ("folder", "is a folder"),
+                                          ("a_file.png/result.png", "is a file, not a folder")])
+def test_cli_checks_out_before_any_work(tmp_path, capsys, monkeypatch, out, message):
+    import cli.run as cli_module
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file.png").write_bytes(b"x")
+    p = _write_inputs(tmp_path)
+    monkeypatch.setattr(cli_module, "_inputs", lambda *a: pytest.fail("read the inputs before checking --out"))
+    assert main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]),
+                 "--out", str(tmp_path / out)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_leffa_command_works_from_any_folder(tmp_path):
+    """scripts/setup.sh installs the project (editable): a ``leffa`` command beside the interpreter."""
+    command = Path(sys.executable).parent / "leffa"
+    assert command.is_file(), "no leffa command: run scripts/setup.sh (pip install -e .)"
+    out = subprocess.run([str(command), "tryon", "--help"], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert "usage: leffa tryon" in out.stdout and "--garment" in out.stdout
