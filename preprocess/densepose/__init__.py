@@ -6,27 +6,19 @@ published Leffa models were fed.
 - ``ops.py``: anchors, box decoding, NMS, ROIAlign;
 - ``extract.py``: head outputs -> per-person labels and U/V in image pixels;
 - ``weights.py``: the published ``.pkl`` (restricted unpickling) or ``.safetensors``, strictly.
-
-The names below import their module on first use (the renderings need no torch).
 """
 
-from __future__ import annotations
+from preprocess.densepose.render import (NUM_PARTS, DensePoseBackend, DensePoseInstance, part_colours, render_iuv,
+                                         render_labels, render_segmentation)
 
-import importlib
-
-_EXPORTS = {
-    "DensePoseRCNN": "preprocess.densepose.model",
-    "RCNNConfig": "preprocess.densepose.model",
-    **{name: "preprocess.densepose.render" for name in (
-        "NUM_PARTS", "DensePoseBackend", "DensePoseInstance", "part_colours", "render_iuv", "render_labels",
-        "render_segmentation")},
-}
-__all__ = sorted(_EXPORTS)
+__all__ = ["NUM_PARTS", "DensePoseBackend", "DensePoseInstance", "DensePoseRCNN", "RCNNConfig", "part_colours",
+           "render_iuv", "render_labels", "render_segmentation"]
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    """The network needs torch: ``DensePoseRCNN`` and ``RCNNConfig`` import it on first use."""
+    if name not in ("DensePoseRCNN", "RCNNConfig"):
         raise AttributeError(f"module 'preprocess.densepose' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+    from preprocess.densepose import model
+
+    return getattr(model, name)
