@@ -272,3 +272,17 @@ def test_server_checks_options_against_its_limits(options, message):
     MODEL_LIMITS.check(GenerateOptions(seed=None))  # "random seed"
     with pytest.raises(OptionError, match=message):
         MODEL_LIMITS.check(GenerateOptions(**options))
+
+
+def test_all_model_work_shares_one_slot_and_uploads_expire():
+    """Try-on, pose transfer and the mask computation wait for each other (one model at a time on
+    the machine, not one per endpoint); Gradio's upload cache is cleaned."""
+    from webapp.predict import Predictor, tiny_loader
+    from webapp.ui import MODEL_SLOT, create_demo
+
+    demo = create_demo(Predictor(ModelCache(tiny_loader), preprocessor=None))
+    fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
+    slots = {f.api_name: f.concurrency_id for f in fns if f.api_name in ("tryon", "pose_transfer", "compute_mask")}
+    assert set(slots) == {"tryon", "pose_transfer", "compute_mask"}
+    assert set(slots.values()) == {MODEL_SLOT}
+    assert demo.delete_cache == (3600, 86400)

@@ -27,6 +27,10 @@ from webapp.predict import GenerateOptions, Generation, OptionLimits, Predictor,
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MASK_COLOUR = (255, 0, 255)
+# every event that runs a model (preprocessing or generation) shares one slot: one at a time in all
+MODEL_SLOT = "model"
+# uploads and results in Gradio's cache: checked every hour, deleted when older than a day
+UPLOAD_CACHE_LIFETIME = (3600, 86400)
 
 HEADER = """# Leffa: virtual try-on and pose transfer
 Re-implementation of *Learning Flow Fields in Attention for Controllable Person Image Generation*
@@ -343,10 +347,10 @@ def build_tryon_tab(predictor: Predictor) -> None:
     mask_handler = functools.partial(compute_mask, predictor)  # one handler: one concurrency group
     for trigger in [*(component.change for component in mask_inputs), recompute.click]:
         trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints], api_name="compute_mask",
-                api_visibility="private", preprocess=False)
+                api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
     run.click(functools.partial(tryon, predictor), inputs_kwargs={name: c[name] for name in TRYON_PARAMETERS},
               outputs=[result, seed_used, parsing, keypoints, mask_used, densepose, state, group, step],
-              api_name="tryon", api_description=False, preprocess=False)
+              api_name="tryon", api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
 
 
 def build_pose_tab(predictor: Predictor) -> None:
@@ -364,12 +368,12 @@ def build_pose_tab(predictor: Predictor) -> None:
         group, step = attention_panel(result, state, "person")
     run.click(functools.partial(pose_transfer, predictor), inputs_kwargs={name: c[name] for name in POSE_PARAMETERS},
               outputs=[result, seed_used, densepose, state, group, step], api_name="pose_transfer",
-              api_description=False, preprocess=False)
+              api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
 
 
 def create_demo(predictor: Predictor) -> gr.Blocks:
     """The app: a tab per task; option ranges from ``predictor.limits``."""
-    with gr.Blocks(title="Leffa: virtual try-on and pose transfer") as demo:
+    with gr.Blocks(title="Leffa: virtual try-on and pose transfer", delete_cache=UPLOAD_CACHE_LIFETIME) as demo:
         gr.Markdown(HEADER)
         if predictor.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
