@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this .pth/.safetensors file instead of the published one")
     m.add_argument("--base-config", type=Path, default=None,
                    help="base config folder ({unet,vae,scheduler}/) for --checkpoint (default: shipped)")
+    m.add_argument("--tiny", action="store_true",
+                   help="offline demo: a tiny untrained model and stand-in preprocessing (no downloads; the "
+                        "picture is noise), as the app's --tiny")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="auto = float16 on CUDA, float32 on CPU")

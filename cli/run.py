@@ -12,13 +12,14 @@ from tqdm import tqdm
 
 from cli.main import Task
 from errors import OptionError
-from leffa.hub import ModelKind, load_model
+from leffa.hub import ModelKind, load_model, tiny_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
 from preprocess.images import (MODEL_SIZE, check_output_path, fit_to_canvas, load_garment, load_image,
                                load_label_image, save_image_atomic)
 from preprocess.inputs import Preprocessor
 from preprocess.masks import TryOnModel
+from preprocess.standins import standin_preprocessor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,6 +35,8 @@ def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
 
 
 def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
+    if args.tiny:
+        return tiny_model(kind).place(device, dtype)
     if args.checkpoint is not None:
         base = args.base_config or kind.base
         return LeffaModel.from_pretrained(base, args.checkpoint, device=device, dtype=dtype)
@@ -56,7 +59,8 @@ def _inputs(args, task: Task, device: torch.device) -> tuple[Image.Image, Image.
     if size != MODEL_SIZE:
         raise OptionError("automatic preprocessing works at 768x1024: drop --size, or give "
                          "--mask and --densepose")
-    pre = Preprocessor.from_checkpoints(args.checkpoint_dir, str(device), args.revision)
+    pre = standin_preprocessor() if args.tiny else Preprocessor.from_checkpoints(args.checkpoint_dir, str(device),
+                                                                                  args.revision)
     if task is Task.POSE:
         if args.target is None:
             raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")

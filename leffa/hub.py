@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from leffa.model import BaseModel, LeffaModel
+from leffa.model import CONFIG_ROOT, BaseModel, LeffaModel
 from weightfiles.hub import resolve_files
 
 
@@ -33,3 +33,12 @@ def load_model(kind: ModelKind, root: str | Path | None = None, *, revision: str
     """The published model ``kind``, from the checkpoint folder or the Hub."""
     (path,) = resolve_files([kind.checkpoint], root, revision, tqdm_class)
     return LeffaModel.from_pretrained(kind.base, path, device=device, dtype=dtype)
+
+
+def tiny_model(kind: ModelKind) -> LeffaModel:
+    """A tiny untrained model (``--tiny`` in the app and the CLI): the same code paths, noise for
+    pictures, no downloads. The weights are the same for a kind on every load (seeded by the kind)
+    and drawn in a forked CPU random state, so the caller's global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(list(ModelKind).index(kind))
+        return LeffaModel.from_config_dir(CONFIG_ROOT / "tiny").eval()

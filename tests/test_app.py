@@ -157,14 +157,15 @@ def test_sliders_follow_the_predictors_limits():
     """The UI reads the option ranges from the predictor (data), for both tabs."""
     import gradio as gr
 
-    from webapp.predict import MODEL_LIMITS, TINY_LIMITS, OptionLimits, Predictor, tiny_loader
+    from leffa.hub import tiny_model
+    from webapp.predict import MODEL_LIMITS, TINY_LIMITS, OptionLimits, Predictor
     from webapp.ui import create_demo
 
     assert (MODEL_LIMITS.steps_min, MODEL_LIMITS.steps_max, MODEL_LIMITS.steps_default) == (30, 100, 30)
     assert (TINY_LIMITS.steps_min, TINY_LIMITS.steps_max, TINY_LIMITS.steps_default) == (1, 100, 4)
     limits = OptionLimits(steps_min=3, steps_max=9, steps_default=5, guidance_min=1.0, guidance_max=4.0,
                           guidance_default=3.0, seed_default=11)
-    demo = create_demo(Predictor(ModelCache(tiny_loader), preprocessor=None, limits=limits))
+    demo = create_demo(Predictor(ModelCache(tiny_model), preprocessor=None, limits=limits))
     blocks = list(demo.blocks.values())
     steps = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Steps"]
     guidance = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Guidance scale"]
@@ -176,15 +177,15 @@ def test_sliders_follow_the_predictors_limits():
     assert not any(getattr(b, "elem_id", None) == "tiny-banner" for b in blocks)  # not the --tiny predictor
 
 
-def test_tiny_loader_leaves_the_global_rng_alone():
-    from webapp.predict import tiny_loader
+def test_tiny_model_leaves_the_global_rng_alone():
+    from leffa.hub import tiny_model
 
     torch.manual_seed(1234)
     state = torch.get_rng_state()
-    first = tiny_loader(ModelKind.VITON_HD)
+    first = tiny_model(ModelKind.VITON_HD)
     assert torch.equal(torch.get_rng_state(), state)
-    again = tiny_loader(ModelKind.VITON_HD)  # the same weights on every load of a kind
-    other = tiny_loader(ModelKind.DRESS_CODE)
+    again = tiny_model(ModelKind.VITON_HD)  # the same weights on every load of a kind
+    other = tiny_model(ModelKind.DRESS_CODE)
     assert torch.equal(torch.get_rng_state(), state)
     fingerprint = lambda m: [p.detach().sum().item() for p in m.unet.parameters()]  # noqa: E731
     assert fingerprint(first) == fingerprint(again) != fingerprint(other)
@@ -195,9 +196,9 @@ def test_model_cache_drops_least_recently_used():
 
     def loader(kind):
         loads.append(kind)
-        from webapp.predict import tiny_loader
+        from leffa.hub import tiny_model
 
-        return tiny_loader(kind)
+        return tiny_model(kind)
 
     cache = ModelCache(loader, max_models=2)
     cache.get(ModelKind.VITON_HD)
@@ -209,7 +210,7 @@ def test_model_cache_drops_least_recently_used():
 
 
 def test_model_cache_makes_room_when_out_of_memory():
-    from webapp.predict import tiny_loader
+    from leffa.hub import tiny_model
 
     calls = []
 
@@ -217,7 +218,7 @@ def test_model_cache_makes_room_when_out_of_memory():
         calls.append(kind)
         if kind is ModelKind.POSE_TRANSFER and len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return tiny_loader(kind)
+        return tiny_model(kind)
 
     cache = ModelCache(loader, max_models=3)
     cache.get(ModelKind.VITON_HD)
@@ -277,10 +278,11 @@ def test_server_checks_options_against_its_limits(options, message):
 def test_all_model_work_shares_one_slot_and_uploads_expire():
     """Try-on, pose transfer and the mask computation wait for each other (one model at a time on
     the machine, not one per endpoint); Gradio's upload cache is cleaned."""
-    from webapp.predict import Predictor, tiny_loader
+    from leffa.hub import tiny_model
+    from webapp.predict import Predictor
     from webapp.ui import MODEL_SLOT, create_demo
 
-    demo = create_demo(Predictor(ModelCache(tiny_loader), preprocessor=None))
+    demo = create_demo(Predictor(ModelCache(tiny_model), preprocessor=None))
     fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
     slots = {f.api_name: f.concurrency_id for f in fns if f.api_name in ("tryon", "pose_transfer", "compute_mask")}
     assert set(slots) == {"tryon", "pose_transfer", "compute_mask"}

@@ -295,3 +295,15 @@ def test_leffa_command_works_from_any_folder(tmp_path):
     assert command.is_file(), "no leffa command: run scripts/setup.sh (pip install -e .)"
     out = subprocess.run([str(command), "tryon", "--help"], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert "usage: leffa tryon" in out.stdout and "--garment" in out.stdout
+
+
+def test_cli_tiny_runs_offline(tmp_path, capsys, monkeypatch, no_download):
+    """``--tiny``, as in the app: a tiny untrained model and stand-in preprocessing, no weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LEFFA_CHECKPOINT_DIR", str(tmp_path / "empty"))
+    p = _write_inputs(tmp_path)
+    out = tmp_path / "tiny.png"
+    for task in (["tryon", "--garment", str(p["garment"])], ["pose", "--target", str(p["person"])]):
+        assert main([*task, "--tiny", "--person", str(p["person"]), "--out", str(out), "--steps", "1"]) == 0
+        assert Image.open(out).size == (768, 1024)
+    assert not (tmp_path / "empty").exists()  # nothing was downloaded or looked up

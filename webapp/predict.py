@@ -17,7 +17,7 @@ from PIL import Image
 
 from errors import OptionError
 from leffa import AttentionRecorder, LeffaModel, LeffaPipeline, ModelKind, load_model
-from leffa.model import CONFIG_ROOT
+from leffa.hub import tiny_model
 from preprocess.inputs import PoseInputs, Preprocessor, TryOnInputs
 
 Progress = Callable[[float, str], None]
@@ -131,16 +131,6 @@ def checkpoint_loader(root: str | None, device: str, dtype: torch.dtype) -> Call
     return load
 
 
-def tiny_loader(kind: ModelKind) -> LeffaModel:
-    """Tiny random-weight models (``--tiny``): same code paths, untrained output.
-
-    The weights are the same for a kind on every load (seeded by the kind). They are drawn in a
-    forked CPU random state (the model is built on the CPU), so the server's global RNG is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(list(ModelKind).index(kind))
-        return LeffaModel.from_config_dir(CONFIG_ROOT / "tiny").eval()
-
-
 class Predictor:
     """Preprocessing and generation for a front end: ``limits`` are the option ranges it should
     offer; ``tiny`` says the models are the untrained ``--tiny`` ones (for a notice)."""
@@ -180,7 +170,7 @@ def build_predictor(settings) -> Predictor:
     from preprocess.standins import standin_preprocessor
 
     if settings.tiny:
-        return Predictor(ModelCache(tiny_loader, settings.max_models), standin_preprocessor(), tiny=True,
+        return Predictor(ModelCache(tiny_model, settings.max_models), standin_preprocessor(), tiny=True,
                          limits=TINY_LIMITS)
     device = settings.device
     if device == "auto":
