@@ -9,14 +9,15 @@ never a dependency of this project. Set-up, outside the repository:
     git clone https://github.com/facebookresearch/detectron2 /work/oracle/detectron2
     # (or, from a bare mirror: git --git-dir=MIRROR archive HEAD | tar -x -C /work/oracle/detectron2)
 
-No build step and no ``pip install`` of detectron2: this script puts the checkout and its
-``projects/DensePose`` on ``sys.path`` and runs them from their Python sources (ROIAlign and NMS
-come from torchvision; the C++ extension is not needed for inference).
+No build step and no ``pip install`` of detectron2: it runs from its Python sources, the
+checkout and its ``projects/DensePose`` on ``PYTHONPATH`` (ROIAlign and NMS come from
+torchvision; the C++ extension is not needed for inference). Run it from the repository root
+with that venv's python (so ``import preprocess`` works):
 
-Run it from the repository root with that venv's python (so ``import preprocess`` works):
-
-    /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 /work/oracle/detectron2
-    /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 /work/oracle/detectron2 --bench
+    D2=/work/oracle/detectron2
+    PYTHONPATH=$D2:$D2/projects/DensePose /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 $D2
+    PYTHONPATH=$D2:$D2/projects/DensePose /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 $D2 --bench
+    # on a GPU: add --device cuda
 
 What it does:
 
@@ -73,10 +74,16 @@ MAX_UV_DIFF = 0.01  # mean absolute difference over the top instance's pixels
 # --------------------------------------------------------------------------- detectron2
 
 
-def add_detectron2_to_path(d2: Path) -> None:
-    for p in (d2 / "projects" / "DensePose", d2):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
+def check_detectron2_importable(d2: Path) -> None:
+    """detectron2 and its DensePose project must come from ``d2`` (via PYTHONPATH, see above)."""
+    try:
+        import densepose
+        import detectron2
+    except ImportError as e:
+        sys.exit(f"{e}: put {d2} and {d2 / 'projects' / 'DensePose'} on PYTHONPATH")
+    for module, root in ((detectron2, d2), (densepose, d2 / "projects" / "DensePose")):
+        if not Path(module.__file__).resolve().is_relative_to(root.resolve()):
+            sys.exit(f"{module.__name__} is imported from {module.__file__}, not from {root}")
 
 
 def detectron2_cfg(d2: Path, weights: str = "", device: str = "cpu"):
@@ -266,10 +273,10 @@ def _person_logits(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _detections(diff: torch.Tensor, boxes: torch.Tensor, nms: float) -> int:
-    from torchvision.ops import nms as tv_nms
+    from preprocess.densepose.ops import nms as greedy_nms  # torchvision's definition (tests/test_densepose.py)
 
     keep = diff > 0
-    return len(tv_nms(boxes[keep], diff[keep], nms)) if keep.any() else 0
+    return len(greedy_nms(boxes[keep], diff[keep], nms)) if keep.any() else 0
 
 
 def random_detectron2_model(d2: Path, calibration: list[np.ndarray], seed: int, detections: int):
@@ -494,7 +501,7 @@ def measure(which: str, d2: Path, weights: Path, repeat: int, device: str) -> di
     assert photo.shape[:2] == (BENCH_SIZE[1], BENCH_SIZE[0])
     t = time.perf_counter()
     if which == "detectron2":
-        add_detectron2_to_path(d2)
+        check_detectron2_importable(d2)
         from densepose import add_densepose_config  # noqa: F401
         from densepose.vis.extractor import DensePoseResultExtractor  # noqa: F401
         from detectron2.engine import DefaultPredictor  # noqa: F401
@@ -598,7 +605,7 @@ def main(argv=None) -> int:
     if args.measure:
         print(json.dumps(measure(args.measure, args.detectron2, args.weights, args.repeat, args.device)))
         return 0
-    add_detectron2_to_path(args.detectron2)
+    check_detectron2_importable(args.detectron2)
     import logging
 
     logging.getLogger("detectron2").setLevel(logging.WARNING)
