@@ -48,8 +48,6 @@ class LeffaAttentionState:
     # pass stops once that many features are captured
     num_layers: int = 0
     stop_when_complete: bool = False
-    # set by LeffaModel.attention_session, the one way in and out of this state
-    in_session: bool = False
 
     def new_reference_pass(self) -> None:
         self.ref_features.clear()

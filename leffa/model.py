@@ -20,10 +20,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from leffa.attention import LeffaAttentionState, install_processors
+from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from leffa.recording import AttentionRecorder, FlowRecorder
-from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 GENERATIVE_IN_CHANNELS = 12  # 4 noisy latent + 1 mask + 4 masked-image latent + 3 DensePose
@@ -205,12 +205,11 @@ class LeffaModel(nn.Module):
         with self._lock:
             state = self.attn_state
             state.clear()
-            state.recorder, state.cache_reference_kv, state.in_session = recorder, cache_reference_kv, True
+            state.recorder, state.cache_reference_kv = recorder, cache_reference_kv
             try:
                 yield state
             finally:
                 state.clear()
-                state.in_session = False
 
     @property
     def device(self) -> torch.device:

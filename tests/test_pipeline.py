@@ -260,4 +260,6 @@ def test_two_pipelines_on_one_model_take_turns(model):
     t.join(timeout=120)
     u.join(timeout=120)
     assert order == [("first", 1), ("first", 2), ("second", 1), ("second", 2)]
-    assert not model.attn_state.in_session and model.attn_state.recorder is None
+    assert model.attn_state.recorder is None and not model.attn_state.ref_features
+    assert model._lock.acquire(blocking=False)  # the session ended: the model is free
+    model._lock.release()
