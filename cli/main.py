@@ -1,4 +1,6 @@
-"""Command line: ``python -m leffa tryon ...`` and ``python -m leffa pose ...``.
+"""Command line: ``leffa tryon ...`` and ``leffa pose ...`` generate; ``leffa check`` says which
+weights are in the checkpoint folder and ``leffa download {tryon,tryon-dc,pose,all}`` fetches
+them (``python -m leffa`` is the same command).
 
 This module parses the arguments with light imports only (``--help`` answers at once); the
 work (``cli/run.py``: preprocessing, the model, the pipeline) is imported after that.
@@ -14,12 +16,13 @@ from pathlib import Path
 from errors import UserError
 from preprocess.masks import GarmentType, TryOnModel
 from weightfiles.hub import ENV_CHECKPOINT_DIR
+from weightfiles.manifest import WeightSet
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 class Task(str, Enum):
-    """The subcommands."""
+    """The generation subcommands."""
 
     TRYON = "tryon"
     POSE = "pose"
@@ -35,8 +38,18 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+CHECK, DOWNLOAD = "check", "download"  # the weight subcommands
+
+
+def _folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help=f"folder laid out like the Hub repo (default ${ENV_CHECKPOINT_DIR} or ./ckpts)")
+    parser.add_argument("--revision", default=None, help="Hub revision to download (default: main)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leffa", description=__doc__)
+    parser = argparse.ArgumentParser(prog="leffa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -51,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_size, default=(768, 1024), metavar="WxH",
                    help="canvas the inputs are fitted into (default 768x1024, what the models were trained on)")
     m = common.add_argument_group("model")
-    m.add_argument("--checkpoint-dir", default=None,
-                   help=f"folder laid out like the Hub repo (default ${ENV_CHECKPOINT_DIR} or ./ckpts)")
-    m.add_argument("--revision", default=None, help="Hub revision to download (default: main)")
+    _folder_options(m)
     m.add_argument("--checkpoint", type=Path, default=None,
                    help="use this .pth/.safetensors file instead of the published one")
     m.add_argument("--base-config", type=Path, default=None,
@@ -90,12 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--densepose", type=Path, default=None,
                    help="DensePose IUV rendering of the target-pose person, instead of --target")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
+
+    c = sub.add_parser(CHECK, help="say which weights are in the checkpoint folder, per task")
+    _folder_options(c)
+    d = sub.add_parser(DOWNLOAD, help="fetch the weights a task needs (to prepare an offline machine)")
+    d.add_argument("weights", choices=[w.value for w in WeightSet],
+                   help="tryon (VITON-HD), tryon-dc (DressCode), pose (pose transfer) or all; each with "
+                        "the preprocessing models it needs")
+    _folder_options(d)
     return parser
+
+
+def _weights_command(args) -> int:
+    from weightfiles import hub
+
+    if args.command == CHECK:
+        print(hub.presence_report(args.checkpoint_dir))
+        return 0
+    paths = hub.download(WeightSet(args.weights), args.checkpoint_dir, args.revision)
+    print("\n".join(["have:", *(f"  {p}" for p in paths)]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in (CHECK, DOWNLOAD):
+            return _weights_command(args)
         from cli.run import run  # torch, diffusers and the models: only once the arguments are fine
 
         path = run(args)

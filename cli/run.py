@@ -20,6 +20,8 @@ from preprocess.images import (MODEL_SIZE, check_output_path, fit_to_canvas, loa
 from preprocess.inputs import Preprocessor
 from preprocess.masks import TryOnModel
 from preprocess.standins import standin_preprocessor
+from weightfiles.hub import resolve_files
+from weightfiles.manifest import components_for, files_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,33 +45,57 @@ def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
     return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
 
 
-def _inputs(args, task: Task, device: torch.device) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
+def _inputs(args, task: Task, device: torch.device, compute_mask: bool,
+            compute_densepose: bool) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
     """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles)."""
     size = args.size
-    if task is Task.TRYON and args.mask is not None and args.densepose is not None:
+    if task is Task.TRYON and not (compute_mask or compute_densepose):
         src = fit_to_canvas(load_image(args.person, name="person image"), size)
         ref = load_garment(args.garment, size, cut_out=args.preprocess_garment)
         return src, ref, load_label_image(args.mask, "mask", size, binary=True), \
             load_label_image(args.densepose, "DensePose image", size)
-    if task is Task.POSE and args.densepose is not None:
+    if task is Task.POSE and not compute_densepose:
         ref = fit_to_canvas(load_image(args.person, name="person image"), size)
         src = Image.new("RGB", size, (255, 255, 255))  # all masked: its pixels are never seen
         return src, ref, Image.new("L", size, 255), load_label_image(args.densepose, "DensePose image", size)
 
-    if size != MODEL_SIZE:
-        raise OptionError("automatic preprocessing works at 768x1024: drop --size, or give "
-                         "--mask and --densepose")
     pre = standin_preprocessor() if args.tiny else Preprocessor.from_checkpoints(args.checkpoint_dir, str(device),
                                                                                   args.revision)
     if task is Task.POSE:
-        if args.target is None:
-            raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
         p = pre.pose(args.person, args.target)
         return p.target, p.reference, p.mask, p.densepose
     t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
                   densepose=args.densepose, keep_fixed_regions=args.keep_fixed_regions)
     mask = t.mask if args.mask is None else load_label_image(args.mask, "mask", size, binary=True)
     return t.person, t.garment, mask, t.densepose
+
+
+def _check_images(args) -> None:
+    """Read every given image once, so that a bad one is reported before any download or model."""
+    names = {"person": "person image", "garment": "garment image", "target": "target-pose image",
+             "mask": "mask", "densepose": "DensePose image"}
+    for arg, name in names.items():
+        if getattr(args, arg, None) is not None:
+            load_image(getattr(args, arg), name=name, keep_alpha=True)
+
+
+def _preprocessing(args, task: Task) -> tuple[bool, bool]:
+    """(compute the mask, compute the DensePose image): what ``_inputs`` will preprocess."""
+    compute_densepose = args.densepose is None
+    compute_mask = task is Task.TRYON and (args.mask is None or compute_densepose)  # Preprocessor.tryon
+    if task is Task.POSE and compute_densepose and args.target is None:
+        raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
+    if (compute_mask or compute_densepose) and args.size != MODEL_SIZE:
+        raise OptionError("automatic preprocessing works at 768x1024: drop --size, or give --mask and --densepose")
+    return compute_mask, compute_densepose
+
+
+def _fetch_weights(args, kind: ModelKind, compute_mask: bool, compute_densepose: bool) -> None:
+    """Every published file this run needs, at once: all of them missing are named in one message."""
+    components = components_for(kind.component, compute_mask=compute_mask, compute_densepose=compute_densepose)
+    if args.checkpoint is not None:
+        components = components[:-1]  # the given file instead of the published model
+    resolve_files(files_of(components), args.checkpoint_dir, args.revision)
 
 
 def run(args) -> Path:
@@ -79,7 +105,11 @@ def run(args) -> Path:
     if args.steps < 1:
         raise OptionError("--steps must be at least 1")
     device, dtype = _device_dtype(args)
-    src, ref, mask, densepose = _inputs(args, task, device)  # inputs first: fail before the slow load
+    plan = _preprocessing(args, task)
+    _check_images(args)  # inputs first: fail before any download or slow load
+    if not args.tiny:
+        _fetch_weights(args, kind, *plan)
+    src, ref, mask, densepose = _inputs(args, task, device, *plan)
     t0 = time.perf_counter()
     model = _load(args, kind, device, dtype)
     print(f"loaded {kind.value} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

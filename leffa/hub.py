@@ -9,18 +9,25 @@ import torch
 
 from leffa.model import CONFIG_ROOT, BaseModel, LeffaModel
 from weightfiles.hub import resolve_files
+from weightfiles.manifest import Component
 
 
 class ModelKind(str, Enum):
-    """The three published Leffa models; values are the checkpoint file stems on the Hub."""
+    """The three published Leffa models (values: their checkpoint file stems on the Hub)."""
 
     VITON_HD = "virtual_tryon"  # try-on, VITON-HD (upper body)
     DRESS_CODE = "virtual_tryon_dc"  # try-on, DressCode (upper, lower, dresses)
     POSE_TRANSFER = "pose_transfer"  # DeepFashion, SDXL-sized
 
     @property
+    def component(self) -> Component:
+        """Its published weights (``Component`` has the same names)."""
+        return Component[self.name]
+
+    @property
     def checkpoint(self) -> str:
-        return f"{self.value}.pth"
+        (name,) = self.component.files
+        return name
 
     @property
     def base(self) -> BaseModel:

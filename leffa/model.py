@@ -191,9 +191,11 @@ class LeffaModel(nn.Module):
         did (diffusers would upcast it: its ``force_upcast`` defaults to true)."""
         if vae_dtype is None:
             vae_dtype = torch.float32 if self.vae_upcast else dtype
-        self.unet.to(device, dtype)
-        self.reference_unet.to(device, dtype)
-        self.vae.to(device, vae_dtype)
+        # torch's own ``to``: diffusers' override warns about float32-only modules on every
+        # dtype cast, even when a model has none (as these)
+        for module, module_dtype in ((self.unet, dtype), (self.reference_unet, dtype), (self.vae, vae_dtype)):
+            assert not module._keep_in_fp32_modules, type(module).__name__
+            torch.nn.Module.to(module, device, module_dtype)
         return self
 
     @contextmanager

@@ -26,9 +26,6 @@ from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
 
 PARSE_SIZE = (384, 512)  # (width, height) at which parsing, keypoints and masks are computed
-PARSING_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx"]
-OPENPOSE_FILES = ["openpose/body_pose_model.pth"]
-DENSEPOSE_FILES = ["densepose/model_final_162be9.pkl"]
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -76,15 +73,6 @@ class _Analysis:
     densepose: list[DensePoseInstance] | None
 
 
-def densepose_weights(root: str | Path | None = None, revision: str | None = None) -> Path:
-    """The DensePose weights: a local ``.safetensors`` conversion of the published ``.pkl`` if
-    there is one (``python -m preprocess.densepose convert``), else the ``.pkl`` (downloaded if missing)."""
-    from weightfiles.hub import checkpoint_dir, resolve_files
-
-    converted = checkpoint_dir(root) / Path(DENSEPOSE_FILES[0]).with_suffix(".safetensors")
-    return converted if converted.is_file() else resolve_files(DENSEPOSE_FILES, root, revision)[0]
-
-
 def image_key(img: Image.Image) -> str:
     return hashlib.blake2b(img.tobytes() + repr((img.mode, img.size)).encode(), digest_size=16).hexdigest()
 
@@ -105,16 +93,20 @@ class Preprocessor:
                          revision: str | None = None) -> Preprocessor:
         """Models from the checkpoint folder / the Hub, each fetched on first use only."""
         from weightfiles.hub import resolve_files
+        from weightfiles.manifest import Component
+
+        def files(component: Component) -> list[Path]:
+            return resolve_files(component.files, root, revision)
 
         def parser():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-            return HumanParser.from_files(*resolve_files(PARSING_FILES, root, revision), providers=providers)
+            return HumanParser.from_files(*files(Component.PARSING), providers=providers)
 
         def pose():
-            return OpenPoseDetector.from_file(resolve_files(OPENPOSE_FILES, root, revision)[0], device)
+            return OpenPoseDetector.from_file(files(Component.OPENPOSE)[0], device)
 
-        def densepose():
-            return DensePoseRCNN.from_checkpoint(densepose_weights(root, revision), device)
+        def densepose():  # the .pkl, or its local .safetensors conversion (python -m preprocess.densepose convert)
+            return DensePoseRCNN.from_checkpoint(files(Component.DENSEPOSE)[0], device)
 
         return cls(parser, pose, densepose)
 

@@ -63,10 +63,23 @@ class OnnxSegmenter:
     def __init__(self, path: str | Path, input_hw: tuple[int, int], providers: list[str] | None = None):
         import onnxruntime as ort
 
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        from weightfiles.checkpoint import CheckpointError, unreadable
+
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(path), providers=providers)
-        self.input_name = self.session.get_inputs()[0].name  # "input.1" in the published models
+        load_errors = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidProtobuf,
+                       ort_errors.InvalidGraph, ort_errors.NoSuchFile, ort_errors.NotImplemented)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except load_errors as e:
+            raise unreadable(path, "the human-parsing model", e, "an ONNX model") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) < 2:
+            raise CheckpointError(f"{path}: not an SCHP parsing model (expected one image input and at least "
+                                  f"two outputs, found {len(inputs)} inputs and {len(outputs)} outputs)")
+        self.input_name = inputs[0].name  # "input.1" in the published models
         self.input_hw = input_hw
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:

@@ -33,11 +33,14 @@ def no_download(monkeypatch):
 @pytest.fixture
 def online(monkeypatch):
     """Pretend the Hub is reachable (scripts/test.sh sets HF_HUB_OFFLINE=1, which
-    huggingface_hub reads at import); the tests still replace hf_hub_download itself."""
+    huggingface_hub reads at import): its metadata request answers; the tests still replace
+    hf_hub_download itself."""
+    import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kwargs: None)
 
 
 @pytest.mark.parametrize("kind, gigabytes", [(ModelKind.VITON_HD, 7.21), (ModelKind.DRESS_CODE, 7.21),
@@ -99,7 +102,7 @@ def test_download_failure_is_explained(tmp_path, monkeypatch, online):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(download failed: ConnectionError.*hf download"):
+    with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(about 7.2 GB; download failed: ConnectionError.*leffa download tryon.*hf download"):
         load_model(ModelKind.VITON_HD, tmp_path)
 
 
@@ -207,6 +210,7 @@ def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tin
 
     pre.tryon = tryon
     monkeypatch.setattr(cli_module.Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
+    monkeypatch.setattr(cli_module, "resolve_files", lambda files, *a: seen.setdefault("fetched", files))
     person = Image.new("RGB", (300, 400), "white")
     person.paste((20, 30, 40), (100, 50, 200, 380))
     person.save(tmp_path / "person.png")
@@ -216,6 +220,7 @@ def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tin
                  "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--base-config", str(base_dirs["sd15"]),
                  "--steps", "1", "--model-type", "dress_code", "--garment-type", "dresses"]) == 0
     assert seen["args"][2:4] == ("dress_code", "dresses")
+    assert seen["fetched"] == ALL_TRYON_FILES[:-1]  # the preprocessing models, not the published try-on model
     assert Image.open(out).size == (48, 64)
 
 
@@ -307,3 +312,156 @@ def test_cli_tiny_runs_offline(tmp_path, capsys, monkeypatch, no_download):
         assert main([*task, "--tiny", "--person", str(p["person"]), "--out", str(out), "--steps", "1"]) == 0
         assert Image.open(out).size == (768, 1024)
     assert not (tmp_path / "empty").exists()  # nothing was downloaded or looked up
+
+
+# -- weights: what is missing, at once; check, download; corrupt files ----------------------------
+ALL_TRYON_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx", "openpose/body_pose_model.pth",
+                   "densepose/model_final_162be9.pkl", "virtual_tryon.pth"]
+
+
+def test_unreachable_hub_answers_at_once_with_every_missing_file(tmp_path, monkeypatch, online, no_download):
+    """No network and no HF_HUB_OFFLINE: one metadata request without retries, then all missing files."""
+    import httpx
+    import huggingface_hub
+
+    asked = []
+
+    def unreachable(url, **kwargs):
+        asked.append((url, kwargs.get("timeout")))
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    (tmp_path / "openpose").mkdir()
+    (tmp_path / "openpose" / "body_pose_model.pth").write_bytes(b"x")
+    with pytest.raises(MissingWeightsError) as info:
+        hub.resolve_files(ALL_TRYON_FILES, tmp_path)
+    msg = str(info.value)
+    missing = [f for f in ALL_TRYON_FILES if "openpose" not in f]
+    assert f"missing Leffa weights in {tmp_path}: {', '.join(missing)}" in msg
+    assert "ConnectError" in msg and f"leffa download tryon --checkpoint-dir {tmp_path}" in msg
+    assert len(asked) == 1 and asked[0][0].endswith("/humanparsing/parsing_atr.onnx")
+    assert asked[0][1] == hub.PROBE_TIMEOUT_S
+
+
+def test_cli_without_network_names_every_file_the_task_needs(tmp_path):
+    """End to end, as a user without network meets it: a closed local port as the Hub."""
+    import os
+
+    p = _write_inputs(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-m", "leffa", "tryon", "--person", str(p["person"]), "--garment",
+                          str(p["garment"]), "--out", str(tmp_path / "o.png"), "--checkpoint-dir",
+                          str(tmp_path / "empty")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: missing Leffa weights in {tmp_path / 'empty'}: {', '.join(ALL_TRYON_FILES)}" in out.stderr
+    assert "the Hub did not answer" in out.stderr and "leffa download tryon" in out.stderr
+
+
+def test_weight_sets_are_what_the_tasks_load():
+    from weightfiles.manifest import Component, WeightSet, files_of
+
+    assert files_of(WeightSet.TRYON.components) == ALL_TRYON_FILES
+    assert files_of(WeightSet.TRYON_DC.components)[-1] == ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
+    assert files_of(WeightSet.POSE.components) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
+    assert set(files_of(WeightSet.ALL.components)) == {f for c in Component for f in c.files}
+    assert [kind.checkpoint for kind in ModelKind] == ["virtual_tryon.pth", "virtual_tryon_dc.pth", "pose_transfer.pth"]
+
+
+def test_check_reports_each_task(tmp_path, capsys, no_download):
+    for name in ("densepose/model_final_162be9.pkl", "pose_transfer.pth", "virtual_tryon.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert main(["check", "--checkpoint-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Leffa weights in {tmp_path.resolve()}:"
+    assert lines[1].split() == ["tryon", "missing", "humanparsing/parsing_atr.onnx,", "humanparsing/parsing_lip.onnx,",
+                                "openpose/body_pose_model.pth", "(about", "710", "MB,", "downloaded", "on", "first", "use)"]
+    assert f"fetch now: leffa download tryon --checkpoint-dir {tmp_path}" in lines[2]
+    assert lines[3].split()[:2] == ["tryon-dc", "missing"] and "virtual_tryon_dc.pth (about 7.9 GB" in lines[3]
+    assert lines[5].split() == ["pose", "ready"] and len(lines) == 6
+
+
+def test_download_fetches_exactly_the_task_files(tmp_path, monkeypatch, capsys, online):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo_id, filename, *, revision=None, local_dir=None, tqdm_class=None):
+        asked.append(filename)
+        (local_dir / filename).parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / filename).write_bytes(b"w")
+        return str(local_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert main(["download", "pose", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert asked == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
+    assert str(tmp_path / "pose_transfer.pth") in capsys.readouterr().out
+    asked.clear()
+    assert main(["download", "tryon", "--checkpoint-dir", str(tmp_path)]) == 0  # DensePose is there already
+    assert asked == ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx", "openpose/body_pose_model.pth",
+                     "virtual_tryon.pth"]
+    with pytest.raises(SystemExit):
+        main(["download", "everything"])
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage protobuf"])
+def test_corrupt_parsing_model_is_named(tmp_path, content):
+    from preprocess.parsing import HumanParser
+    from weightfiles.checkpoint import CheckpointError
+
+    (tmp_path / "parsing_atr.onnx").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        HumanParser.from_files(tmp_path / "parsing_atr.onnx", tmp_path / "parsing_lip.onnx")
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'parsing_atr.onnx'}: cannot read the human-parsing model")
+    assert "delete it and download it again" in msg and "leffa download" in msg
+
+
+def test_corrupt_openpose_and_leffa_files_are_named(tmp_path):
+    from preprocess.openpose import OpenPoseDetector
+    from weightfiles.checkpoint import CheckpointError
+
+    (tmp_path / "body_pose_model.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"body_pose_model.pth: cannot read checkpoint .*delete it"):
+        OpenPoseDetector.from_file(tmp_path / "body_pose_model.pth")
+    (tmp_path / "virtual_tryon.pth").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(CheckpointError, match=r"virtual_tryon.pth: cannot read checkpoint .*delete it"):
+        load_model(ModelKind.VITON_HD, tmp_path)
+
+
+def test_cli_names_a_corrupt_weight_file(tmp_path, monkeypatch, capsys, no_download):
+    """Every file there but the parser empty: a message naming it, not onnxruntime's traceback."""
+    for name in ALL_TRYON_FILES:
+        (tmp_path / "ckpts" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ckpts" / name).write_bytes(b"")
+    p = _write_inputs(tmp_path)
+    code = main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--out",
+                 str(tmp_path / "o.png"), "--checkpoint-dir", str(tmp_path / "ckpts")])
+    err = capsys.readouterr().err
+    assert code == 2 and "parsing_atr.onnx: cannot read the human-parsing model" in err
+    assert "Traceback" not in err and "delete it and download it again" in err
+
+
+def test_unsafe_pickle_message_gives_no_unsafe_advice(tmp_path):
+    from weightfiles.checkpoint import CheckpointError, load_state_dict_file
+
+    torch.save({"weight": torch.zeros(1), "extra": Path("x")}, tmp_path / "model.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(tmp_path / "model.pth")
+    msg = str(info.value)
+    assert "refused to load" in msg and "could run code" in msg and "PosixPath" in msg and "weights_only" not in msg
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(tmp_path / "junk.pth")
+    msg = str(info.value)
+    assert "cannot read checkpoint (UnpicklingError: Unsupported operand" in msg and "weights_only" not in msg
+
+
+def test_no_diffusers_warnings_on_a_normal_run(tmp_path):
+    p = _write_inputs(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "leffa", "pose", "--tiny", "--person", str(p["person"]), "--target",
+                          str(p["person"]), "--steps", "1", "--out", str(tmp_path / "o.png")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    noise = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("loaded", "denoising"))]
+    assert noise == [], noise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +15,28 @@ SHOW = 5  # how many offending keys an error message names
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+REDOWNLOAD = ("delete it and download it again (`leffa download tryon`, `tryon-dc` or `pose` fetches the "
+              "missing files of a task; `leffa check` lists them)")
+
+
+def unreadable(path: str | Path, what: str, error: BaseException, expected: str) -> CheckpointError:
+    """The error for a weight file that cannot be read: names the file and what to do."""
+    return CheckpointError(f"{path}: cannot read {what} ({type(error).__name__}: {error}). The file is "
+                           f"truncated, corrupt or not {expected}; {REDOWNLOAD}.")
+
+
+def _weights_only_failure(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """torch's ``weights_only`` refusal without its advice to load unsafely: for a file holding
+    other Python objects, or for bytes that are not a pickle at all."""
+    detail = str(error).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+    if "Unsupported global" not in detail:
+        return unreadable(path, "checkpoint", pickle.UnpicklingError(detail), "a state dict")
+    return CheckpointError(
+        f"{path}: refused to load: the file holds Python objects besides tensors ({detail}), and "
+        "unpickling them could run code. Use a plain state dict (saved with `torch.save(model.state_dict(), "
+        "...)`) or a .safetensors file; if this is a published file, it is corrupt: " + REDOWNLOAD + ".")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -39,11 +62,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _weights_only_failure(path, e) from None
     except Exception as e:  # noqa: BLE001 - every reader failure means the same to the user
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}). The file is truncated, "
-            "corrupt or not a state dict; delete it and download it again."
-        ) from e
+        raise unreadable(path, "checkpoint", e, "a state dict") from e
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a plain state dict (a dict of tensors)")
     return dict(state)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightfiles.checkpoint import CheckpointError, check_state_dict
+from weightfiles.checkpoint import CheckpointError, check_state_dict, unreadable
 
 try:  # numpy ≥ 2
     from numpy._core import multiarray as _multiarray
@@ -70,9 +70,7 @@ def read_pkl(path: str | Path) -> dict[str, torch.Tensor]:
             data = _RestrictedUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError, UnicodeDecodeError, LookupError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read the DensePose weights ({type(e).__name__}: {e}). The file is truncated, "
-            "corrupt or not a detectron2 weights file; delete it and download it again.") from None
+        raise unreadable(path, "the DensePose weights", e, "a detectron2 weights file") from None
     state = data.get("model") if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a detectron2 weights file (expected a dict with a 'model' dict)")
