@@ -7,6 +7,7 @@ bash scripts/setup.sh
 if ! command -v chromium >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "[setup] installing Debian's chromium for the browser test" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
