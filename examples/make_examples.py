@@ -1,19 +1,29 @@
 """Regenerate the example garments and poses (run from the repo root):
 
-    python examples/make_examples.py
+    python examples/make_examples.py [CAMERA_PNG]
 
-Garments are drawn here (no third-party artwork). The pose example is the public-domain
-astronaut photo (``person/astronaut.png``) mirrored.
+Garments are drawn here (no third-party artwork). ``pose/astronaut_mirrored.png`` is the
+public-domain astronaut photo (``person/astronaut.png``) mirrored. ``pose/cameraman.png`` is
+scikit-image's ``camera.png`` (CC0, photographed by Lav Varshney) fitted onto a white 768x1024
+canvas; its source is CAMERA_PNG, else ``$LEFFA_CAMERA_PNG``, else the copy inside an installed
+scikit-image (found, not imported). Without one, that file is left as it is. See README.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib.util
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
 HERE = Path(__file__).parent
 W, H = 768, 1024
+CAMERA_ENV = "LEFFA_CAMERA_PNG"
+# scikit-image's data/camera.png (skimage/data/_registry.py): the CC0 photo the README describes
+CAMERA_SHA256 = "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a"
 
 
 def tee_outline(draw: ImageDraw.ImageDraw, fill, outline=(40, 40, 40)) -> None:
@@ -59,11 +69,50 @@ def checked_dress() -> Image.Image:
     return img
 
 
+def fit_on_white(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, fitted into W x H keeping its aspect ratio, centred on white."""
+    scale = min(W / img.width, H / img.height)
+    size = (round(img.width * scale), round(img.height * scale))
+    canvas = Image.new("RGB", (W, H), "white")
+    resized = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    canvas.paste(resized, ((W - size[0]) // 2, (H - size[1]) // 2))
+    return canvas
+
+
+def camera_source(given: str | None) -> Path | None:
+    """The path of scikit-image's camera.png: given, from the environment, or in scikit-image."""
+    if given or os.environ.get(CAMERA_ENV):
+        return Path(given or os.environ[CAMERA_ENV])
+    spec = importlib.util.find_spec("skimage")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "data" / "camera.png"
+
+
+def cameraman(source: Path) -> Image.Image:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if digest != CAMERA_SHA256:
+        raise SystemExit(f"{source} is not scikit-image's CC0 camera.png (sha256 {digest}); "
+                         "the licence in examples/README.md covers only that file")
+    return fit_on_white(Image.open(source))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("camera", nargs="?", help=f"scikit-image's data/camera.png (default: "
+                                                  f"${CAMERA_ENV}, else the installed scikit-image's copy)")
+    args = parser.parse_args()
     for name, make in (("striped_tee", striped_tee), ("logo_tee", logo_tee), ("checked_dress", checked_dress)):
         make().save(HERE / "garment" / f"{name}.png")
     astronaut = Image.open(HERE / "person" / "astronaut.png")
     ImageOps.mirror(astronaut).save(HERE / "pose" / "astronaut_mirrored.png")
+    source = camera_source(args.camera)
+    if source is None:
+        print("pose/cameraman.png left as it is: give scikit-image's data/camera.png "
+              f"(argument or ${CAMERA_ENV}), or install scikit-image")
+        return
+    cameraman(source).save(HERE / "pose" / "cameraman.png", optimize=True)
 
 
 if __name__ == "__main__":

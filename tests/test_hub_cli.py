@@ -173,7 +173,7 @@ def test_cli_bad_image(tmp_path, tiny_checkpoint, base_dirs, capsys):
     p = _write_inputs(tmp_path)
     p["garment"].write_bytes(b"this is not an image")
     assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"])) == 2
-    assert "garment image is not a readable image" in capsys.readouterr().err
+    assert "garment image (garment.png) is not a readable image" in capsys.readouterr().err
 
 
 def test_cli_bad_size():
