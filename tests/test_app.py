@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,18 @@ def tryon(client, person=PERSON, garment=GARMENT, editor=None, seed=42, record=F
 
     return client.predict(handle_file(person), handle_file(garment), editor, None, None, "viton_hd", "upper_body",
                           STEPS, 2.5, seed, False, False, False, False, False, record, api_name="/tryon")
+
+
+def submit_tryon(client, steps=STEPS, **overrides):
+    """A ``/tryon`` job, its values by parameter name (``overrides`` replace the defaults)."""
+    from gradio_client import handle_file
+
+    from webapp.ui import TRYON_PARAMETERS
+
+    values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
+                                         "upper_body", steps, 2.5, 42, False, False, False, False, False, False]))
+    values.update(overrides)
+    return client.submit(*values.values(), api_name="/tryon")
 
 
 def pixels(path) -> np.ndarray:
@@ -90,6 +106,105 @@ def test_pose_endpoint(client):
     assert Image.open(out[2]).size == (768, 1024)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=101), "steps must be a whole number between 1 and 100, got 101"),
+    (dict(steps=2.5), "steps must be a whole number between 1 and 100, got 2.5"),
+    (dict(steps="abc"), "steps must be a whole number between 1 and 100, got 'abc'"),
+    (dict(steps=None), "steps must be a whole number between 1 and 100, got None"),
+    (dict(guidance=-100), "guidance must be a number between 0.1 and 5.0, got -100"),
+    (dict(seed=-1), "seed must be a whole number between 0 and 2147483647, got -1"),
+    (dict(seed=2**70), "seed must be a whole number between 0 and 2147483647, got 1180591620717411303424"),
+    (dict(model_type="hd"), "model_type must be one of viton_hd, dress_code; got 'hd'"),
+    (dict(garment_type=3), "garment_type must be one of upper_body, lower_body, dresses; got 3"),
+    (dict(random_seed="no"), "random_seed must be true or false, got 'no'"),
+    (dict(record=1), "record must be true or false, got 1"),
+])
+def test_api_refuses_bad_options_with_a_message(client, overrides, message):
+    """The server checks every option itself (the events skip Gradio's preprocessing): a readable
+    message naming the option and what it allows, before any work; the app keeps serving."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=re.escape(message)):
+        submit_tryon(client, **overrides).result()
+
+
+def test_pose_api_refuses_bad_options_with_a_message(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as bad:
+        client.predict(handle_file(PERSON), handle_file(PERSON), None, 0, "high", 42, False, "yes", False,
+                       api_name="/pose_transfer")
+    assert str(bad.value).splitlines() == ["steps must be a whole number between 1 and 100, got 0",
+                                           "guidance must be a number between 0.1 and 5.0, got 'high'",
+                                           "ref_acceleration must be true or false, got 'yes'"]
+
+
+def test_api_refuses_nan_sent_as_raw_json(app_url):
+    """JSON from other clients may carry NaN (Python's json writes it; gradio_client refuses to)."""
+    import httpx
+
+    api = app_url + "gradio_api"
+    with open(PERSON, "rb") as f:
+        (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
+    photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false]}}'
+    event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
+    answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
+    assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
+
+
+LONG_STEPS = 100  # the --tiny maximum: more than a minute on this CPU, unless it stops
+
+
+def wait_until_denoising(job, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any((unit.desc or "").startswith("Denoising step") for unit in job.status().progress_data or []):
+            return
+        time.sleep(0.1)
+    pytest.fail("the long request never started denoising")
+
+
+def assert_slot_free(client, seconds: float = 45) -> None:
+    """A short request finishes soon: the long one before it stopped at its next step (had it gone
+    on, this would wait for its other 90-odd steps, a second or more each here)."""
+    start = time.monotonic()
+    result = submit_tryon(client).result(timeout=120)
+    assert Image.open(result[0]).size == (768, 1024)
+    assert time.monotonic() - start < seconds
+
+
+def test_cancelled_request_stops_and_frees_the_slot(client):
+    """Stop (an API client's cancel is the same /cancel call) ends the generation at its next
+    denoising step, not at its end."""
+    job = submit_tryon(client, steps=LONG_STEPS)
+    wait_until_denoising(job)
+    job.cancel()
+    assert_slot_free(client)
+
+
+def test_disconnected_client_stops_and_frees_the_slot(client, app_url):
+    """A client that goes away mid-generation (killed) stops its generation too."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from gradio_client import Client
+from tests.test_app import LONG_STEPS, submit_tryon, wait_until_denoising
+job = submit_tryon(Client({app_url!r}, verbose=False), steps=LONG_STEPS)
+wait_until_denoising(job)
+print("denoising", flush=True)
+time.sleep(600)
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "denoising"
+    finally:
+        child.kill()
+        child.wait()
+    assert_slot_free(client)
+
+
 def test_endpoint_parameters_are_the_documented_ones(client):
     """The README's API: parameter names and order of both endpoints."""
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -105,7 +220,9 @@ def test_attention_recording_reports_groups_and_steps(client):
     out = tryon(client, record=True)
     group, step = out[6], out[7]  # dropdown updates (the gr.State output is not part of the API)
     assert "×" in group["value"] and len(group["choices"]) >= 1  # a token grid, e.g. "64×48"
+    # listed 1-based as the progress counts ("2/2": after the last step), the recorder's 0-based steps as values
     assert step["value"] == STEPS - 1 and [c[1] for c in step["choices"]] == sorted({STEPS // 2, STEPS - 1})
+    assert [c[0] for c in step["choices"]] == [f"{s + 1}/{STEPS}" for s in sorted({STEPS // 2, STEPS - 1})]
 
 
 # -- parts ------------------------------------------------------------------------------------------
@@ -116,41 +233,56 @@ def test_editor_round_trip():
     value = editor_value(person, Image.fromarray(mask))
     assert np.array_equal(np.asarray(mask_from_editor(value)), mask)
     assert mask_from_editor(None) is None and mask_from_editor({"background": person, "layers": []}) is None
-    import gradio as gr
+    from errors import UserError
 
-    with pytest.raises(gr.Error, match="mask is empty"):
+    with pytest.raises(UserError, match="mask is empty"):
         mask_from_editor({"background": person, "layers": [Image.new("RGBA", (768, 1024))]})
 
 
 def test_tryon_request_from_values():
-    import gradio as gr
-
+    from errors import OptionError, UserError
+    from preprocess.masks import GarmentType, TryOnModel
+    from webapp.predict import TINY_LIMITS
     from webapp.ui import TRYON_PARAMETERS, TryOnRequest
 
     values = dict(zip(TRYON_PARAMETERS, [{"path": PERSON}, GARMENT, None, None, None, "dress_code", "lower_body",
-                                         "5", 1.5, 7.0, False, True, True, 1, 0, False]))
-    r = TryOnRequest.from_values(values)
-    assert (r.person, r.garment, r.mask_upload, r.kind, r.garment_type) == (PERSON, GARMENT, None,
-                                                                            ModelKind.DRESS_CODE, "lower_body")
+                                         5, 1.5, 7.0, False, True, True, True, False, False]))
+    r = TryOnRequest.from_values(values, TINY_LIMITS)
+    assert (r.person, r.garment, r.mask_upload, r.kind) == (PERSON, GARMENT, None, ModelKind.DRESS_CODE)
+    assert (r.model_type, r.garment_type) == (TryOnModel.DRESS_CODE, GarmentType.LOWER_BODY)  # enums, not strings
     assert (r.preprocess_garment, r.keep_fixed) == (True, False)
     o = r.options
     assert (o.steps, o.guidance_scale, o.seed, o.ref_acceleration, o.repaint, o.record_attention) == (
         5, 1.5, 7, True, True, False)
-    assert TryOnRequest.from_values({**values, "random_seed": True}).options.seed is None  # drawn, then reported
-    with pytest.raises(gr.Error, match="Upload a garment photo first"):
-        TryOnRequest.from_values({**values, "garment": None})
+    assert type(o.seed) is int  # a whole float (7.0) is the whole number
+    assert TryOnRequest.from_values({**values, "random_seed": True}, TINY_LIMITS).options.seed is None  # drawn
+    with pytest.raises(UserError, match="Upload a garment photo first"):
+        TryOnRequest.from_values({**values, "garment": None}, TINY_LIMITS)
+    # every bad value at once, each named with what it allows, one per line
+    with pytest.raises(OptionError) as bad:
+        TryOnRequest.from_values({**values, "model_type": "hd", "garment_type": None, "steps": "5", "seed": 7.5,
+                                  "keep_fixed": 1, "repaint": "no"}, TINY_LIMITS)
+    assert str(bad.value).splitlines() == [
+        "model_type must be one of viton_hd, dress_code; got 'hd'",
+        "garment_type must be one of upper_body, lower_body, dresses; got None",
+        "keep_fixed must be true or false, got 1",
+        "steps must be a whole number between 1 and 100, got '5'",
+        "seed must be a whole number between 0 and 2147483647, got 7.5",
+        "repaint must be true or false, got 'no'"]
 
 
 def test_pose_request_needs_a_target():
-    import gradio as gr
-
+    from errors import UserError
+    from webapp.predict import MODEL_LIMITS
     from webapp.ui import POSE_PARAMETERS, PoseRequest
 
     values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True]))
-    with pytest.raises(gr.Error, match="target pose"):
-        PoseRequest.from_values(values)
-    r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}})
+    with pytest.raises(UserError, match="target pose"):
+        PoseRequest.from_values(values, MODEL_LIMITS)
+    r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}}, MODEL_LIMITS)
     assert (r.target, r.densepose_upload, r.options.repaint, r.options.record_attention) == (None, PERSON, False, True)
+    with pytest.raises(UserError, match="random_seed must be true or false, got 'yes'"):
+        PoseRequest.from_values({**values, "densepose_upload": PERSON, "random_seed": "yes"}, MODEL_LIMITS)
 
 
 def test_sliders_follow_the_predictors_limits():
@@ -259,18 +391,29 @@ def test_warped_reference_follows_the_attention():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(steps=101), "steps must be between 30 and 100, got 101"),
-    (dict(steps=1000), "steps must be between 30 and 100"),
-    (dict(guidance_scale=-100.0), "guidance must be between 0.1 and 5.0, got -100.0"),
-    (dict(seed=-1), "seed must be between 0 and"),
-    (dict(seed=2**70), "seed must be between 0 and"),
+    (dict(steps=101), "steps must be a whole number between 30 and 100, got 101"),
+    (dict(steps=1000), "steps must be a whole number between 30 and 100"),
+    (dict(steps=30.5), "steps must be a whole number between 30 and 100, got 30.5"),
+    (dict(steps="abc"), "steps must be a whole number between 30 and 100, got 'abc'"),
+    (dict(steps=None), "steps must be a whole number between 30 and 100, got None"),
+    (dict(steps=True), "steps must be a whole number"),
+    (dict(guidance_scale=-100.0), "guidance must be a number between 0.1 and 5.0, got -100.0"),
+    (dict(guidance_scale=float("nan")), "guidance must be a number between 0.1 and 5.0, got nan"),
+    (dict(guidance_scale=float("inf")), "guidance must be a number between 0.1 and 5.0, got inf"),
+    (dict(guidance_scale="2.5"), "guidance must be a number between 0.1 and 5.0, got '2.5'"),
+    (dict(seed=-1), "seed must be a whole number between 0 and 2147483647, got -1"),
+    (dict(seed=2**70), r"seed must be a whole number between 0 and 2147483647, got 1180591620717411303424"),
+    (dict(seed="x" * 100), r"got 'x{36}\.\.\.$"),  # long values cut short
+    (dict(ref_acceleration="true"), "ref_acceleration must be true or false, got 'true'"),
+    (dict(record_attention=None), "record must be true or false, got None"),
 ])
 def test_server_checks_options_against_its_limits(options, message):
     from errors import OptionError
     from webapp.predict import MODEL_LIMITS, GenerateOptions
 
-    MODEL_LIMITS.check(GenerateOptions())  # the defaults pass
-    MODEL_LIMITS.check(GenerateOptions(seed=None))  # "random seed"
+    assert MODEL_LIMITS.check(GenerateOptions()) == GenerateOptions()  # the defaults pass
+    assert MODEL_LIMITS.check(GenerateOptions(seed=None)).seed is None  # "random seed"
+    assert MODEL_LIMITS.check(GenerateOptions(steps=40.0, guidance_scale=2)) == GenerateOptions(40, 2.0)
     with pytest.raises(OptionError, match=message):
         MODEL_LIMITS.check(GenerateOptions(**options))
 
@@ -288,3 +431,209 @@ def test_all_model_work_shares_one_slot_and_uploads_expire():
     assert set(slots) == {"tryon", "pose_transfer", "compute_mask"}
     assert set(slots.values()) == {MODEL_SLOT}
     assert demo.delete_cache == (3600, 86400)
+
+
+# -- stopping, progress phases, messages, page parts ------------------------------------------------
+def _small_inputs():
+    rng = np.random.default_rng(0)
+    picture = lambda: Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8))  # noqa: E731
+    return picture(), picture(), Image.new("L", (48, 64), 255), picture()
+
+
+def test_generate_reports_its_phases_and_stops_when_asked():
+    """Progress names each phase (loading, denoising i/n, decoding) with the request's share done;
+    ``should_stop`` is asked after every step and stops the run there."""
+    from leffa.hub import tiny_model
+    from leffa.pipeline import GenerationStopped
+    from webapp.predict import TINY_LIMITS, GenerateOptions, Predictor
+
+    predictor = Predictor(ModelCache(tiny_model), preprocessor=None, limits=TINY_LIMITS)
+    reports = []
+    gen = predictor.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
+                             progress=lambda fraction, desc: reports.append((fraction, desc)))
+    assert gen.steps == 3 and gen.image.size == (48, 64)
+    descs = [desc for _, desc in reports]
+    assert descs[0].startswith("Loading the virtual_tryon model")
+    assert descs[1:] == ["Denoising step 0/3", "Denoising step 1/3", "Denoising step 2/3", "Decoding the image"]
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
+
+    asked = []
+
+    def stop_after_two() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # asked before loading, then after each step: stop after the second step
+
+    with pytest.raises(GenerationStopped, match="stopped after step 2 of 50"):
+        predictor.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=50),
+                           should_stop=stop_after_two)
+    assert len(asked) == 3
+    with pytest.raises(GenerationStopped):  # cancelled while preprocessing: nothing is loaded or run
+        Predictor(ModelCache(lambda kind: pytest.fail("loaded")), preprocessor=None).generate(
+            ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(), should_stop=lambda: True)
+
+
+def test_nothing_asks_a_direct_call_to_stop():
+    from webapp.predict import never_stop
+    from webapp.ui import stop_requested
+
+    assert stop_requested() is never_stop  # outside a queued Gradio event
+
+
+def test_stopped_generation_is_no_error_toast():
+    """A generation stopped because no one waits for it leaves no traceback in the server log."""
+    import gradio as gr
+
+    from leffa.pipeline import GenerationStopped
+    from webapp.ui import user_errors
+
+    @user_errors
+    def stopped():
+        raise GenerationStopped("stopped after step 3 of 100")
+
+    with pytest.raises(gr.Error) as e:
+        stopped()
+    assert e.value.print_exception is False
+
+
+def test_toasts_keep_their_layout_and_long_ones_stay():
+    from webapp.ui import PAGE_CSS, SHORT_MESSAGE, TOAST_SECONDS, toast
+
+    short = toast("Upload a person photo first.")
+    assert (short.message, short.duration) == ("Upload a person photo first.", TOAST_SECONDS)
+    assert short.print_exception is False  # a user's mistake: no traceback in the server log
+    two_commands = "missing: a.pth, b.onnx. Download them with\n    hf download a.pth\n    hf download b.onnx"
+    kept = toast(two_commands)
+    assert kept.duration is None and kept.message == two_commands  # stays until closed, lines as written
+    assert toast("x" * (SHORT_MESSAGE + 1)).duration is None
+    assert toast("a <b> & c").message == "a &lt;b&gt; &amp; c"  # the page renders HTML: shown as typed
+    assert ".toast-message-text { white-space: pre-wrap; }" in PAGE_CSS  # line breaks kept (see the browser test)
+
+
+def test_user_errors_become_toasts():
+    import gradio as gr
+
+    from errors import OptionError
+    from webapp.ui import user_errors
+
+    @user_errors
+    def bad():
+        raise OptionError("steps must be a whole number between 1 and 100, got 'abc'\nseed must be ...")
+
+    with pytest.raises(gr.Error) as e:
+        bad()
+    assert e.value.duration is None and e.value.message.count("\n") == 1
+
+
+def _blocks(demo, cls):
+    import gradio as gr
+
+    return [b for b in demo.blocks.values() if isinstance(b, getattr(gr, cls))]
+
+
+def _demo(tiny: bool):
+    from leffa.hub import tiny_model
+    from webapp.predict import Predictor
+    from webapp.ui import create_demo
+
+    return create_demo(Predictor(ModelCache(tiny_model), preprocessor=None, tiny=tiny))
+
+
+def test_header_is_general_and_each_tab_has_its_instructions():
+    """The header speaks of both tasks and claims the published weights only when they are used;
+    each tab explains its own task."""
+    from webapp.ui import POSE_HELP, TRYON_HELP
+
+    for tiny in (False, True):
+        texts = [m.value for m in _blocks(_demo(tiny), "Markdown")]
+        header = texts[0]
+        assert header.startswith("# Leffa: virtual try-on and pose transfer") and "garment" not in header
+        assert ("published weights" in header) is not tiny
+        assert TRYON_HELP in texts and POSE_HELP in texts
+        if tiny:
+            assert "not the published weights" in next(t for t in texts if "Offline demo mode" in t)
+
+
+def test_stop_buttons_cancel_the_generations_and_seed_shows_after_one():
+    demo = _demo(tiny=False)
+    fns = list(demo.fns.values())
+    by_name = {f.api_name: f for f in fns if f.api_name in ("tryon", "pose_transfer")}
+    stops = {b.elem_id: b for b in _blocks(demo, "Button") if b.value == "Stop"}
+    assert set(stops) == {"tryon-stop", "pose-stop"}
+    for prefix, name in (("tryon", "tryon"), ("pose", "pose_transfer")):
+        stop = (stops[f"{prefix}-stop"]._id, "click")
+        (cancel,) = [f for f in fns if f.is_cancel_function and stop in f.targets]
+        assert cancel.cancels == [by_name[name]._id]
+    seeds = [n for n in _blocks(demo, "Number") if n.label == "Seed used"]
+    assert len(seeds) == 2 and not any(n.visible for n in seeds)  # nothing to show before a generation
+
+
+def test_clearing_the_mask_keeps_the_photo():
+    """'Clear mask' puts the photo back in the editor with an empty layer to paint on (the editor's
+    own 'Clear canvas', which drops the photo too, is hidden: checked in the browser test)."""
+    from webapp.ui import PAGE_CSS, photo_without_strokes
+
+    demo = _demo(tiny=False)
+    (button,) = [b for b in _blocks(demo, "Button") if b.elem_id == "tryon-clear-mask"]
+    (clear,) = [f for f in demo.fns.values() if (button._id, "click") in f.targets]
+    editor = _blocks(demo, "ImageEditor")[0]
+    assert clear.fn is photo_without_strokes and [b._id for b in clear.outputs] == [editor._id]
+    assert f"#{editor.elem_id} .top-panel > button:last-of-type {{ display: none; }}" in PAGE_CSS
+    value = photo_without_strokes({"path": PERSON})
+    assert value["background"].size == (768, 1024)
+    assert np.asarray(value["background"]).std() > 10  # the photo, not a blank canvas
+    (layer,) = value["layers"]
+    assert layer.size == (768, 1024) and not np.asarray(layer)[:, :, 3].any()  # nothing painted
+    assert mask_from_editor({**value, "layers": []}) is None and photo_without_strokes(None) is None
+
+
+def test_heatmap_legend_and_clicked_point():
+    from webapp.attention_view import colourize, mark_point, with_colour_legend
+
+    picture = Image.new("RGB", (768, 1024), (128, 128, 128))
+    legend = np.asarray(with_colour_legend(picture)).astype(int)
+    assert legend.shape == (1024 + 64, 768, 3) and (legend[:1024] == 128).all()
+    bar = legend[1024 + 32, 96:768 - 96]  # the colour scale, low (left) to high (right)
+    assert np.abs(bar[0] - colourize(np.array([[0]], np.uint8))[0, 0]).max() <= 1
+    assert np.abs(bar[-1] - colourize(np.array([[255]], np.uint8))[0, 0]).max() <= 1
+    assert bar[0, 2] > bar[0, 0] and bar[-1, 0] > bar[-1, 2]  # blue to red
+    marked = mark_point(picture, (0.25, 0.5))
+    assert (np.asarray(picture) == 128).all()  # the stored result stays unmarked
+    changed = np.argwhere((np.asarray(marked) != 128).any(axis=2))
+    assert abs(changed[:, 1].mean() - 192) < 2 and abs(changed[:, 0].mean() - 512) < 2  # around the point
+
+
+def test_attention_and_intermediate_pictures_have_bounded_height():
+    from webapp.ui import ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT
+
+    images = _blocks(_demo(tiny=False), "Image")
+    intermediates = [b for b in images if b.label in ("Human parsing", "Keypoints", "Mask used", "DensePose",
+                                                       "DensePose IUV of the target")]
+    assert len(intermediates) == 5 and all(b.height == INTERMEDIATE_HEIGHT for b in intermediates)
+    attention = [b for b in images
+                 if b.label.startswith(("The point", "Where the point", "The garment w", "The person w"))]
+    assert len(attention) == 6 and all(b.height == ATTENTION_HEIGHT for b in attention)  # three per tab
+
+
+@pytest.mark.slow  # a whole try-on at 768×1024 on the CPU
+def test_tryon_progress_names_every_phase_in_order():
+    """Preprocessing first, not 'Denoising 0 %' (the handler called directly: no queue, never stopped)."""
+    from leffa.hub import tiny_model
+    from preprocess.standins import standin_preprocessor
+    from webapp.predict import TINY_LIMITS, Predictor
+    from webapp.ui import TRYON_PARAMETERS, tryon
+
+    reports = []
+
+    def progress(fraction, desc):
+        reports.append((fraction, desc))
+
+    values = dict(zip(TRYON_PARAMETERS, [PERSON, GARMENT, None, None, None, "viton_hd", "upper_body",
+                                         1, 2.5, 42, False, False, False, False, False, False]))
+    predictor = Predictor(ModelCache(tiny_model), standin_preprocessor(), tiny=True, limits=TINY_LIMITS)
+    out = tryon(predictor, progress, **values)
+    assert out[0].size == (768, 1024) and out[1] == 42
+    descs = [desc for _, desc in reports]
+    assert descs[0] == "Preprocessing the photos" and descs[1].startswith("Loading the virtual_tryon model")
+    assert descs[2:] == ["Denoising step 0/1", "Decoding the image"]
+    assert [fraction for fraction, _ in reports] == sorted(fraction for fraction, _ in reports)

@@ -1,5 +1,6 @@
 """A real browser (Debian's headless Chromium, driven by Playwright) using the --tiny app:
-upload examples, generate, open the attention panel, click the result, see a heatmap.
+upload examples, check and clear the mask, generate, open the attention panel, click the result,
+see a heatmap; stop a long generation; read an error message; transfer a pose.
 
 Screenshots go to pytest's temporary folder, or to $LEFFA_SCREENSHOTS when set (that is how
 the README's screenshots are made).
@@ -7,11 +8,15 @@ the README's screenshots are made).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +25,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 180_000
+VIEWPORT = {"width": 1500, "height": 1300}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def page(app_url):
         pytest.skip("chromium is not installed (scripts/test.sh installs the Debian package 'chromium')")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1500, "height": 1300})
+        pg = browser.new_page(viewport=VIEWPORT)
         pg.set_default_timeout(TIMEOUT_MS)
         pg.goto(app_url)
         yield pg
@@ -53,18 +59,58 @@ def _open(page, title: str) -> None:
     page.get_by_role("button", name=title).first.click()
 
 
+def _pixels(locator) -> np.ndarray:
+    """What the browser shows of an element (canvas included), as RGB."""
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(int)
+
+
+def _magenta(rgb: np.ndarray) -> float:
+    """The share of the mask's colour (magenta over the photo) in a picture."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return float(((r - g > 60) & (b - g > 60)).mean())
+
+
+def _error_toasts(page):
+    return page.locator("[data-testid=toast-text].error")
+
+
+def _close_toasts(page) -> None:
+    for button in page.locator("[data-testid=toast-close]").all():
+        button.click()
+
+
 def test_tryon_and_attention_heatmap(page, shots):
+    from webapp.ui import ATTENTION_HEIGHT
+
     banner = page.locator("#tiny-banner")
     banner.wait_for()
     assert "untrained" in banner.inner_text()  # the demo model is announced as such
+    header = page.get_by_text("Re-implementation of").first.inner_text()
+    assert "published weights" not in header  # not above the tiny model
+    assert not page.get_by_label("Seed used").first.is_visible()  # no seed to show yet (it used to show 0)
     _upload(page, "tryon-person", ROOT / "examples/person/astronaut.png")
     _upload(page, "tryon-garment", ROOT / "examples/garment/striped_tee.png")
-    page.locator("#tryon-mask-editor canvas").first.wait_for()  # the automatic mask, editable
+    editor = page.locator("#tryon-mask-editor")
+    editor.locator("canvas").first.wait_for()  # the automatic mask, editable
+    _wait_for(lambda: _magenta(_pixels(editor)) > 0.05, "the automatic mask in the editor")
+
+    # clearing removes the strokes, not the photo; the editor's own 'Clear canvas' (photo too) is hidden
+    assert editor.get_by_role("button", name="Undo").is_visible()
+    assert not editor.get_by_role("button", name="Clear canvas").is_visible()
+    page.locator("#tryon-clear-mask").click()
+    _wait_for(lambda: _magenta(_pixels(editor)) < 0.001 and _pixels(editor).std() > 30,
+              "the photo without the mask")
+    page.get_by_role("button", name="Recompute mask").click()
+    _wait_for(lambda: _magenta(_pixels(editor)) > 0.05, "the recomputed mask")
+
     _open(page, "Advanced options")
     page.get_by_label("Record attention maps").first.check()
     page.locator("#tryon-generate").click()
     result = page.locator("#tryon-result img").first
     result.wait_for()
+    seed = page.locator("#tryon-seed input")
+    seed.wait_for()
+    assert seed.input_value() == "42"
     page.screenshot(path=str(shots / "tryon.png"), full_page=True)
 
     _open(page, "Attention maps")
@@ -74,13 +120,76 @@ def test_tryon_and_attention_heatmap(page, shots):
     heat = page.locator("#heatmap-garment img").first
     heat.wait_for()
     assert heat.get_attribute("src")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=heat.element_handle())
+    size = heat.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [768, 1024 + 64]  # the garment and, under it, the colour scale
+    point = page.locator("#point-garment img").first  # the clicked point, marked on a copy of the result
+    point.wait_for()
+    assert page.get_by_label("After denoising step").input_value() == "4/4"  # 1-based, as the progress counts
+    page.locator("#warp-garment").click()
+    page.locator("#warped-garment img").first.wait_for()
     heat.scroll_into_view_if_needed()
+    for picture in (heat, point, page.locator("#warped-garment img").first):
+        assert picture.bounding_box()["height"] <= ATTENTION_HEIGHT
+    warp_button = page.locator("#warp-garment").bounding_box()
+    assert warp_button["y"] + warp_button["height"] <= VIEWPORT["height"]  # on screen with the pictures
     page.screenshot(path=str(shots / "tryon_attention.png"), full_page=True)
 
 
-def test_pose_transfer(page, shots):
+def _wait_for(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def _set_steps(page, steps: int) -> None:
+    box = page.get_by_label("number input for Steps").first
+    box.fill(str(steps))
+    box.press("Enter")
+
+
+def test_stop_ends_a_long_generation_quietly(page):
+    """Stop ends the generation at its next step (the slot is free for the next one at once) and
+    shows no error."""
+    _close_toasts(page)
+    result = page.locator("#tryon-result img").first
+    before = result.get_attribute("src")
+    _set_steps(page, 100)  # the --tiny maximum: more than a minute on a CPU
+    page.locator("#tryon-generate").click()
+    page.get_by_text("Denoising step").first.wait_for()
+    page.locator("#tryon-stop").click()
+    page.wait_for_timeout(2000)
+    assert _error_toasts(page).count() == 0
+    assert result.get_attribute("src") == before  # nothing new
+    _set_steps(page, 2)
+    start = time.monotonic()
+    page.locator("#tryon-generate").click()
+    page.wait_for_function("([img, old]) => img.src && img.src !== old", arg=[result.element_handle(), before])
+    assert time.monotonic() - start < 45  # not behind the stopped one's other 90-odd steps (a second or more each)
+
+
+def test_pose_transfer(page, shots, tmp_path):
+    from webapp.ui import INTERMEDIATE_HEIGHT
+
     page.get_by_role("tab", name="Pose transfer").click()
     _upload(page, "pose-person", ROOT / "examples/person/astronaut.png")
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (600, 800), "white").save(blank)
+    _upload(page, "pose-target", blank)
+    _close_toasts(page)
+    page.locator("#pose-generate").click()
+    message = _error_toasts(page).first
+    message.wait_for()
+    # two lines, as written; the remedy is on this tab; it stays until closed (no timer)
+    lines = message.inner_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("no person detected")
+    assert "'Advanced options' on this tab" in lines[1]
+    assert message.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+    assert page.locator(".toast-body .timer").count() == 0
+    _close_toasts(page)
+
     _upload(page, "pose-target", ROOT / "examples/pose/astronaut_mirrored.png")
     page.locator("#pose-generate").click()
     result = page.locator("#pose-result img").first
@@ -88,4 +197,8 @@ def test_pose_transfer(page, shots):
     assert result.get_attribute("src")
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.element_handle())
     assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [768, 1024]  # the generated picture
+    _open(page, "Intermediate results")
+    densepose = page.locator("#pose-densepose img").first
+    densepose.wait_for()
+    assert densepose.bounding_box()["height"] <= INTERMEDIATE_HEIGHT  # not a 1000-pixel-tall picture
     page.screenshot(path=str(shots / "pose.png"), full_page=True)

@@ -9,23 +9,83 @@ import gc
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
-from errors import OptionError
+from errors import OptionError, enum_option
 from leffa import AttentionRecorder, LeffaModel, LeffaPipeline, ModelKind, load_model
 from leffa.hub import tiny_model
+from leffa.pipeline import GenerationStopped
 from preprocess.inputs import PoseInputs, Preprocessor, TryOnInputs
 
-Progress = Callable[[float, str], None]
+Progress = Callable[[float, str], None]  # (fraction of the whole request done, what runs now)
+ShouldStop = Callable[[], bool]  # asked after every denoising step: True stops the generation
 MAX_SEED = 2**31 - 1
+E = TypeVar("E", bound=Enum)
+# where each phase of a request starts on its progress bar (preprocessing starts at 0)
+LOADING, DENOISING, DECODING = 0.05, 0.1, 0.95
 
 
 def _no_progress(fraction: float, desc: str) -> None:
     pass
+
+
+def never_stop() -> bool:
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class OptionCheck:
+    """Checks raw option values (as an API caller sent them) one by one; each problem names the
+    option and what it allows. Leaving the ``with`` block raises one ``OptionError`` that lists
+    every problem, one per line."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def __enter__(self) -> OptionCheck:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None and self.problems:
+            raise OptionError("\n".join(self.problems))
+
+    def integer(self, name: str, value: Any, low: int, high: int) -> int:
+        """A whole number in [low, high]; a float with no fractional part (30.0) counts."""
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.problems.append(f"{name} must be a whole number between {low} and {high}, got {_shown(value)}")
+        return value
+
+    def number(self, name: str, value: Any, low: float, high: float) -> float:
+        """A number in [low, high] (NaN and infinities are outside every range)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            self.problems.append(f"{name} must be a number between {low} and {high}, got {_shown(value)}")
+            return value
+        return float(value)
+
+    def flag(self, name: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self.problems.append(f"{name} must be true or false, got {_shown(value)}")
+        return value
+
+    def choice(self, name: str, cls: type[E], value: Any) -> E:
+        try:
+            return enum_option(cls, value, name)
+        except OptionError as e:
+            self.problems.append(str(e))
+            return value
 
 
 @dataclass
@@ -52,19 +112,29 @@ class OptionLimits:
     seed_default: int = 42
     seed_max: int = MAX_SEED
 
-    def check(self, options: GenerateOptions) -> None:
-        """Raise an ``OptionError`` for an option outside these limits (the server's own check:
-        API callers bypass the sliders)."""
-        problems = []
-        if not self.steps_min <= options.steps <= self.steps_max:
-            problems.append(f"steps must be between {self.steps_min} and {self.steps_max}, got {options.steps}")
-        if not self.guidance_min <= options.guidance_scale <= self.guidance_max:
-            problems.append(f"guidance must be between {self.guidance_min} and {self.guidance_max}, "
-                            f"got {options.guidance_scale}")
-        if options.seed is not None and not 0 <= options.seed <= self.seed_max:
-            problems.append(f"seed must be between 0 and {self.seed_max}, got {options.seed}")
-        if problems:
-            raise OptionError("; ".join(problems))
+    def check(self, options: GenerateOptions) -> GenerateOptions:
+        """``options`` with their types and ranges checked (the server's own check: API callers
+        bypass the sliders, and the handlers get the values unconverted), whole numbers as
+        ``int``; one ``OptionError`` lists every problem. Messages use the endpoints' parameter names."""
+        with OptionCheck() as check:
+            return self._checked(options, check)
+
+    def options(self, values: Mapping[str, Any], check: OptionCheck) -> GenerateOptions:
+        """The generation options among an endpoint's raw values, by parameter name (``steps``,
+        ``guidance``, ``seed``, ``random_seed``, ``ref_acceleration``, ``record`` and, where the
+        endpoint has it, ``repaint``), checked into ``check``."""
+        random_seed = check.flag("random_seed", values["random_seed"])
+        raw = GenerateOptions(values["steps"], values["guidance"], None if random_seed is True else values["seed"],
+                              values["ref_acceleration"], values.get("repaint", False), values["record"])
+        return self._checked(raw, check)
+
+    def _checked(self, options: GenerateOptions, check: OptionCheck) -> GenerateOptions:
+        return GenerateOptions(
+            check.integer("steps", options.steps, self.steps_min, self.steps_max),
+            check.number("guidance", options.guidance_scale, self.guidance_min, self.guidance_max),
+            None if options.seed is None else check.integer("seed", options.seed, 0, self.seed_max),
+            check.flag("ref_acceleration", options.ref_acceleration), check.flag("repaint", options.repaint),
+            check.flag("record", options.record_attention))
 
 
 MODEL_LIMITS = OptionLimits()  # the published models
@@ -75,6 +145,7 @@ TINY_LIMITS = OptionLimits(steps_min=1, steps_default=4)  # the untrained --tiny
 class Generation:
     image: Image.Image
     seed: int
+    steps: int  # denoising steps run
     reference: Image.Image  # the garment / the kept person: what the attention looks at
     recorder: AttentionRecorder | None
 
@@ -111,7 +182,7 @@ class ModelCache:
                 return self._pipes[kind]
             while len(self._pipes) >= self.max_models:
                 self._drop_oldest()
-            progress(0.0, f"Loading the {kind.value} model (downloaded on first use)")
+            progress(LOADING, f"Loading the {kind.value} model (downloaded on first use)")
             try:
                 model = self._loader(kind)
             except torch.cuda.OutOfMemoryError:
@@ -149,21 +220,38 @@ class Predictor:
 
     def generate(self, kind: ModelKind, src: Image.Image, ref: Image.Image, mask: Image.Image,
                  densepose: Image.Image, options: GenerateOptions,
-                 progress: Progress = _no_progress) -> Generation:
-        self.limits.check(options)
+                 progress: Progress = _no_progress, should_stop: ShouldStop = never_stop) -> Generation:
+        """Load the model if needed, denoise and decode, reporting each phase to ``progress``.
+        ``should_stop`` is asked before the model is loaded and after every denoising step: once it
+        says True, ``GenerationStopped`` is raised (the request was cancelled or its client left)."""
+        options = self.limits.check(options)
+        if should_stop():
+            raise GenerationStopped("stopped before generating")
         pipe = self.models.get(kind, progress)
-        seed = random.randint(0, MAX_SEED) if options.seed is None else int(options.seed)
+        seed = random.randint(0, MAX_SEED) if options.seed is None else options.seed
         recorder = None
         if options.record_attention:  # the middle and the last step, every layer, float16 on CPU
             n = options.steps
             recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
-        progress(0.0, "Denoising")
+        progress(DENOISING, f"Denoising step 0/{options.steps}")
         out = pipe(src, ref, mask, densepose, num_inference_steps=options.steps,
                    guidance_scale=options.guidance_scale, generator=torch.Generator().manual_seed(seed),
                    ref_acceleration=options.ref_acceleration, repaint=options.repaint,
-                   attention_recorder=recorder,
-                   callback=lambda step, total: progress(step / total, f"Denoising step {step}/{total}"))
-        return Generation(out.images[0], seed, ref, recorder)
+                   attention_recorder=recorder, callback=_step_callback(progress, should_stop))
+        return Generation(out.images[0], seed, options.steps, ref, recorder)
+
+
+def _step_callback(progress: Progress, should_stop: ShouldStop) -> Callable[[int, int], bool]:
+    """The pipeline's step callback: the phase and its share of the progress bar; False to stop."""
+
+    def callback(step: int, total: int) -> bool:
+        if step < total:
+            progress(DENOISING + (DECODING - DENOISING) * step / total, f"Denoising step {step}/{total}")
+        else:
+            progress(DECODING, "Decoding the image")
+        return not should_stop()
+
+    return callback
 
 
 def build_predictor(settings) -> Predictor:

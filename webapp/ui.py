@@ -2,12 +2,14 @@
 
 The event handlers are module-level functions that take the predictor explicitly (bound with
 ``functools.partial``); the two generation endpoints receive their values by parameter name and pack
-them into a request (``TryOnRequest``, ``PoseRequest``) first. One builder per tab lays out its
+them into a request (``TryOnRequest``, ``PoseRequest``) first, which checks every value (the events run
+with ``preprocess=False``: API callers' values arrive as sent). One builder per tab lays out its
 components and wires its events; option ranges come from ``predictor.limits``."""
 
 from __future__ import annotations
 
 import functools
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,13 @@ from PIL import Image
 
 from errors import UserError
 from leffa import ModelKind
-from preprocess.images import MODEL_SIZE, fit_label_image, load_image, load_label_image
+from leffa.pipeline import GenerationStopped
+from preprocess.images import MODEL_SIZE, fit_label_image, fit_to_canvas, load_image, load_label_image
 from preprocess.masks import GarmentType, TryOnModel
-from webapp.attention_view import heatmap_overlay, layer_groups, warped_reference
-from webapp.predict import GenerateOptions, Generation, OptionLimits, Predictor, Progress, free_accelerator_memory
+from preprocess.openpose import NoPersonError
+from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
+from webapp.predict import (GenerateOptions, Generation, OptionCheck, OptionLimits, Predictor, Progress,
+                            ShouldStop, free_accelerator_memory, never_stop)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -32,30 +37,62 @@ MODEL_SLOT = "model"
 # uploads and results in Gradio's cache: checked every hour, deleted when older than a day
 UPLOAD_CACHE_LIFETIME = (3600, 86400)
 
-HEADER = """# Leffa: virtual try-on and pose transfer
+# displayed heights (pixels) of the attention pictures and the intermediate results
+ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT = 380, 300
+# an error toast goes after this many seconds, unless it has more characters than this (or several
+# lines): then it stays until closed
+TOAST_SECONDS, SHORT_MESSAGE = 10, 100
+# Gradio renders a toast's message as HTML: keep its line breaks and indented commands as written.
+# The mask editor's own 'Clear canvas' (the last button of its toolbar) drops the photo too, and in
+# Gradio 6.31 a value sent back after it does not show: hidden, our 'Clear mask' keeps the photo.
+PAGE_CSS = """.toast-message-text { white-space: pre-wrap; }
+#tryon-mask-editor .top-panel > button:last-of-type { display: none; }"""
+
+TITLE = """# Leffa: virtual try-on and pose transfer
 Re-implementation of *Learning Flow Fields in Attention for Controllable Person Image Generation*
-(Zhou et al., CVPR 2025) with the authors' published weights. Upload a person and a garment, check
-the mask (paint to add, erase to remove), then **Generate**. Click a point of the result to see where
-it looked in the garment (turn on *Record attention maps* first)."""
+(Zhou et al., CVPR 2025)"""
+PUBLISHED_WEIGHTS = " with the authors' published weights."
 TINY_BANNER = """> ⚠️ **Offline demo mode (`--tiny`)**: a tiny **untrained** model with random weights and
-> stand-in preprocessing. Everything runs, but the pictures are noise. Start without `--tiny` for the real models."""
+> stand-in preprocessing, not the published weights. Everything runs, but the pictures are noise. Start without
+> `--tiny` for the real models."""
+TRYON_HELP = """Upload a person and a garment, check the mask (paint to add, erase to remove), then **Generate**.
+To see where a point of the result looked in the garment, tick *Record attention maps* (advanced options)
+before generating, then click the result."""
+POSE_HELP = """Upload the person to keep and a person in the target pose (or, in the advanced options, the
+target's DensePose IUV image), then **Generate**. To see where a point of the result looked in the person,
+tick *Record attention maps* (advanced options) before generating, then click the result."""
+# what to do when DensePose finds nobody in the target photo: this tab's own upload field
+POSE_DENSEPOSE_HINT = ("Use a photo of one person in the target pose, or upload its DensePose IUV image under "
+                       "'Advanced options' on this tab.")
+
+
+def header(tiny: bool) -> str:
+    """The page's title and what it is; the published weights only where they are used."""
+    return TITLE + ("." if tiny else PUBLISHED_WEIGHTS)
+
+
+def toast(message: str) -> gr.Error:
+    """A message for the page: shown as written (HTML characters escaped; line breaks kept by
+    ``PAGE_CSS``); a long one stays until closed."""
+    duration = None if len(message) > SHORT_MESSAGE or "\n" in message else TOAST_SECONDS
+    return gr.Error(html.escape(message, quote=False), duration=duration, print_exception=False)
 
 
 def user_errors(fn):
-    """Turn the failures a user can act on into ``gr.Error`` messages; the app keeps serving."""
+    """Turn the failures a user can act on into error toasts; the app keeps serving."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
         except torch.cuda.OutOfMemoryError:
             free_accelerator_memory()
-            raise gr.Error("Out of GPU memory. Try again with fewer steps or without attention recording; "
-                           "the server keeps running.") from None
+            raise toast("Out of GPU memory. Try again with fewer steps or without attention recording; "
+                        "the server keeps running.") from None
+        except GenerationStopped:  # Stop pressed or the client gone: no one waits for this answer
+            raise gr.Error("Stopped.", print_exception=False) from None
         except UserError as e:  # anything else is a bug: Gradio shows an error and logs the traceback
-            raise gr.Error(str(e)) from None
+            raise toast(str(e)) from None
 
     return wrapper
 
@@ -67,14 +104,14 @@ def upload_path(payload, what: str) -> str | None:
         return None
     path = payload.get("path") if isinstance(payload, dict) else payload
     if not isinstance(path, str) or not path:
-        raise gr.Error(f"The {what} did not arrive completely; upload it again.")
+        raise UserError(f"The {what} did not arrive completely; upload it again.")
     return path
 
 
 def _need(payload, what: str) -> str:
     path = upload_path(payload, what)
     if path is None:
-        raise gr.Error(f"Upload {what} first.")
+        raise UserError(f"Upload {what} first.")
     return path
 
 
@@ -88,7 +125,7 @@ def editor_value(person: Image.Image, mask: Image.Image) -> dict:
 
 def mask_from_editor(value) -> Image.Image | None:
     """The union of the painted layers (None when the editor holds no layer)."""
-    if not value or not value.get("layers"):
+    if not value or not value.get("layers"):  # Gradio checked its shape (EditorData) before the handler
         return None
     painted = None
     for layer in value["layers"]:
@@ -101,7 +138,7 @@ def mask_from_editor(value) -> Image.Image | None:
     if painted is None:
         return None
     if not painted.any():
-        raise gr.Error("The mask is empty: paint the region to replace, or press 'Recompute mask'.")
+        raise UserError("The mask is empty: paint the region to replace, or press 'Recompute mask'.")
     mask = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
     return fit_label_image(mask)
 
@@ -111,13 +148,6 @@ def _examples(folder: str) -> list[str]:
 
 
 # -- requests: what an event's values mean -----------------------------------------------------------
-def _options(values: dict[str, Any]) -> GenerateOptions:
-    """The generation options among an event's values (no ``repaint`` value: off)."""
-    return GenerateOptions(int(values["steps"]), float(values["guidance"]),
-                           None if values["random_seed"] else int(values["seed"] or 0),
-                           bool(values["ref_acceleration"]), bool(values.get("repaint", False)), bool(values["record"]))
-
-
 @dataclass(frozen=True)
 class TryOnRequest:
     """One ``/tryon`` request: the uploads as cached files, the choices and the generation options."""
@@ -127,25 +157,30 @@ class TryOnRequest:
     editor: dict | None  # the mask editor's value: the painted layers over the person
     mask_upload: str | None  # an uploaded mask: overrides the editor
     densepose_upload: str | None  # an uploaded DensePose image: replaces the computed one
-    model_type: str  # "viton_hd" or "dress_code"
-    garment_type: str  # "upper_body", "lower_body" or "dresses"
+    model_type: TryOnModel
+    garment_type: GarmentType
     preprocess_garment: bool  # the garment is a PNG cut-out
     keep_fixed: bool  # never mask other clothes, shoes and hands
     options: GenerateOptions
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> TryOnRequest:
-        """From the event's values by parameter name (``TRYON_PARAMETERS``); a missing or
-        incomplete upload is a message."""
-        return cls(_need(values["person"], "a person photo"), _need(values["garment"], "a garment photo"),
-                   values["editor"], upload_path(values["mask_upload"], "mask"),
-                   upload_path(values["densepose_upload"], "DensePose image"), values["model_type"],
-                   values["garment_type"], bool(values["preprocess_garment"]), bool(values["keep_fixed"]),
-                   _options(values))
+    def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> TryOnRequest:
+        """From the event's values by parameter name (``TRYON_PARAMETERS``): a missing or
+        incomplete upload is a message; so is every option of a wrong type or out of ``limits``."""
+        uploads = (_need(values["person"], "a person photo"), _need(values["garment"], "a garment photo"),
+                   values["editor"] or None, upload_path(values["mask_upload"], "mask"),
+                   upload_path(values["densepose_upload"], "DensePose image"))
+        with OptionCheck() as check:
+            choices = (check.choice("model_type", TryOnModel, values["model_type"]),
+                       check.choice("garment_type", GarmentType, values["garment_type"]),
+                       check.flag("preprocess_garment", values["preprocess_garment"]),
+                       check.flag("keep_fixed", values["keep_fixed"]))
+            options = limits.options(values, check)
+        return cls(*uploads, *choices, options)
 
     @property
     def kind(self) -> ModelKind:
-        return ModelKind(TryOnModel(self.model_type).weights)
+        return ModelKind(self.model_type.weights)
 
 
 @dataclass(frozen=True)
@@ -159,14 +194,16 @@ class PoseRequest:
     options: GenerateOptions
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> PoseRequest:
-        """From the event's values by parameter name (``POSE_PARAMETERS``)."""
+    def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> PoseRequest:
+        """From the event's values by parameter name (``POSE_PARAMETERS``), checked as ``TryOnRequest``'s."""
         person = _need(values["person"], "a photo of the person to keep")
         target = upload_path(values["target"], "target-pose photo")
         densepose_upload = upload_path(values["densepose_upload"], "DensePose image")
         if target is None and densepose_upload is None:
-            raise gr.Error("Upload a photo in the target pose (or its DensePose image) first.")
-        return cls(person, target, densepose_upload, _options(values))
+            raise UserError("Upload a photo in the target pose (or its DensePose image) first.")
+        with OptionCheck() as check:
+            options = limits.options(values, check)
+        return cls(person, target, densepose_upload, options)
 
 
 # The endpoints' parameters, in their order (the API's; README documents it): each tab's builder
@@ -185,13 +222,34 @@ def _reporter(progress) -> Progress:
     return lambda fraction, desc: progress(fraction, desc=desc)
 
 
+def stop_requested() -> ShouldStop:
+    """Whether Gradio still waits for the running event's answer, to ask between denoising steps.
+
+    A synchronous handler runs in a worker thread that nothing stops: when Stop is pressed (or an
+    API client cancels), ``/cancel`` cancels the event's task, which drops the event from the queue's
+    ``event_ids_to_events`` and frees its concurrency slot at once; when the client disconnects, the
+    queue marks the event not ``alive``. Either way the thread goes on unless it checks this. Gradio's
+    own ``gr.Progress`` finds the running event the same way (``LocalContext``). Outside a queued
+    event (a direct call) nothing asks to stop."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+    if event is None:
+        return never_stop
+    return lambda: not event.alive or queue.event_ids_to_events.get(event_id) is not event
+
+
 def _attention_outputs(gen: Generation):
-    """(state, layer-group dropdown, step dropdown) after a generation."""
+    """(state, layer-group dropdown, step dropdown) after a generation. The steps are listed
+    1-based as the progress counts them ("2/4": after the second of four steps); their values are
+    the recorder's 0-based step indices."""
     if gen.recorder is None:
         return None, gr.update(choices=[], value=None), gr.update(choices=[], value=None)
     groups = list(layer_groups(gen.recorder))
-    steps = gen.recorder.steps()
-    return gen, gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1])
+    steps = [(f"{step + 1}/{gen.steps}", step) for step in gen.recorder.steps()]
+    return gen, gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
 
 
 @user_errors
@@ -200,16 +258,31 @@ def compute_mask(predictor: Predictor, person, model_type, garment_type, keep_fi
     person = upload_path(person, "person photo")
     if person is None:
         return None, None, None
+    with OptionCheck() as check:
+        choices = (check.choice("model_type", TryOnModel, model_type),
+                   check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed))
+    model_type, garment_type, keep_fixed = choices
     pm = predictor.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
     return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
 
 
 @user_errors
+def photo_without_strokes(person):
+    """The mask editor with its strokes cleared: the person photo as the automatic mask showed
+    it, with an empty layer to paint on."""
+    person = upload_path(person, "person photo")
+    if person is None:
+        return None
+    photo = fit_to_canvas(load_image(person, name="person image"))
+    return editor_value(photo, Image.new("L", photo.size))
+
+
+@user_errors
 def tryon(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
     """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``."""
-    request = TryOnRequest.from_values(values)
-    predictor.limits.check(request.options)  # before the slow part
-    progress(0, desc="Preprocessing")
+    request = TryOnRequest.from_values(values, predictor.limits)  # before the slow part
+    should_stop = stop_requested()
+    progress(0.0, desc="Preprocessing the photos")
     inputs = predictor.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
                                     request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
     if request.mask_upload is not None:
@@ -217,37 +290,42 @@ def tryon(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values)
     else:
         mask = mask_from_editor(request.editor) or inputs.mask
     gen = predictor.generate(request.kind, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
-                             _reporter(progress))
+                             _reporter(progress), should_stop)
     return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose, *_attention_outputs(gen))
 
 
 @user_errors
 def pose_transfer(predictor: Predictor, progress=gr.Progress(track_tqdm=True), **values):
     """``/pose_transfer``: ``values`` are named by ``POSE_PARAMETERS``."""
-    request = PoseRequest.from_values(values)
-    predictor.limits.check(request.options)
-    progress(0, desc="Preprocessing")
+    request = PoseRequest.from_values(values, predictor.limits)
+    should_stop = stop_requested()
+    progress(0.0, desc="Preprocessing the photos")
     target = request.target or Image.new("RGB", MODEL_SIZE, "white")  # without a photo only its DensePose is used
-    inputs = predictor.pose_inputs(request.person, target, densepose=request.densepose_upload)
+    try:
+        inputs = predictor.pose_inputs(request.person, target, densepose=request.densepose_upload)
+    except NoPersonError as e:  # only the target photo is analysed (by DensePose)
+        raise NoPersonError(f"{str(e).rstrip('.')}.\n{POSE_DENSEPOSE_HINT}") from None
     gen = predictor.generate(ModelKind.POSE_TRANSFER, inputs.target, inputs.reference, inputs.mask, inputs.densepose,
-                             request.options, _reporter(progress))
+                             request.options, _reporter(progress), should_stop)
     return (gen.image, gen.seed, inputs.densepose, *_attention_outputs(gen))
 
 
 def _recorded(state: Generation | None) -> Generation:
     if state is None or state.recorder is None:
-        raise gr.Error("Turn on 'Record attention maps' in the advanced options and generate first.")
+        raise UserError("Turn on 'Record attention maps' in the advanced options and generate first.")
     return state
 
 
 @user_errors
 def show_attention(state: Generation | None, group, step, evt: gr.SelectData):
-    """The heatmap of where the clicked point of the result looked in the reference."""
+    """The clicked point marked on a copy of the result, and the heatmap (with its colour legend)
+    of where it looked in the reference."""
     state = _recorded(state)
     x, y = evt.index
     w, h = state.image.size
     point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
-    return heatmap_overlay(state.recorder, int(step), layer_groups(state.recorder)[group], point, state.reference)
+    heat = heatmap_overlay(state.recorder, int(step), layer_groups(state.recorder)[group], point, state.reference)
+    return mark_point(state.image, point), with_colour_legend(heat)
 
 
 @user_errors
@@ -273,7 +351,17 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
     return c
 
 
-def input_row(prefix: str, *uploads_spec: tuple[str, str, str]):
+@dataclass(frozen=True)
+class ResultColumn:
+    """The result of a tab and what runs it."""
+
+    image: gr.Image
+    seed_used: gr.Number  # hidden until a generation has reported its seed
+    run: gr.Button
+    stop: gr.Button
+
+
+def input_row(prefix: str, *uploads_spec: tuple[str, str, str]) -> tuple[list[gr.Image], ResultColumn]:
     """Uploads with their example galleries, and the result column.
 
     ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
@@ -287,45 +375,72 @@ def input_row(prefix: str, *uploads_spec: tuple[str, str, str]):
         with gr.Column():
             result = gr.Image(label="Result (click a point: attention maps below)", type="pil", interactive=False,
                               height=420, elem_id=f"{prefix}-result", format="png")
-            seed_used = gr.Number(label="Seed used", interactive=False, precision=0)
-            run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
-    return (*uploads, result, seed_used, run)
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+            seed_used = gr.Number(label="Seed used", interactive=False, precision=0, visible=False,
+                                  elem_id=f"{prefix}-seed")
+    return uploads, ResultColumn(result, seed_used, run, stop)
 
 
-def attention_panel(result, state, what: str):
-    """The attention-map accordion under a result; returns its (layer group, step) dropdowns."""
+def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.components.Component], outputs: list,
+                    api_name: str) -> None:
+    """``column.run`` runs ``handler`` (in the one model slot); ``column.stop`` cancels it (the
+    handler stops at its next denoising step); the seed shows once one is reported."""
+    event = column.run.click(handler, inputs_kwargs=inputs, outputs=[column.image, column.seed_used, *outputs],
+                             api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
+    event.success(_reveal, None, column.seed_used, queue=False, api_visibility="private")
+    column.stop.click(None, cancels=[event])
+
+
+def _reveal():
+    return gr.update(visible=True)
+
+
+def attention_panel(result: gr.Image, state, what: str):
+    """The attention-map accordion under a result; returns its (layer group, step) dropdowns.
+    Clicking the result, or its copy here, marks the point on the copy and shows its heatmap."""
     with gr.Accordion("Attention maps", open=False):
         gr.Markdown(f"Click a point on the result: the heatmap shows where it looked in the {what} "
-                    "(averaged over the heads and the layers of one token grid).")
+                    "(averaged over the heads and the layers of one token grid; colours from low to high "
+                    "as the scale under it).")
         with gr.Row():
             group = gr.Dropdown(label="Layer group (token grid)", choices=[], interactive=True)
-            step = gr.Dropdown(label="Denoising step", choices=[], interactive=True)
+            step = gr.Dropdown(label="After denoising step", choices=[], interactive=True)
         with gr.Row():
+            point = gr.Image(label="The point (click to choose another)", interactive=False, type="pil",
+                             height=ATTENTION_HEIGHT, elem_id=f"point-{what}")
             heat = gr.Image(label=f"Where the point looked in the {what}", interactive=False, type="pil",
-                            elem_id=f"heatmap-{what}")
-            warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil")
-        warp_button = gr.Button(f"Warp the {what} by the attention flow")
-    result.select(show_attention, [state, group, step], heat, api_visibility="private")
+                            height=ATTENTION_HEIGHT, elem_id=f"heatmap-{what}")
+            warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil",
+                              height=ATTENTION_HEIGHT, elem_id=f"warped-{what}")
+        warp_button = gr.Button(f"Warp the {what} by the attention flow", elem_id=f"warp-{what}")
+    for clickable in (result, point):
+        clickable.select(show_attention, [state, group, step], [point, heat], api_visibility="private")
     warp_button.click(warp, [state, group, step], warped, api_visibility="private")
     return group, step
 
 
-def _intermediate(label: str) -> gr.Image:
-    return gr.Image(label=label, interactive=False, type="pil", format="png")
+def _intermediate(label: str, elem_id: str | None = None) -> gr.Image:
+    return gr.Image(label=label, interactive=False, type="pil", format="png", height=INTERMEDIATE_HEIGHT,
+                    elem_id=elem_id)
 
 
 def build_tryon_tab(predictor: Predictor) -> None:
     with gr.Tab("Virtual try-on", id="tryon"):
+        gr.Markdown(TRYON_HELP)
         state = gr.State(None)
         c = {}
-        c["person"], c["garment"], result, seed_used, run = input_row(
+        (c["person"], c["garment"]), column = input_row(
             "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
         with gr.Accordion("Mask and DensePose", open=True), gr.Row():
             c["editor"] = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
                                          brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(),
                                          sources=(), transforms=(), height=520, elem_id="tryon-mask-editor")
             with gr.Column():
-                recompute = gr.Button("Recompute mask")
+                with gr.Row():
+                    recompute = gr.Button("Recompute mask")
+                    clear = gr.Button("Clear mask (keep the photo)", elem_id="tryon-clear-mask")
                 c["mask_upload"] = gr.Image(label="…or upload a mask (white = replace); overrides the editor",
                                             type="filepath")
                 c["densepose_upload"] = gr.Image(label="DensePose image (optional: replaces the computed one)",
@@ -341,40 +456,40 @@ def build_tryon_tab(predictor: Predictor) -> None:
         with gr.Accordion("Intermediate results", open=False), gr.Row():
             parsing, keypoints = _intermediate("Human parsing"), _intermediate("Keypoints")
             mask_used, densepose = _intermediate("Mask used"), _intermediate("DensePose")
-        group, step = attention_panel(result, state, "garment")
+        group, step = attention_panel(column.image, state, "garment")
 
     mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed")]
     mask_handler = functools.partial(compute_mask, predictor)  # one handler: one concurrency group
     for trigger in [*(component.change for component in mask_inputs), recompute.click]:
         trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints], api_name="compute_mask",
                 api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
-    run.click(functools.partial(tryon, predictor), inputs_kwargs={name: c[name] for name in TRYON_PARAMETERS},
-              outputs=[result, seed_used, parsing, keypoints, mask_used, densepose, state, group, step],
-              api_name="tryon", api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
+    clear.click(photo_without_strokes, c["person"], c["editor"], api_visibility="private", preprocess=False)
+    wire_generation(column, functools.partial(tryon, predictor), {name: c[name] for name in TRYON_PARAMETERS},
+                    [parsing, keypoints, mask_used, densepose, state, group, step], "tryon")
 
 
 def build_pose_tab(predictor: Predictor) -> None:
     with gr.Tab("Pose transfer", id="pose"):
+        gr.Markdown(POSE_HELP)
         state = gr.State(None)
         c = {}
-        c["person"], c["target"], result, seed_used, run = input_row(
+        (c["person"], c["target"]), column = input_row(
             "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
         with gr.Accordion("Advanced options", open=False):
             c["densepose_upload"] = gr.Image(label="DensePose IUV image of the target pose (optional: replaces the "
                                                    "computed one)", type="filepath")
             c.update(generation_options(predictor.limits, with_repaint=False))
         with gr.Accordion("Intermediate results", open=False):
-            densepose = _intermediate("DensePose IUV of the target")
-        group, step = attention_panel(result, state, "person")
-    run.click(functools.partial(pose_transfer, predictor), inputs_kwargs={name: c[name] for name in POSE_PARAMETERS},
-              outputs=[result, seed_used, densepose, state, group, step], api_name="pose_transfer",
-              api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
+            densepose = _intermediate("DensePose IUV of the target", "pose-densepose")
+        group, step = attention_panel(column.image, state, "person")
+    wire_generation(column, functools.partial(pose_transfer, predictor),
+                    {name: c[name] for name in POSE_PARAMETERS}, [densepose, state, group, step], "pose_transfer")
 
 
 def create_demo(predictor: Predictor) -> gr.Blocks:
     """The app: a tab per task; option ranges from ``predictor.limits``."""
     with gr.Blocks(title="Leffa: virtual try-on and pose transfer", delete_cache=UPLOAD_CACHE_LIFETIME) as demo:
-        gr.Markdown(HEADER)
+        gr.Markdown(header(predictor.tiny))
         if predictor.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         build_tryon_tab(predictor)
@@ -387,4 +502,4 @@ def launch(demo: gr.Blocks, settings, **kwargs):
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
     return demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                        max_file_size=settings.max_file_size, allowed_paths=[str(EXAMPLES)],
-                       blocked_paths=[str(ROOT / "ckpts")], **kwargs)
+                       blocked_paths=[str(ROOT / "ckpts")], css=PAGE_CSS, **kwargs)
