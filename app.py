@@ -10,6 +10,10 @@ from webapp.settings import parse_args
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
+    if not settings.tiny:
+        from weightfiles.hub import presence_report
+
+        print(presence_report(settings.checkpoint_dir), flush=True)
     from webapp.predict import build_predictor
     from webapp.ui import create_demo, launch
 

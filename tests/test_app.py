@@ -637,3 +637,79 @@ def test_tryon_progress_names_every_phase_in_order():
     assert descs[0] == "Preprocessing the photos" and descs[1].startswith("Loading the virtual_tryon model")
     assert descs[2:] == ["Denoising step 0/1", "Decoding the image"]
     assert [fraction for fraction, _ in reports] == sorted(fraction for fraction, _ in reports)
+
+
+# -- weights: every missing file before any work; notices; the start-up report ----------------------
+ALL_TRYON_DC_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx", "openpose/body_pose_model.pth",
+                      "densepose/model_final_162be9.pkl", "virtual_tryon_dc.pth"]
+
+
+@pytest.fixture
+def offline_predictor(tmp_path, monkeypatch):
+    """The real app's predictor on an empty checkpoint folder, offline; its preprocessor fails the
+    test if anything reaches it."""
+    from webapp.predict import build_predictor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    predictor = build_predictor(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]))
+
+    class Untouchable:
+        def __getattr__(self, name):
+            pytest.fail(f"preprocessing ({name}) started before the weights were there")
+
+    predictor.preprocessor = Untouchable()
+    return predictor
+
+
+def _missing_in(error) -> list[str]:
+    return str(error.value).split(": ", 1)[1].split(" (about")[0].split(", ")
+
+
+def test_a_request_names_every_missing_file_before_any_work(offline_predictor):
+    from preprocess.masks import GarmentType, TryOnModel
+    from weightfiles.hub import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError) as info:
+        offline_predictor.tryon_inputs(PERSON, GARMENT, TryOnModel.DRESS_CODE, GarmentType.DRESSES)
+    assert _missing_in(info) == ALL_TRYON_DC_FILES and "leffa download tryon-dc" in str(info.value)
+    with pytest.raises(MissingWeightsError) as info:
+        offline_predictor.pose_inputs(PERSON, PERSON)
+    assert _missing_in(info) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
+    with pytest.raises(MissingWeightsError) as info:  # an uploaded DensePose image: no DensePose model needed
+        offline_predictor.pose_inputs(PERSON, PERSON, densepose=PERSON)
+    assert _missing_in(info) == ["pose_transfer.pth"]
+    with pytest.raises(MissingWeightsError) as info:  # the mask alone: the parsers and OpenPose
+        offline_predictor.person_mask(PERSON, TryOnModel.VITON_HD, GarmentType.UPPER_BODY)
+    assert _missing_in(info) == ALL_TRYON_DC_FILES[:3]
+
+
+def test_tabs_say_which_weights_will_be_downloaded(offline_predictor, tmp_path):
+    from weightfiles.manifest import WeightSet
+    from webapp.ui import weights_notice
+
+    notice = weights_notice(offline_predictor, WeightSet.POSE)
+    assert "`densepose/model_final_162be9.pkl`, `pose_transfer.pth` (about 21.2 GB)" in notice
+    assert "downloaded on first use" in notice
+    tryon_notice = weights_notice(offline_predictor, WeightSet.TRYON, WeightSet.TRYON_DC)
+    assert "`virtual_tryon.pth` (about 8.2 GB)" in tryon_notice
+    assert "The tryon-dc model (`virtual_tryon_dc.pth`, about 7.2 GB) is downloaded when first chosen" in tryon_notice
+    for name in ("densepose/model_final_162be9.pkl", "pose_transfer.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert weights_notice(offline_predictor, WeightSet.POSE) == ""
+    offline_predictor.tiny = True
+    assert weights_notice(offline_predictor, WeightSet.TRYON, WeightSet.TRYON_DC) == ""
+
+
+def test_app_reports_its_weights_at_start(tmp_path, monkeypatch, capsys):
+    import app
+    import webapp.ui
+
+    launched = []
+    monkeypatch.setattr(webapp.ui, "launch", lambda demo, settings: launched.append(settings))
+    app.main(["--checkpoint-dir", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert launched and f"Leffa weights in {tmp_path.resolve()}:" in out
+    assert "pose      missing densepose/model_final_162be9.pkl, pose_transfer.pth (about 21.2 GB" in out
+    app.main(["--tiny"])  # no weights are used: nothing to report
+    assert "Leffa weights" not in capsys.readouterr().out

@@ -21,7 +21,10 @@ from errors import OptionError, enum_option
 from leffa import AttentionRecorder, LeffaModel, LeffaPipeline, ModelKind, load_model
 from leffa.hub import tiny_model
 from leffa.pipeline import GenerationStopped
-from preprocess.inputs import PoseInputs, Preprocessor, TryOnInputs
+from preprocess.inputs import PersonMask, PoseInputs, Preprocessor, TryOnInputs
+from preprocess.masks import GarmentType, TryOnModel
+from weightfiles.hub import missing_files, resolve_files
+from weightfiles.manifest import Component, WeightSet, components_for, files_of
 
 Progress = Callable[[float, str], None]  # (fraction of the whole request done, what runs now)
 ShouldStop = Callable[[], bool]  # asked after every denoising step: True stops the generation
@@ -204,18 +207,41 @@ def checkpoint_loader(root: str | None, device: str, dtype: torch.dtype) -> Call
 
 class Predictor:
     """Preprocessing and generation for a front end: ``limits`` are the option ranges it should
-    offer; ``tiny`` says the models are the untrained ``--tiny`` ones (for a notice)."""
+    offer; ``tiny`` says the models are the untrained ``--tiny`` ones (no weights, for a notice).
+
+    Before a request preprocesses anything, every published file it needs is fetched at once from
+    ``checkpoint_dir`` or the Hub, so a missing one is reported with all the others."""
 
     def __init__(self, models: ModelCache, preprocessor: Preprocessor, tiny: bool = False,
-                 limits: OptionLimits = MODEL_LIMITS):
+                 limits: OptionLimits = MODEL_LIMITS, checkpoint_dir: str | None = None):
         self.models, self.preprocessor, self.tiny, self.limits = models, preprocessor, tiny, limits
+        self.checkpoint_dir = checkpoint_dir
 
-    def tryon_inputs(self, person, garment, model_type: str, garment_type: str, preprocess_garment: bool = False,
-                     keep_fixed_regions: bool = False, densepose=None) -> TryOnInputs:
+    def fetch_weights(self, components: tuple[Component, ...]) -> None:
+        """The files of ``components``, downloaded if missing (``MissingWeightsError`` names every
+        one that cannot be); nothing with the tiny models."""
+        if not self.tiny:
+            resolve_files(files_of(components), self.checkpoint_dir)
+
+    def missing_weights(self, weight_set: WeightSet) -> list[str]:
+        """The files of ``weight_set`` not on this server yet (none with the tiny models)."""
+        return [] if self.tiny else missing_files(files_of(weight_set.components), self.checkpoint_dir)
+
+    def person_mask(self, person, model_type: TryOnModel, garment_type: GarmentType,
+                    keep_fixed_regions: bool = False) -> PersonMask:
+        self.fetch_weights((Component.PARSING, Component.OPENPOSE))
+        return self.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed_regions)
+
+    def tryon_inputs(self, person, garment, model_type: TryOnModel, garment_type: GarmentType,
+                     preprocess_garment: bool = False, keep_fixed_regions: bool = False, densepose=None) -> TryOnInputs:
+        kind = ModelKind(TryOnModel(model_type).weights)
+        self.fetch_weights(components_for(kind.component, compute_mask=True, compute_densepose=densepose is None))
         return self.preprocessor.tryon(person, garment, model_type, garment_type, preprocess_garment,
                                        densepose=densepose, keep_fixed_regions=keep_fixed_regions)
 
     def pose_inputs(self, person, target, densepose=None) -> PoseInputs:
+        self.fetch_weights(components_for(Component.POSE_TRANSFER, compute_mask=False,
+                                          compute_densepose=densepose is None))
         return self.preprocessor.pose(person, target, densepose=densepose)
 
     def generate(self, kind: ModelKind, src: Image.Image, ref: Image.Image, mask: Image.Image,
@@ -266,4 +292,5 @@ def build_predictor(settings) -> Predictor:
     dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
     models = ModelCache(checkpoint_loader(settings.checkpoint_dir, device, dtype), settings.max_models)
-    return Predictor(models, Preprocessor.from_checkpoints(settings.checkpoint_dir, device))
+    return Predictor(models, Preprocessor.from_checkpoints(settings.checkpoint_dir, device),
+                     checkpoint_dir=settings.checkpoint_dir)

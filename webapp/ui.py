@@ -28,6 +28,7 @@ from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
 from webapp.predict import (GenerateOptions, Generation, OptionCheck, OptionLimits, Predictor, Progress,
                             ShouldStop, free_accelerator_memory, never_stop)
+from weightfiles.manifest import PUBLISHED_SIZES, WeightSet, human_size
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -64,6 +65,25 @@ tick *Record attention maps* (advanced options) before generating, then click th
 # what to do when DensePose finds nobody in the target photo: this tab's own upload field
 POSE_DENSEPOSE_HINT = ("Use a photo of one person in the target pose, or upload its DensePose IUV image under "
                        "'Advanced options' on this tab.")
+
+
+def weights_notice(predictor: Predictor, weight_set: WeightSet, also: WeightSet | None = None) -> str:
+    """A tab's notice while weights it needs are not on the server yet (empty once they are):
+    which, and how much is downloaded on first use. ``also``: a choice on the tab that needs
+    more (the DressCode model on the try-on tab)."""
+    missing = predictor.missing_weights(weight_set)
+    extra = [f for f in predictor.missing_weights(also) if f not in missing] if also is not None else []
+    if not missing and not extra:
+        return ""
+    lines = []
+    if missing:
+        lines.append(f"⏬ Not on this server yet: {', '.join(f'`{f}`' for f in missing)} (about "
+                     f"{human_size(sum(PUBLISHED_SIZES[f] for f in missing))}). They are downloaded on first use, "
+                     "so the first generation takes longer.")
+    if extra:
+        lines.append(f"The {also.value} model ({', '.join(f'`{f}`' for f in extra)}, about "
+                     f"{human_size(sum(PUBLISHED_SIZES[f] for f in extra))}) is downloaded when first chosen.")
+    return "> " + "\n> ".join(lines)
 
 
 def header(tiny: bool) -> str:
@@ -262,7 +282,7 @@ def compute_mask(predictor: Predictor, person, model_type, garment_type, keep_fi
         choices = (check.choice("model_type", TryOnModel, model_type),
                    check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed))
     model_type, garment_type, keep_fixed = choices
-    pm = predictor.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
+    pm = predictor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
     return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
 
 
@@ -429,6 +449,8 @@ def _intermediate(label: str, elem_id: str | None = None) -> gr.Image:
 def build_tryon_tab(predictor: Predictor) -> None:
     with gr.Tab("Virtual try-on", id="tryon"):
         gr.Markdown(TRYON_HELP)
+        gr.Markdown(functools.partial(weights_notice, predictor, WeightSet.TRYON, WeightSet.TRYON_DC),
+                    elem_id="tryon-weights")  # evaluated at each page load
         state = gr.State(None)
         c = {}
         (c["person"], c["garment"]), column = input_row(
@@ -471,6 +493,7 @@ def build_tryon_tab(predictor: Predictor) -> None:
 def build_pose_tab(predictor: Predictor) -> None:
     with gr.Tab("Pose transfer", id="pose"):
         gr.Markdown(POSE_HELP)
+        gr.Markdown(functools.partial(weights_notice, predictor, WeightSet.POSE), elem_id="pose-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["target"]), column = input_row(
