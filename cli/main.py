@@ -1,4 +1,5 @@
-"""Command line: ``leffa tryon ...`` and ``leffa pose ...`` generate; ``leffa check`` says which
+"""Command line: ``leffa tryon ...`` and ``leffa pose ...`` generate; ``leffa infer ...`` generates a
+dataset split (``accelerate launch -m leffa infer ...`` on several GPUs); ``leffa check`` says which
 weights are in the checkpoint folder and ``leffa download {tryon,tryon-dc,pose,all}`` fetches
 them (``python -m leffa`` is the same command).
 
@@ -39,6 +40,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 CHECK, DOWNLOAD = "check", "download"  # the weight subcommands
+INFER = "infer"  # dataset-scale generation (training/inference.py)
+# the values of training.datasets.DatasetLayout and leffa.hub.ModelKind (both import torch;
+# tests/test_infer.py checks that they match)
+LAYOUTS = ("viton_hd", "dress_code", "deepfashion")
+MODELS = ("virtual_tryon", "virtual_tryon_dc", "pose_transfer")
 
 
 def _folder_options(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DensePose IUV rendering of the target-pose person, instead of --target")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
+    _infer_parser(sub, common)
+
     c = sub.add_parser(CHECK, help="say which weights are in the checkpoint folder, per task")
     _folder_options(c)
     d = sub.add_parser(DOWNLOAD, help="fetch the weights a task needs (to prepare an offline machine)")
@@ -110,6 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "the preprocessing models it needs")
     _folder_options(d)
     return parser
+
+
+def _infer_parser(sub, common: argparse.ArgumentParser) -> None:
+    i = sub.add_parser(
+        INFER, parents=[common], help="generate a dataset split for evaluation (one GPU or many)",
+        description="Generate a VITON-HD, DressCode or DeepFashion split with a model, as papers do; "
+                    "resumable; several GPUs/nodes with `accelerate launch -m leffa infer ...`. Images are "
+                    "named {person}.png (try-on) or {source}___{target}.png (pose transfer); each sample's "
+                    "seed comes from --seed and its name (see training/inference.py).")
+    i.add_argument("--dataset", required=True, type=Path,
+                   help="dataset folder (layouts: training/datasets.py)")
+    i.add_argument("--layout", required=True, choices=LAYOUTS, help="the dataset's folder layout")
+    i.add_argument("--split", default="test", help="split folder and {split}_pairs.txt (default test)")
+    i.add_argument("--unpaired", action="store_true",
+                   help="try-on: each person wears the garment its pairs file names (default: its own)")
+    i.add_argument("--pairs", type=Path, default=None,
+                   help="pairs file instead of {split}_pairs.txt (e.g. DressCode's test_pairs_paired.txt)")
+    i.add_argument("--model", choices=MODELS, default=None,
+                   help="published model (default: the layout's); with --checkpoint, whose base config")
+    i.add_argument("--preprocess", action="store_true",
+                   help="masks and DensePose from our preprocessing of the photos (the demo pipeline) "
+                        "instead of the dataset's files")
+    i.add_argument("--repaint", action="store_true", help="keep the person's pixels outside the mask")
+    i.add_argument("--batch-size", type=int, default=1, help="samples per pipeline call (default 1)")
+    i.add_argument("--num-workers", type=int, default=2, help="data-loading workers per process (default 2)")
+    i.add_argument("--limit", type=int, default=None, help="only the first N samples (a quick check)")
+    i.add_argument("--out", required=True, type=Path,
+                   help="output folder: images, and leffa_infer.json (settings and summary)")
+
+
+def _infer_command(args) -> int:
+    import torch
+
+    from training.inference import InferenceConfig, InputSource, infer
+
+    infer(InferenceConfig(
+        data_root=args.dataset, layout=args.layout, out_dir=args.out, split=args.split,
+        paired=not args.unpaired, pairs_file=args.pairs, model=args.model, checkpoint=args.checkpoint,
+        base_config=args.base_config, checkpoint_dir=args.checkpoint_dir, revision=args.revision, tiny=args.tiny,
+        inputs=InputSource.PREPROCESS if args.preprocess else InputSource.DATASET, steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        ref_acceleration=args.ref_acceleration, repaint=args.repaint, seed=args.seed, size=args.size,
+        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, device=args.device,
+        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype)))
+    return 0
 
 
 def _weights_command(args) -> int:
@@ -128,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in (CHECK, DOWNLOAD):
             return _weights_command(args)
+        if args.command == INFER:
+            return _infer_command(args)
         from cli.run import run  # torch, diffusers and the models: only once the arguments are fine
 
         path = run(args)

@@ -11,8 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from leffa.model import BaseModel, LeffaModel
 
@@ -100,6 +102,59 @@ def make_inputs(batch: int = 1, height: int = 64, width: int = 48, seed: int = 0
     mask = torch.zeros(batch, 1, height, width)
     mask[:, :, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1
     return {"src_image": img(), "ref_image": img(), "mask": mask, "densepose": img()}
+
+
+# -- tiny dataset trees of the three layouts (training/datasets.py), for training and inference ------
+TREE_W, TREE_H = 48, 64
+
+
+def solid_image(path: Path, rgb, size=(TREE_W, TREE_H), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, rgb).save(path)
+
+
+def _with_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def viton_tree(root: Path, n: int = 2) -> Path:
+    """VITON-HD: train and test splits of ``n`` people (random photos, red garments, a box mask);
+    ``test_pairs.txt`` swaps the garments of the first two."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for i in range(n):
+            name = f"{i:05d}_00.jpg"
+            Image.fromarray(rng.integers(0, 255, (TREE_H, TREE_W, 3), dtype=np.uint8)).save(
+                _with_parent(root / split / "image" / name))
+            solid_image(root / split / "cloth" / name, (200, 30, 30))
+            mask = np.zeros((TREE_H, TREE_W), np.uint8)
+            mask[16:48, 12:36] = 255
+            Image.fromarray(mask).save(_with_parent(root / split / "agnostic-mask" / f"{i:05d}_00_mask.png"))
+            solid_image(root / split / "image-densepose" / name, (10, 20, 30))
+    (root / "test_pairs.txt").write_text("00000_00.jpg 00001_00.jpg\n00001_00.jpg 00000_00.jpg\n")
+    return root
+
+
+def dress_code_tree(root: Path) -> Path:
+    """DressCode: one person in upper_body (000001), one in dresses (000002); ``test_pairs.txt``
+    gives the first the second's dress."""
+    for cat, sid in (("upper_body", "000001"), ("dresses", "000002")):
+        solid_image(root / cat / "images" / f"{sid}_0.jpg", (90, 90, 90))
+        solid_image(root / cat / "images" / f"{sid}_1.jpg", (0, 0, 200))
+        solid_image(root / cat / "masks" / f"{sid}_0.png", 255, mode="L")
+        solid_image(root / cat / "dense" / f"{sid}_5.png", (3, 3, 3))
+    (root / "test_pairs.txt").write_text("000001_0.jpg 000002_1.jpg\n")
+    return root
+
+
+def deepfashion_tree(root: Path, split: str = "train", names=("a", "b"), pairs=(("a", "b"),)) -> Path:
+    """DeepFashion: ``names`` people (grey) and their DensePose; ``pairs`` of (source, target)."""
+    for name in names:
+        solid_image(root / split / "images" / f"{name}.jpg", (50, 50, 50))
+        solid_image(root / split / "densepose" / f"{name}.png", (1, 2, 3))
+    (root / f"{split}_pairs.txt").write_text("".join(f"{s}.jpg {t}.jpg\n" for s, t in pairs))
+    return root
 
 
 # -- the web app in --tiny mode, for the gradio_client and browser tests ----------------------------

@@ -17,7 +17,7 @@ ALLOWED = {
     "leffa": {"errors", "weightfiles"},
     "preprocess": {"errors", "weightfiles"},
     "training": {"errors", "leffa", "preprocess", "weightfiles"},
-    "cli": {"errors", "leffa", "preprocess", "weightfiles"},
+    "cli": {"errors", "leffa", "preprocess", "training", "weightfiles"},  # leffa infer
     "webapp": {"errors", "leffa", "preprocess", "weightfiles"},
 }
 ENTRY_POINTS = {Path("leffa/__main__.py"): {"cli"}}  # ``python -m leffa`` runs the CLI application

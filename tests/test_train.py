@@ -8,12 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from leffa import LeffaModel
 from leffa.attention import self_attention_layers
@@ -21,35 +18,10 @@ from training.datasets import DatasetError, LeffaDataset
 from leffa.loss import flow_loss
 from leffa.recording import FlowRecorder
 from training.trainer import LeffaTrainingModule, TrainConfig, load_config, train, training_step
-from tests.conftest import ROOT, free_port, make_inputs, param_fingerprint, tiny_model
+from tests.conftest import (ROOT, TREE_H, TREE_W, deepfashion_tree, dress_code_tree, free_port, make_inputs,
+                            param_fingerprint, tiny_model, viton_tree)
 
-W, H = 48, 64
-
-
-def _img(path: Path, rgb, size=(W, H), mode="RGB"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, rgb).save(path)
-
-
-def viton_tree(root: Path, n: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for i in range(n):
-            name = f"{i:05d}_00.jpg"
-            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
-                _mk(root / split / "image" / name))
-            _img(root / split / "cloth" / name, (200, 30, 30))
-            mask = np.zeros((H, W), np.uint8)
-            mask[16:48, 12:36] = 255
-            Image.fromarray(mask).save(_mk(root / split / "agnostic-mask" / f"{i:05d}_00_mask.png"))
-            _img(root / split / "image-densepose" / name, (10, 20, 30))
-    (root / "test_pairs.txt").write_text("00000_00.jpg 00001_00.jpg\n00001_00.jpg 00000_00.jpg\n")
-    return root
-
-
-def _mk(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+W, H = TREE_W, TREE_H
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -69,13 +41,7 @@ def test_viton_hd_dataset(tmp_path):
 
 
 def test_dress_code_dataset(tmp_path):
-    root = tmp_path / "dresscode"
-    for cat, sid in (("upper_body", "000001"), ("dresses", "000002")):
-        _img(root / cat / "images" / f"{sid}_0.jpg", (90, 90, 90))
-        _img(root / cat / "images" / f"{sid}_1.jpg", (0, 0, 200))
-        _img(root / cat / "masks" / f"{sid}_0.png", 255, mode="L")
-        _img(root / cat / "dense" / f"{sid}_5.png", (3, 3, 3))
-    (root / "test_pairs.txt").write_text("000001_0.jpg 000002_1.jpg\n")
+    root = dress_code_tree(tmp_path / "dresscode")
     ds = LeffaDataset("dress_code", root, paired=True, size=(W, H))
     assert len(ds) == 2 and ds[1]["mask"].min() == 1
     unpaired = LeffaDataset("dress_code", root, "test", paired=False, size=(W, H))
@@ -84,11 +50,7 @@ def test_dress_code_dataset(tmp_path):
 
 
 def test_deepfashion_dataset(tmp_path):
-    root = tmp_path / "deepfashion"
-    for name in ("a", "b"):
-        _img(root / "train" / "images" / f"{name}.jpg", (50, 50, 50))
-        _img(root / "train" / "densepose" / f"{name}.png", (1, 2, 3))
-    (root / "train_pairs.txt").write_text("a.jpg b.jpg\n")
+    root = deepfashion_tree(tmp_path / "deepfashion")
     item = LeffaDataset("deepfashion", root, size=(W, H))[0]
     assert item["mask"].min() == 1  # pose transfer generates everything
 

@@ -28,6 +28,10 @@ DeepFashion (pose transfer)::
     {split}/images/ID.jpg                    people
     {split}/densepose/ID.png                 DensePose IUV of each person
     {split}_pairs.txt                        "source target" per line
+
+``pairs_file`` replaces ``{split}_pairs.txt`` (e.g. DressCode's ``test_pairs_paired.txt``, or one
+category's pairs file); with ``paired`` each person then wears its own garment (the listed one is
+ignored), as the try-on papers' paired test sets are built.
 """
 
 from __future__ import annotations
@@ -85,18 +89,20 @@ def _need_dirs(*dirs: Path) -> None:
         raise DatasetError(f"missing folder(s): {', '.join(missing)} (see training/datasets.py for the layout)")
 
 
-def viton_hd_samples(root: Path, split: str, paired: bool) -> list[Sample]:
+def viton_hd_samples(root: Path, split: str, paired: bool, pairs_file: Path | None = None) -> list[Sample]:
     d = root / split
     image, cloth, masks, dense = d / "image", d / "cloth", d / "agnostic-mask", d / "image-densepose"
     _need_dirs(image, cloth, masks, dense)
-    if paired:
+    if pairs_file is not None:
+        pairs = [(p, p if paired else c) for p, c in _read_pairs(pairs_file)]
+    elif paired:
         pairs = [(p.name, p.name) for p in sorted(image.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     else:
         pairs = _read_pairs(root / f"{split}_pairs.txt")
     return [Sample(image / p, cloth / c, masks / f"{Path(p).stem}_mask.png", dense / p) for p, c in pairs]
 
 
-def dress_code_samples(root: Path, split: str, paired: bool) -> list[Sample]:
+def dress_code_samples(root: Path, split: str, paired: bool, pairs_file: Path | None = None) -> list[Sample]:
     categories = [c for c in DRESS_CODE_CATEGORIES if (root / c).is_dir()]
     if not categories:
         raise DatasetError(f"{root} has none of the DressCode folders {', '.join(DRESS_CODE_CATEGORIES)}")
@@ -104,7 +110,9 @@ def dress_code_samples(root: Path, split: str, paired: bool) -> list[Sample]:
     for c in categories:
         _need_dirs(root / c / "images", root / c / "masks", root / c / "dense")
         where.update({p.name: c for p in (root / c / "images").glob("*_0.*")})
-    if paired:
+    if pairs_file is not None:
+        pairs = [(p, p.replace("_0.", "_1.") if paired else g) for p, g in _read_pairs(pairs_file)]
+    elif paired:
         pairs = [(name, name.replace("_0.", "_1.")) for name in sorted(where)]
     else:
         pairs = _read_pairs(root / f"{split}_pairs.txt")
@@ -119,27 +127,28 @@ def dress_code_samples(root: Path, split: str, paired: bool) -> list[Sample]:
     return samples
 
 
-def deepfashion_samples(root: Path, split: str) -> list[Sample]:
+def deepfashion_samples(root: Path, split: str, pairs_file: Path | None = None) -> list[Sample]:
     images, dense = root / split / "images", root / split / "densepose"
     _need_dirs(images, dense)
     return [Sample(images / target, images / source, None, dense / f"{Path(target).stem}.png")
-            for source, target in _read_pairs(root / f"{split}_pairs.txt")]
+            for source, target in _read_pairs(pairs_file or root / f"{split}_pairs.txt")]
 
 
 class LeffaDataset(Dataset):
     """Samples of one layout at a given (width, height); ``size`` may change between stages."""
 
     def __init__(self, layout: str | DatasetLayout, root: str | Path, split: str = "train", paired: bool = True,
-                 size: tuple[int, int] = (768, 1024)):
+                 size: tuple[int, int] = (768, 1024), pairs_file: str | Path | None = None):
         layout, root = DatasetLayout(layout), Path(root)
+        pairs_file = None if pairs_file is None else Path(pairs_file)
         if not root.is_dir():
             raise DatasetError(f"dataset folder not found: {root}")
         if layout is DatasetLayout.VITON_HD:
-            self.samples = viton_hd_samples(root, split, paired)
+            self.samples = viton_hd_samples(root, split, paired, pairs_file)
         elif layout is DatasetLayout.DRESS_CODE:
-            self.samples = dress_code_samples(root, split, paired)
+            self.samples = dress_code_samples(root, split, paired, pairs_file)
         else:
-            self.samples = deepfashion_samples(root, split)
+            self.samples = deepfashion_samples(root, split, pairs_file)
         if not self.samples:
             raise DatasetError(f"no samples found under {root} ({layout.value}, split {split!r})")
         missing = [p for s in self.samples for p in (s.target, s.reference, s.mask, s.densepose)

@@ -1,0 +1,361 @@
+"""Dataset-scale generation (``leffa infer``): a split of VITON-HD, DressCode or DeepFashion
+generated with a model, as papers do, in one process or many through Accelerate::
+
+    leffa infer --dataset data/VITON-HD --layout viton_hd --out results/vitonhd-paired
+    accelerate launch --num_processes 8 -m leffa infer ...      # several GPUs / nodes
+
+Inputs: the dataset's own agnostic masks and DensePose images (``training.datasets`` layouts), as
+the papers use them, or our preprocessing of the photos (``InputSource.PREPROCESS``: the demo
+pipeline, ``preprocess.inputs.Preprocessor``).
+
+Output names (one flat folder of PNGs), so that evaluation pairs every image with its ground truth
+by name without extension:
+
+- try-on (VITON-HD, DressCode), paired and unpaired: ``{person}.png``, the name of the person image
+  (``00006_00.jpg`` -> ``00006_00.png``), as CatVTON's and IDM-VTON's scripts name them. The ground
+  truth of a paired image is the dataset's person image (``test/image/00006_00.jpg``,
+  ``{category}/images/013563_0.jpg``). A pairs file that lists a person twice is refused.
+- pose transfer (DeepFashion): ``{source}___{target}.png``, both without extension (PATN's
+  ``{from}___{to}`` names: a target appears with several sources); the ground truth is the target
+  image (``test/images/{target}.jpg``), the text after ``___``.
+
+Seeds: the sample named ``name`` (its output name without extension) draws all its noise from
+``torch.Generator().manual_seed(sample_seed(seed, name))``, so its image does not depend on the
+process, the order or the batch that generated it (batches of other sizes may differ by float
+rounding).
+
+Resuming: an image already in the folder is skipped (images are written atomically: one that
+exists is complete). ``leffa_infer.json`` in the folder holds the settings (written at the start)
+and the summary (at the end); a folder of images made with other settings is refused.
+
+Processes: sample ``i`` of the list belongs to process ``i mod N`` (striding over the whole list, so
+the split depends neither on what is done already nor on each node's view of the folder); each
+process writes its own images and the main process writes the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from errors import OptionError, enum_option
+from leffa.hub import ModelKind, load_model, tiny_model
+from leffa.image_tensors import image_to_tensor, mask_to_tensor
+from leffa.model import LeffaModel
+from leffa.pipeline import LeffaPipeline
+from preprocess.images import MODEL_SIZE, save_image_atomic
+from preprocess.masks import GarmentType, TryOnModel
+from training.datasets import DatasetError, DatasetLayout, LeffaDataset, Sample
+from weightfiles.hub import resolve_files
+from weightfiles.manifest import components_for, files_of
+
+MANIFEST = "leffa_infer.json"
+# settings that do not change the images (a resumed run may change them)
+RUN_ONLY = {"out_dir", "checkpoint_dir", "batch_size", "num_workers", "limit", "device", "dtype"}
+LAYOUT_MODEL = {DatasetLayout.VITON_HD: ModelKind.VITON_HD, DatasetLayout.DRESS_CODE: ModelKind.DRESS_CODE,
+                DatasetLayout.DEEPFASHION: ModelKind.POSE_TRANSFER}
+
+
+class InputSource(str, Enum):
+    """Where the masks and DensePose images come from."""
+
+    DATASET = "dataset"  # the dataset's own files, as the papers
+    PREPROCESS = "preprocess"  # our preprocessing of the photos (the demo pipeline)
+
+
+def _json_value(value):
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if isinstance(value, Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    data_root: Path
+    layout: DatasetLayout
+    out_dir: Path
+    split: str = "test"
+    paired: bool = True  # try-on: each person wears its own garment; False: the pairs file's garment
+    pairs_file: Path | None = None  # instead of {split}_pairs.txt (see training.datasets)
+    model: ModelKind | None = None  # None: the layout's published model
+    checkpoint: Path | None = None  # an own .pth/.safetensors instead of the published weights
+    base_config: Path | None = None  # for checkpoint: {unet,vae,scheduler}/ (default: the model's)
+    checkpoint_dir: Path | None = None
+    revision: str | None = None
+    tiny: bool = False  # the tiny untrained model and stand-in preprocessing (offline trial)
+    inputs: InputSource = InputSource.DATASET
+    steps: int = 30
+    guidance_scale: float = 2.5
+    guidance_rescale: float | None = None  # None: the guidance scale, as the published weights
+    ref_acceleration: bool = False
+    repaint: bool = False
+    seed: int = 42
+    size: tuple[int, int] = MODEL_SIZE  # (width, height)
+    batch_size: int = 1
+    num_workers: int = 2  # data-loading workers per process (dataset inputs only)
+    limit: int | None = None  # only the first N samples of the list
+    device: str = "auto"  # auto: Accelerate's device for the process
+    dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on CPU
+
+    def __post_init__(self):
+        for name, cls in (("layout", DatasetLayout), ("inputs", InputSource)):
+            object.__setattr__(self, name, enum_option(cls, getattr(self, name), name))
+        if self.model is not None:
+            object.__setattr__(self, "model", enum_option(ModelKind, self.model, "model"))
+        for name in ("data_root", "out_dir", "pairs_file", "checkpoint", "base_config", "checkpoint_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.model or LAYOUT_MODEL[self.layout]
+
+    def check(self) -> None:
+        """``OptionError`` for settings that cannot work together."""
+        w, h = self.size
+        if self.steps < 1 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise OptionError("--steps, --batch-size and --limit must be at least 1")
+        if self.num_workers < 0:
+            raise OptionError("--num-workers must be at least 0")
+        if w <= 0 or h <= 0 or w % 8 or h % 8:
+            raise OptionError(f"width and height must be positive multiples of 8, got {w}x{h}")
+        pose_layout = self.layout is DatasetLayout.DEEPFASHION
+        if pose_layout != (self.kind is ModelKind.POSE_TRANSFER):
+            raise OptionError(f"the {self.kind.value} model does not fit the {self.layout.value} layout: "
+                              "pose transfer goes with deepfashion, try-on with viton_hd or dress_code")
+        if pose_layout and not self.paired:
+            raise OptionError("DeepFashion has one setting (source -> target pairs): drop --unpaired")
+        if self.inputs is InputSource.PREPROCESS and self.size != MODEL_SIZE:
+            raise OptionError("our preprocessing works at 768x1024: drop --size, or use the dataset's inputs")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OptionError(f"--out {self.out_dir} is a file, not a folder")
+
+    def settings(self) -> dict:
+        """What the images depend on, as JSON values (recorded in the manifest; a resumed run must
+        match it). The dtype is added once the device is known."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name not in RUN_ONLY]
+        return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.kind.value}
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    process: int
+    generated: int
+    skipped: int  # its images already in the folder
+    seconds: float  # its generation loop (data loading included, model loading not)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class InferenceSummary:
+    out_dir: Path
+    manifest: Path
+    total: int  # samples in the list
+    generated: int
+    skipped: int
+    seconds: float  # wall time of the whole run
+    processes: tuple[ProcessStats, ...]
+
+    def to_json(self) -> dict:
+        return {"total": self.total, "generated": self.generated, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "processes": [
+                    {**dataclasses.asdict(p), "seconds": round(p.seconds, 3),
+                     "images_per_second": round(p.images_per_second, 4)} for p in self.processes]}
+
+
+def sample_seed(seed: int, name: str) -> int:
+    """The seed of sample ``name``: 63 bits of SHA-256 of ``"{seed}/{name}"``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big") >> 1
+
+
+def output_name(layout: DatasetLayout, sample: Sample) -> str:
+    """The file a sample's image is written to (see the module docstring)."""
+    if layout is DatasetLayout.DEEPFASHION:
+        return f"{sample.reference.stem}___{sample.target.stem}.png"
+    return f"{sample.target.stem}.png"
+
+
+def _check_names(names: list[str]) -> None:
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
+        raise DatasetError(f"{len(twice)} output name(s) would be written twice, e.g. "
+                           f"{', '.join(twice[:3])}: each person may appear once in the pairs file "
+                           "(images are named after it)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _check_manifest(path: Path, settings: dict) -> None:
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise OptionError(f"{path} is not a leffa infer manifest: use another --out folder") from None
+    changed = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in changed)
+        raise OptionError(f"{path.parent} holds images made with other settings ({diff}): use another --out "
+                          f"folder, or delete {path.name} to keep those images")
+
+
+def _device_dtype(cfg: InferenceConfig, accelerator) -> tuple[torch.device, torch.dtype]:
+    if cfg.device == "auto":
+        device = accelerator.device
+    elif accelerator.num_processes > 1:
+        raise OptionError("leave --device at auto when launching several processes (each takes its own GPU)")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise OptionError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"--device {cfg.device} asked for, but no CUDA GPU is available")
+    return device, cfg.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def _fetch_weights(cfg: InferenceConfig) -> None:
+    """Every published file the run needs, at once: all of them missing are named in one message."""
+    ours, tryon = cfg.inputs is InputSource.PREPROCESS, cfg.kind is not ModelKind.POSE_TRANSFER
+    components = components_for(cfg.kind.component, compute_mask=ours and tryon, compute_densepose=ours)
+    if cfg.checkpoint is not None:
+        components = components[:-1]  # the given file instead of the published model
+    resolve_files(files_of(components), cfg.checkpoint_dir, cfg.revision)
+
+
+def _load_model(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype) -> LeffaModel:
+    if cfg.tiny:
+        return tiny_model(cfg.kind).place(device, dtype)
+    if cfg.checkpoint is not None:
+        base = cfg.base_config or cfg.kind.base
+        return LeffaModel.from_pretrained(base, cfg.checkpoint, device=device, dtype=dtype)
+    return load_model(cfg.kind, cfg.checkpoint_dir, revision=cfg.revision, device=device, dtype=dtype)
+
+
+class _Items(Dataset):
+    """(index, the pipeline's four tensors) of the samples at ``indices``."""
+
+    def __init__(self, indices: list[int], load: Callable[[int], dict[str, torch.Tensor]]):
+        self.indices, self.load = indices, load
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        return self.indices[k], self.load(self.indices[k])
+
+
+class _Preprocessed:
+    """A sample's inputs from our preprocessing of its photos (``InputSource.PREPROCESS``)."""
+
+    def __init__(self, cfg: InferenceConfig, samples: list[Sample], device: torch.device):
+        from preprocess.inputs import Preprocessor
+        from preprocess.standins import standin_preprocessor
+
+        self.samples, self.kind, self.layout = samples, cfg.kind, cfg.layout
+        self.pre = (standin_preprocessor() if cfg.tiny
+                    else Preprocessor.from_checkpoints(cfg.checkpoint_dir, str(device), cfg.revision))
+
+    def __call__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.samples[i]
+        if self.kind is ModelKind.POSE_TRANSFER:
+            p = self.pre.pose(s.reference, s.target)
+            src, ref, mask, dense = p.target, p.reference, p.mask, p.densepose
+        else:
+            model = {m.weights: m for m in TryOnModel}[self.kind.value]
+            garment = (GarmentType(s.target.parent.parent.name) if self.layout is DatasetLayout.DRESS_CODE
+                       else GarmentType.UPPER_BODY)
+            t = self.pre.tryon(s.target, s.reference, model, garment)
+            src, ref, mask, dense = t.person, t.garment, t.mask, t.densepose
+        images = {"src_image": src, "ref_image": ref, "densepose": dense}
+        return {**{k: image_to_tensor(v, k)[0] for k, v in images.items()}, "mask": mask_to_tensor(mask)[0]}
+
+
+def _generate(cfg: InferenceConfig, pipe: LeffaPipeline, loader: DataLoader, names: list[str],
+              bar: tqdm) -> None:
+    """The pipeline over ``loader``'s batches; each image is written (atomically) once made."""
+    for indices, batch in loader:
+        indices = indices.tolist()
+        seeds = [sample_seed(cfg.seed, Path(names[i]).stem) for i in indices]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        out = pipe(batch["src_image"], batch["ref_image"], batch["mask"], batch["densepose"],
+                   num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                   guidance_rescale=cfg.guidance_rescale, ref_acceleration=cfg.ref_acceleration,
+                   repaint=cfg.repaint, generator=generators)  # one generator per sample
+        for i, image in zip(indices, out.images):
+            save_image_atomic(image, cfg.out_dir / names[i])
+        bar.update(len(indices))
+
+
+def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> InferenceSummary:
+    """Generate every sample of the split that is not in ``cfg.out_dir`` yet (this process's
+    share of them); every process returns the summary of the whole run."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    t0 = time.perf_counter()
+    cfg.check()
+    accelerator = Accelerator()
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if not main:
+        log = lambda *_: None  # noqa: E731 -- one process reports
+    data = LeffaDataset(cfg.layout, cfg.data_root, cfg.split, cfg.paired, cfg.size, cfg.pairs_file)
+    samples = data.samples[:cfg.limit]
+    names = [output_name(cfg.layout, s) for s in samples]
+    _check_names(names)
+    device, dtype = _device_dtype(cfg, accelerator)
+    manifest = cfg.out_dir / MANIFEST
+    settings = {**cfg.settings(), "dtype": str(dtype).removeprefix("torch.")}
+    _check_manifest(manifest, settings)
+    accelerator.wait_for_everyone()  # every process has checked before the folder is written to
+    if main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest, {"settings": settings, "summary": None})
+
+    mine = range(rank, len(samples), world)
+    pending = [i for i in mine if not (cfg.out_dir / names[i]).is_file()]
+    done = len(mine) - len(pending)
+    log(f"{len(samples)} samples ({cfg.layout.value}, {'paired' if cfg.paired else 'unpaired'}), "
+        f"{world} process(es); this one: {len(pending)} to generate, {done} already there")
+    with accelerator.main_process_first():  # one download of missing weights
+        if not cfg.tiny:
+            _fetch_weights(cfg)
+        model = _load_model(cfg, device, dtype)
+    ours = cfg.inputs is InputSource.PREPROCESS
+    load, workers = (_Preprocessed(cfg, samples, device), 0) if ours else (data.__getitem__, cfg.num_workers)
+    loader = DataLoader(_Items(pending, load), batch_size=cfg.batch_size, num_workers=workers)
+    start = time.perf_counter()
+    with tqdm(total=len(pending), unit="img", desc=f"process {rank}", disable=not main) as bar:
+        _generate(cfg, LeffaPipeline(model), loader, names, bar)
+    stats = ProcessStats(rank, len(pending), done, time.perf_counter() - start)
+
+    everyone = tuple(sorted(gather_object([stats]), key=lambda p: p.process))
+    summary = InferenceSummary(cfg.out_dir, manifest, len(samples), sum(p.generated for p in everyone),
+                               sum(p.skipped for p in everyone), time.perf_counter() - t0, everyone)
+    if main:
+        _write_json(manifest, {"settings": settings, "summary": summary.to_json()})
+    rates = ", ".join(f"{p.images_per_second:.3g}" for p in everyone)
+    log(f"generated {summary.generated} images ({summary.skipped} already there) in {summary.seconds:.1f} s "
+        f"(images/s per process: {rates}); summary in {manifest}")
+    accelerator.wait_for_everyone()
+    return summary
