@@ -10,11 +10,12 @@ work (``cli/run.py``: preprocessing, the model, the pipeline) is imported after 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 
-from errors import UserError
+from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
 from weightfiles.hub import ENV_CHECKPOINT_DIR
 from weightfiles.manifest import WeightSet
@@ -41,6 +42,11 @@ def _size(text: str) -> tuple[int, int]:
 
 CHECK, DOWNLOAD = "check", "download"  # the weight subcommands
 INFER = "infer"  # dataset-scale generation (training/inference.py)
+EVAL = "eval"  # metrics of a generated split (evaluation/)
+# the values of evaluation.lpips.LpipsNet and evaluation.ssim.SsimBorder (they import torch;
+# tests/test_evaluation.py checks that they match)
+LPIPS_NETS = ("squeeze", "alex")
+SSIM_BORDERS = ("reflect", "valid")
 # the values of training.datasets.DatasetLayout and leffa.hub.ModelKind (both import torch;
 # tests/test_infer.py checks that they match)
 LAYOUTS = ("viton_hd", "dress_code", "deepfashion")
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     _infer_parser(sub, common)
+    _eval_parser(sub)
 
     c = sub.add_parser(CHECK, help="say which weights are in the checkpoint folder, per task")
     _folder_options(c)
@@ -148,6 +155,50 @@ def _infer_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="output folder: images, and leffa_infer.json (settings and summary)")
 
 
+def _eval_parser(sub) -> None:
+    e = sub.add_parser(
+        EVAL, help="score generated images against the real ones: FID, KID (and SSIM, LPIPS when paired)",
+        description="The metrics of the Leffa authors' evaluation script (franciszzj/VtonEval), computed the "
+                    "same way in plain PyTorch: PyTorch-FID, Clean-FID, Clean-KID (x1000) and, with --paired, "
+                    "SSIM and LPIPS. Generated images pair with the real image of the same name.")
+    e.add_argument("--real", required=True, type=Path, help="folder of real images (e.g. the test split's photos)")
+    e.add_argument("--fake", required=True, type=Path, help="folder of generated images (leffa infer --out)")
+    e.add_argument("--paired", action="store_true", help="each generated image has its ground truth: add SSIM, LPIPS")
+    e.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    e.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with the metric networks' files ($LEFFA_METRICS_DIR, default torch's hub cache)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    e.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    e.add_argument("--lpips-net", choices=LPIPS_NETS, default=LPIPS_NETS[0],
+                   help="squeeze (the authors', default) or alex (lpips' default)")
+    e.add_argument("--ssim-border", choices=SSIM_BORDERS, default=SSIM_BORDERS[0],
+                   help="reflect (torchmetrics >= 1.4.2, default) or valid (torchmetrics <= 1.4.1)")
+    e.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets (default 0)")
+
+
+def _eval_command(args) -> int:
+    import torch
+
+    from evaluation.evaluate import EvalConfig, evaluate
+    from evaluation.lpips import LpipsNet
+    from evaluation.ssim import SsimBorder
+    from training.inference import write_json_atomic
+
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()
+                                  or not os.access(args.json.parent, os.W_OK)):
+        raise OptionError(f"--json {args.json}: give a file name in an existing folder you may write to")
+    if args.batch_size < 1:
+        raise OptionError("--batch-size must be at least 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    config = EvalConfig(batch_size=args.batch_size, lpips_net=LpipsNet(args.lpips_net),
+                        ssim_border=SsimBorder(args.ssim_border), seed=args.seed)
+    result = evaluate(args.real, args.fake, args.paired, config, weights_dir=args.weights_dir, device=device)
+    print(result.to_markdown())
+    if args.json is not None:
+        write_json_atomic(args.json, result.to_dict())
+    return 0
+
+
 def _infer_command(args) -> int:
     import torch
 
@@ -183,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return _weights_command(args)
         if args.command == INFER:
             return _infer_command(args)
+        if args.command == EVAL:
+            return _eval_command(args)
         from cli.run import run  # torch, diffusers and the models: only once the arguments are fine
 
         path = run(args)

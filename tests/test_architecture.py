@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"errors", "leffa", "preprocess", "weightfiles", "training", "cli", "webapp", "app"}
+OURS = {"errors", "leffa", "preprocess", "weightfiles", "evaluation", "training", "cli", "webapp", "app"}
 # package -> the packages of ours it may import (besides itself)
 ALLOWED = {
     "errors": set(),
     "weightfiles": {"errors"},
     "leffa": {"errors", "weightfiles"},
     "preprocess": {"errors", "weightfiles"},
+    "evaluation": {"errors", "weightfiles"},
     "training": {"errors", "leffa", "preprocess", "weightfiles"},
-    "cli": {"errors", "leffa", "preprocess", "training", "weightfiles"},  # leffa infer
+    "cli": {"errors", "leffa", "preprocess", "evaluation", "training", "weightfiles"},  # leffa infer
     "webapp": {"errors", "leffa", "preprocess", "weightfiles"},
 }
 ENTRY_POINTS = {Path("leffa/__main__.py"): {"cli"}}  # ``python -m leffa`` runs the CLI application
