@@ -1,7 +1,9 @@
 """The two image folders: listing, pairing by file name, reading.
 
 A folder's images are its files (not sub-folders) with an image extension, sorted by name. Real
-and generated images pair by file name without extension (``00006_00.jpg`` ↔ ``00006_00.png``).
+and generated images pair by file name without extension (``00006_00.jpg`` ↔ ``00006_00.png``);
+a pose-transfer result named ``{source}___{target}`` (``leffa infer``'s names, after PATN's)
+pairs with the real ``{target}``.
 Real images whose size differs from the generated ones' are resized to it with Pillow's Lanczos
 filter, as the Leffa authors' script does (it saves the resized copy; we resize in memory).
 """
@@ -19,6 +21,7 @@ from errors import UserError
 
 EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's
 SHOW = 5  # how many file names a message lists
+POSE_SEPARATOR = "___"  # "{source}___{target}": a pose-transfer result, whose ground truth is the target
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)  # Pillow's
 
 
@@ -58,11 +61,16 @@ def pair_by_name(real: list[Path], fake: list[Path]) -> list[Pair]:
     """One pair per generated image, with the real image of the same name (extra real images
     are allowed: a paired test set may be scored on part of its images)."""
     by_stem = {p.stem: p for p in real}
-    unmatched = [p.name for p in fake if p.stem not in by_stem]
+    unmatched = [p.name for p in fake if ground_truth_name(p) not in by_stem]
     if unmatched:
         raise EvalInputError(f"{len(unmatched)} generated images have no real image of the same name "
                              f"in {real[0].parent}: {_names(unmatched)}")
-    return [Pair(by_stem[p.stem], p) for p in fake]
+    return [Pair(by_stem[ground_truth_name(p)], p) for p in fake]
+
+
+def ground_truth_name(fake: Path) -> str:
+    """The name (without extension) of the real image a generated one is compared with."""
+    return fake.stem.rsplit(POSE_SEPARATOR, 1)[-1]
 
 
 def read_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:

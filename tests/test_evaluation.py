@@ -468,3 +468,18 @@ def test_leffa_eval_reports_user_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["eval", "--real", str(real), "--fake", str(real), "--json", str(tmp_path / "no" / "x.json")]) == 2
     assert "give a file name in an existing folder" in capsys.readouterr().err
+
+
+def test_leffa_infer_names_pair_with_their_ground_truth(tmp_path):
+    """Every name ``leffa infer`` writes pairs with the real image evaluation must compare it with."""
+    from training.datasets import DatasetLayout, Sample
+    from training.inference import output_name
+
+    img = np.zeros((8, 6, 3), np.uint8)
+    people = [save(tmp_path / "real", f"{n}.jpg", img) for n in ("id_01", "id_02", "id_03")]
+    tryon = Sample(target=people[0], reference=tmp_path / "cloth" / "c.jpg", mask=None, densepose=None)
+    pose = Sample(target=people[2], reference=people[1], mask=None, densepose=None)
+    fakes = [save(tmp_path / "fake", output_name(layout, sample), img)
+             for layout, sample in ((DatasetLayout.VITON_HD, tryon), (DatasetLayout.DEEPFASHION, pose))]
+    assert [p.fake.name for p in pair_by_name(people, fakes)] == ["id_01.png", "id_02___id_03.png"]
+    assert [p.real.name for p in pair_by_name(people, fakes)] == ["id_01.jpg", "id_03.jpg"]
