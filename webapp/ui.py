@@ -449,8 +449,7 @@ def _intermediate(label: str, elem_id: str | None = None) -> gr.Image:
 def build_tryon_tab(predictor: Predictor) -> None:
     with gr.Tab("Virtual try-on", id="tryon"):
         gr.Markdown(TRYON_HELP)
-        gr.Markdown(functools.partial(weights_notice, predictor, WeightSet.TRYON, WeightSet.TRYON_DC),
-                    elem_id="tryon-weights")  # evaluated at each page load
+        gr.Markdown(weights_notice(predictor, WeightSet.TRYON, WeightSet.TRYON_DC), elem_id="tryon-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["garment"]), column = input_row(
@@ -493,7 +492,7 @@ def build_tryon_tab(predictor: Predictor) -> None:
 def build_pose_tab(predictor: Predictor) -> None:
     with gr.Tab("Pose transfer", id="pose"):
         gr.Markdown(POSE_HELP)
-        gr.Markdown(functools.partial(weights_notice, predictor, WeightSet.POSE), elem_id="pose-weights")
+        gr.Markdown(weights_notice(predictor, WeightSet.POSE), elem_id="pose-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["target"]), column = input_row(
