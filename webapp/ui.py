@@ -86,6 +86,12 @@ def weights_notice(predictor: Predictor, weight_set: WeightSet, also: WeightSet 
     return "> " + "\n> ".join(lines)
 
 
+def notice_tab(notice: str, elem_id: str) -> None:
+    """The weights notice on a tab, only when there is one (no empty component on the page)."""
+    if notice:
+        gr.Markdown(notice, elem_id=elem_id)
+
+
 def header(tiny: bool) -> str:
     """The page's title and what it is; the published weights only where they are used."""
     return TITLE + ("." if tiny else PUBLISHED_WEIGHTS)
@@ -449,7 +455,7 @@ def _intermediate(label: str, elem_id: str | None = None) -> gr.Image:
 def build_tryon_tab(predictor: Predictor) -> None:
     with gr.Tab("Virtual try-on", id="tryon"):
         gr.Markdown(TRYON_HELP)
-        gr.Markdown(weights_notice(predictor, WeightSet.TRYON, WeightSet.TRYON_DC), elem_id="tryon-weights")
+        notice_tab(weights_notice(predictor, WeightSet.TRYON, WeightSet.TRYON_DC), "tryon-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["garment"]), column = input_row(
@@ -492,7 +498,7 @@ def build_tryon_tab(predictor: Predictor) -> None:
 def build_pose_tab(predictor: Predictor) -> None:
     with gr.Tab("Pose transfer", id="pose"):
         gr.Markdown(POSE_HELP)
-        gr.Markdown(weights_notice(predictor, WeightSet.POSE), elem_id="pose-weights")
+        notice_tab(weights_notice(predictor, WeightSet.POSE), "pose-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["target"]), column = input_row(
