@@ -12,9 +12,9 @@ Run it from the repository root with that venv's python:
 
 What it does, offline:
 
-1. writes seeded random weights in the published formats (pytorch-fid's FID Inception,
-   torchvision's SqueezeNet 1.1 and AlexNet; LPIPS' linear layers are the real files that the
-   lpips package ships) into a temporary ``$TORCH_HOME/hub/checkpoints``, where pytorch-fid,
+1. writes seeded random weights in the published formats (pytorch-fid's FID Inception;
+   torchvision's SqueezeNet 1.1 and AlexNet, files in their format made from our modules; LPIPS'
+   linear layers are the real files that the lpips package ships) into a temporary ``$TORCH_HOME/hub/checkpoints``, where pytorch-fid,
    lpips and torchmetrics look for them before downloading, and passes the same folder to ours
    as ``weights_dir``;
 2. writes synthetic photos (smooth colour fields with edges and noise, two sizes, PNG and JPEG)
@@ -54,7 +54,6 @@ import torch
 try:
     import cleanfid.fid as cleanfid_fid
     import lpips as lpips_pkg
-    import torchvision
     from cleanfid.inception_torchscript import InceptionV3W
     from pytorch_fid import fid_score
     from pytorch_fid import inception as pfid_inception
@@ -66,7 +65,7 @@ except ImportError as e:
 from evaluation.evaluate import EvalConfig, evaluate, inception_features, paired_scores
 from evaluation.folders import Pair, list_images, read_rgb
 from evaluation.inception import FeatureMode, FIDInceptionV3, network_input
-from evaluation.lpips import LPIPS, LpipsNet
+from evaluation.lpips import LPIPS, SPECS, Backbone, LpipsNet
 from evaluation.metrics import frechet_distance, kid
 from evaluation.ssim import SsimBorder, ssim
 from evaluation.weights import ALEXNET, INCEPTION, LPIPS_ALEX, LPIPS_SQUEEZE, SQUEEZENET
@@ -106,13 +105,22 @@ def pytorch_fid_network() -> torch.nn.Module:
     return net.eval()
 
 
+def backbone_file(net: LpipsNet) -> dict[str, torch.Tensor]:
+    """A random file in the format of torchvision's SqueezeNet 1.1 / AlexNet (without importing
+    torchvision): our ``Backbone`` has the same names, with PyTorch's default initialisation
+    (seeded), plus the classifier entries the published file carries."""
+    torch.manual_seed(0)
+    state = Backbone(net).state_dict()
+    g = torch.Generator().manual_seed(1)
+    return {**state, **{k: torch.randn(shape, generator=g) * 0.01 for k, shape in SPECS[net].unused.items()}}
+
+
 def write_weights(folder: Path) -> None:
     """The five published files, random where the real ones are not at hand."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(pytorch_fid_network().state_dict(), folder / INCEPTION.name)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), folder / SQUEEZENET.name)
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), folder / ALEXNET.name)
+    for net, file in ((LpipsNet.SQUEEZE, SQUEEZENET), (LpipsNet.ALEX, ALEXNET)):
+        torch.save(backbone_file(net), folder / file.name)
     for file in (LPIPS_SQUEEZE, LPIPS_ALEX):  # the real ones, as the lpips package ships them
         shutil.copy(Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / file.name, folder / file.name)
 
