@@ -182,7 +182,6 @@ def _eval_command(args) -> int:
     from evaluation.evaluate import EvalConfig, evaluate
     from evaluation.lpips import LpipsNet
     from evaluation.ssim import SsimBorder
-    from training.inference import write_json_atomic
 
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()
                                   or not os.access(args.json.parent, os.W_OK)):
@@ -195,7 +194,7 @@ def _eval_command(args) -> int:
     result = evaluate(args.real, args.fake, args.paired, config, weights_dir=args.weights_dir, device=device)
     print(result.to_markdown())
     if args.json is not None:
-        write_json_atomic(args.json, result.to_dict())
+        result.save_json(args.json)
     return 0
 
 

@@ -61,6 +61,16 @@ class EvalResult:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def save_json(self, path: str | Path) -> None:
+        """Write ``to_json()`` to ``path`` via a temporary file: a failure never leaves half a file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(self.to_json() + "\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def to_markdown(self) -> str:
         names = ["PyTorch-FID", "Clean-FID", "Clean-KID ×10³"] + (["SSIM", "LPIPS"] if self.paired else [])
         values = [self.pytorch_fid, self.clean_fid, self.clean_kid * 1000] + (

@@ -199,7 +199,7 @@ def _check_names(names: list[str]) -> None:
                            "(images are named after it)")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict) -> None:
     """Write ``data`` as JSON via a temporary file in the same folder: never half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -331,7 +331,7 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     accelerator.wait_for_everyone()  # every process has checked before the folder is written to
     if main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(manifest, {"settings": settings, "summary": None})
+        _write_json(manifest, {"settings": settings, "summary": None})
 
     mine = range(rank, len(samples), world)
     pending = [i for i in mine if not (cfg.out_dir / names[i]).is_file()]
@@ -354,7 +354,7 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     summary = InferenceSummary(cfg.out_dir, manifest, len(samples), sum(p.generated for p in everyone),
                                sum(p.skipped for p in everyone), time.perf_counter() - t0, everyone)
     if main:
-        write_json_atomic(manifest, {"settings": settings, "summary": summary.to_json()})
+        _write_json(manifest, {"settings": settings, "summary": summary.to_json()})
     rates = ", ".join(f"{p.images_per_second:.3g}" for p in everyone)
     log(f"generated {summary.generated} images ({summary.skipped} already there) in {summary.seconds:.1f} s "
         f"(images/s per process: {rates}); summary in {manifest}")
