@@ -45,38 +45,40 @@ def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
     return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
 
 
-def _inputs(args, task: Task, device: torch.device, compute_mask: bool,
+def _inputs(args, task: Task, device: torch.device, images: dict[str, Image.Image | None], compute_mask: bool,
             compute_densepose: bool) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
-    """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles)."""
+    """(src, ref, mask, densepose) fitted to the canvas (spec §4 roles), from ``_read_images``."""
     size = args.size
     if task is Task.TRYON and not (compute_mask or compute_densepose):
-        src = fit_to_canvas(load_image(args.person, name="person image"), size)
-        ref = load_garment(args.garment, size, cut_out=args.preprocess_garment)
-        return src, ref, load_label_image(args.mask, "mask", size, binary=True), \
-            load_label_image(args.densepose, "DensePose image", size)
+        src = fit_to_canvas(load_image(images["person"], name="person image"), size)
+        ref = load_garment(images["garment"], size, cut_out=args.preprocess_garment)
+        return src, ref, load_label_image(images["mask"], "mask", size, binary=True), \
+            load_label_image(images["densepose"], "DensePose image", size)
     if task is Task.POSE and not compute_densepose:
-        ref = fit_to_canvas(load_image(args.person, name="person image"), size)
+        ref = fit_to_canvas(load_image(images["person"], name="person image"), size)
         src = Image.new("RGB", size, (255, 255, 255))  # all masked: its pixels are never seen
-        return src, ref, Image.new("L", size, 255), load_label_image(args.densepose, "DensePose image", size)
+        return src, ref, Image.new("L", size, 255), load_label_image(images["densepose"], "DensePose image", size)
 
     pre = standin_preprocessor() if args.tiny else Preprocessor.from_checkpoints(args.checkpoint_dir, str(device),
                                                                                   args.revision)
     if task is Task.POSE:
-        p = pre.pose(args.person, args.target)
+        p = pre.pose(images["person"], images["target"])
         return p.target, p.reference, p.mask, p.densepose
-    t = pre.tryon(args.person, args.garment, args.model_type, args.garment_type, args.preprocess_garment,
-                  densepose=args.densepose, keep_fixed_regions=args.keep_fixed_regions)
-    mask = t.mask if args.mask is None else load_label_image(args.mask, "mask", size, binary=True)
+    t = pre.tryon(images["person"], images["garment"], args.model_type, args.garment_type, args.preprocess_garment,
+                  densepose=images["densepose"], keep_fixed_regions=args.keep_fixed_regions)
+    mask = t.mask if images["mask"] is None else load_label_image(images["mask"], "mask", size, binary=True)
     return t.person, t.garment, mask, t.densepose
 
 
-def _check_images(args) -> None:
-    """Read every given image once, so that a bad one is reported before any download or model."""
-    names = {"person": "person image", "garment": "garment image", "target": "target-pose image",
-             "mask": "mask", "densepose": "DensePose image"}
-    for arg, name in names.items():
-        if getattr(args, arg, None) is not None:
-            load_image(getattr(args, arg), name=name, keep_alpha=True)
+IMAGE_ARGS = {"person": "person image", "garment": "garment image", "target": "target-pose image",
+              "mask": "mask", "densepose": "DensePose image"}  # argument -> its name in messages
+
+
+def _read_images(args) -> dict[str, Image.Image | None]:
+    """Every given image, read once (transparency kept for ``--preprocess-garment``), so that a
+    bad one is reported before any download or model; ``None`` for those not given."""
+    return {arg: None if getattr(args, arg, None) is None else
+            load_image(getattr(args, arg), name=name, keep_alpha=True) for arg, name in IMAGE_ARGS.items()}
 
 
 def _preprocessing(args, task: Task) -> tuple[bool, bool]:
@@ -106,10 +108,10 @@ def run(args) -> Path:
         raise OptionError("--steps must be at least 1")
     device, dtype = _device_dtype(args)
     plan = _preprocessing(args, task)
-    _check_images(args)  # inputs first: fail before any download or slow load
+    images = _read_images(args)  # inputs first: fail before any download or slow load
     if not args.tiny:
         _fetch_weights(args, kind, *plan)
-    src, ref, mask, densepose = _inputs(args, task, device, *plan)
+    src, ref, mask, densepose = _inputs(args, task, device, images, *plan)
     t0 = time.perf_counter()
     model = _load(args, kind, device, dtype)
     print(f"loaded {kind.value} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
