@@ -278,7 +278,7 @@ def test_offline_missing_weights_name_the_files_and_their_urls(tmp_path, monkeyp
 
 def test_no_network_is_the_same_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(urls, "_offline", lambda: False)
+    monkeypatch.setattr(urls, "offline", lambda: False)
 
     def no_network(url, dst, progress):
         raise urllib.error.URLError("Name or service not known")
@@ -291,7 +291,7 @@ def test_no_network_is_the_same_clear_error(tmp_path, monkeypatch):
 
 
 def test_downloads_are_checked_against_the_published_sha256(tmp_path, monkeypatch):
-    monkeypatch.setattr(urls, "_offline", lambda: False)
+    monkeypatch.setattr(urls, "offline", lambda: False)
     fetched = []
 
     def fetch(payload):

@@ -45,7 +45,8 @@ def missing_files(files: Sequence[str], root: str | Path | None = None) -> list[
     return [f for f in files if not _local(root, f).is_file()]
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether downloads are off (``HF_HUB_OFFLINE``): every weight download asks this first."""
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
@@ -87,7 +88,7 @@ def resolve_files(files: Sequence[str], root: str | Path | None = None,
     Raises ``MissingWeightsError`` listing every missing file when they cannot be downloaded."""
     root = checkpoint_dir(root)
     missing = missing_files(files, root)
-    if missing and _offline():
+    if missing and offline():
         raise MissingWeightsError(_missing_message(missing, root, "HF_HUB_OFFLINE is set"))
     if missing:
         from huggingface_hub import hf_hub_download

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from weightfiles.hub import MissingWeightsError, _offline
+from weightfiles.hub import MissingWeightsError, offline
 from weightfiles.manifest import human_size
 
 ENV_METRICS_DIR = "LEFFA_METRICS_DIR"
@@ -103,7 +103,7 @@ def resolve_urls(files: Sequence[UrlFile], root: str | Path | None = None, progr
     Raises ``MissingWeightsError`` listing every missing file when they cannot be downloaded."""
     root = metrics_dir(root)
     missing = [f for f in files if not (root / f.name).is_file()]
-    if missing and _offline():
+    if missing and offline():
         raise MissingWeightsError(_missing_message(missing, root, "HF_HUB_OFFLINE is set"))
     for i, file in enumerate(missing):
         try:
