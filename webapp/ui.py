@@ -28,7 +28,7 @@ from preprocess.openpose import NoPersonError
 from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
 from webapp.predict import (GenerateOptions, Generation, OptionCheck, OptionLimits, Predictor, Progress,
                             ShouldStop, free_accelerator_memory, never_stop)
-from weightfiles.manifest import PUBLISHED_SIZES, WeightSet, human_size
+from weightfiles.manifest import WeightSet, download_size
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -78,11 +78,11 @@ def weights_notice(predictor: Predictor, weight_set: WeightSet, also: WeightSet 
     lines = []
     if missing:
         lines.append(f"⏬ Not on this server yet: {', '.join(f'`{f}`' for f in missing)} (about "
-                     f"{human_size(sum(PUBLISHED_SIZES[f] for f in missing))}). They are downloaded on first use, "
+                     f"{download_size(missing)}). They are downloaded on first use, "
                      "so the first generation takes longer.")
     if extra:
         lines.append(f"The {also.value} model ({', '.join(f'`{f}`' for f in extra)}, about "
-                     f"{human_size(sum(PUBLISHED_SIZES[f] for f in extra))}) is downloaded when first chosen.")
+                     f"{download_size(extra)}) is downloaded when first chosen.")
     return "> " + "\n> ".join(lines)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from errors import UserError
-from weightfiles.manifest import CONVERSIONS, PUBLISHED_SIZES, WeightSet, files_of, human_size
+from weightfiles.manifest import CONVERSIONS, WeightSet, download_size, files_of
 
 HUB_REPO_ID = "franciszzj/Leffa"
 ENV_CHECKPOINT_DIR = "LEFFA_CHECKPOINT_DIR"
@@ -69,7 +69,7 @@ def download_hint(missing: Sequence[str], root: Path) -> str:
 
 
 def _missing_message(missing: Sequence[str], root: Path, reason: str) -> str:
-    size = human_size(sum(PUBLISHED_SIZES.get(f, 0) for f in missing))
+    size = download_size(missing)
     return (f"missing Leffa weights in {root}: {', '.join(missing)} (about {size}; {reason}). "
             + download_hint(missing, root))
 
@@ -118,7 +118,7 @@ def presence_report(root: str | Path | None = None) -> str:
         if weight_set is WeightSet.ALL:
             continue
         missing = missing_files(files_of(weight_set.components), root)
-        size = human_size(sum(PUBLISHED_SIZES[f] for f in missing))
+        size = download_size(missing)
         state = "ready" if not missing else f"missing {', '.join(missing)} (about {size}, downloaded on first use)"
         lines.append(f"  {weight_set.value:9s} {state}")
         if missing:

@@ -26,11 +26,6 @@ class Component(Enum):
     def files(self) -> tuple[str, ...]:
         return self.value
 
-    @property
-    def size(self) -> int:
-        """Bytes to download, about (the published sizes)."""
-        return sum(PUBLISHED_SIZES[f] for f in self.files)
-
 
 PUBLISHED_SIZES = {
     "humanparsing/parsing_atr.onnx": 255 * MB,
@@ -79,3 +74,8 @@ def files_of(components) -> list[str]:
 
 def human_size(n: int) -> str:
     return f"{n / GB:.1f} GB" if n >= GB else f"{n / MB:.0f} MB"
+
+
+def download_size(files) -> str:
+    """About how much downloading ``files`` (paths in the Hub repo) takes, for messages."""
+    return human_size(sum(PUBLISHED_SIZES.get(f, 0) for f in files))
