@@ -2,7 +2,11 @@
 
     python app.py                 # real models, downloaded on first use into ./ckpts
     python app.py --tiny          # offline demo: tiny untrained models, stand-in preprocessing
-    python app.py --help          # host, port, device, dtype, queue size, ... (each also an env var)
+    python app.py --memory low    # weights in CPU memory, one UNet block on the GPU at a time
+    python app.py --help          # host, port, device, dtype, memory, queue size, ... (each also an env var)
+
+On a Hugging Face Space with on-demand GPUs (ZeroGPU: the ``spaces`` package is there), the
+try-on model is loaded onto the CPU at start and each generation runs inside ``spaces.GPU``.
 """
 
 from webapp.settings import parse_args
@@ -17,7 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     from webapp.predict import build_predictor
     from webapp.ui import create_demo, launch
 
-    launch(create_demo(build_predictor(settings)), settings)
+    predictor = build_predictor(settings)
+    if predictor.gpu is not None:  # ZeroGPU: the GPU is lent per call; models wait on the CPU
+        predictor.preload()
+    launch(create_demo(predictor), settings)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 
 from errors import OptionError, UserError
+from leffa.presets import MEMORY_PRESETS
 from preprocess.masks import GarmentType, TryOnModel
 from weightfiles.hub import ENV_CHECKPOINT_DIR
 from weightfiles.manifest import WeightSet
@@ -53,6 +54,28 @@ LAYOUTS = ("viton_hd", "dress_code", "deepfashion")
 MODELS = ("virtual_tryon", "virtual_tryon_dc", "pose_transfer")
 
 
+def _fractions(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END fractions of the run, e.g. 0:0.5, got {text!r}") from None
+    return start, end
+
+
+def _focus_options(parser: argparse.ArgumentParser) -> None:
+    f = parser.add_argument_group("attention focus (experimental, off by default; see README)")
+    f.add_argument("--attention-focus", type=float, default=None, metavar="TAU",
+                   help="divide the generative-over-reference attention logits by TAU: < 1 sharpens, "
+                        "> 1 flattens, 1 changes nothing")
+    f.add_argument("--focus-levels", type=int, default=1, metavar="N",
+                   help="token-grid resolutions focused, from the finest (default 1: the finest only)")
+    f.add_argument("--focus-steps", type=_fractions, default=(0.0, 1.0), metavar="START:END",
+                   help="the part of the denoising run focused, as fractions (default 0:1, every step; "
+                        "0:0.5 = the noisier half)")
+    f.add_argument("--focus-own-keys", action="store_true",
+                   help="divide the generative tokens' own key logits by TAU too")
+
+
 def _folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", default=None,
                         help=f"folder laid out like the Hub repo (default ${ENV_CHECKPOINT_DIR} or ./ckpts)")
@@ -88,7 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="auto = float16 on CUDA, float32 on CPU")
 
-    t = sub.add_parser(Task.TRYON.value, parents=[common], help="virtual try-on")
+    # memory and speed: for one generation (leffa infer keeps everything on its GPUs)
+    _focus_options(common)
+    placing = argparse.ArgumentParser(add_help=False)
+    s = placing.add_argument_group("memory and speed")
+    s.add_argument("--memory", choices=MEMORY_PRESETS, default="fast",
+                   help="where the weights live while generating: fast (default) = all on the device; balanced "
+                        "= only what the current phase runs (VAE, reference UNet, generative UNet); low = one "
+                        "UNet block at a time, from CPU memory; low-fp8 = low with float8 weights (least "
+                        "memory; images differ slightly)")
+    s.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v projections in self-attention")
+    s.add_argument("--channels-last", action="store_true", help="channels-last convolutions")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the generative UNet (pays off over many steps; slow first run)")
+
+    t = sub.add_parser(Task.TRYON.value, parents=[common, placing], help="virtual try-on")
     t.add_argument("--person", required=True, type=Path, help="photo of the person")
     t.add_argument("--garment", required=True, type=Path, help="photo of the garment")
     t.add_argument("--mask", type=Path, default=None,
@@ -106,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--repaint", action="store_true", help="keep the person's pixels outside the mask")
     t.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
-    p = sub.add_parser(Task.POSE.value, parents=[common], help="pose transfer")
+    p = sub.add_parser(Task.POSE.value, parents=[common, placing], help="pose transfer")
     p.add_argument("--person", required=True, type=Path, help="the person whose appearance is kept")
     p.add_argument("--target", type=Path, default=None,
                    help="photo of a person in the target pose (its DensePose is computed)")
@@ -201,6 +238,7 @@ def _eval_command(args) -> int:
 def _infer_command(args) -> int:
     import torch
 
+    from cli.run import attention_focus
     from training.inference import InferenceConfig, InputSource, infer
 
     infer(InferenceConfig(
@@ -209,7 +247,8 @@ def _infer_command(args) -> int:
         base_config=args.base_config, checkpoint_dir=args.checkpoint_dir, revision=args.revision, tiny=args.tiny,
         inputs=InputSource.PREPROCESS if args.preprocess else InputSource.DATASET, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-        ref_acceleration=args.ref_acceleration, repaint=args.repaint, seed=args.seed, size=args.size,
+        ref_acceleration=args.ref_acceleration, repaint=args.repaint, attention_focus=attention_focus(args),
+        seed=args.seed, size=args.size,
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, device=args.device,
         dtype=None if args.dtype == "auto" else getattr(torch, args.dtype)))
     return 0

@@ -12,9 +12,12 @@ from tqdm import tqdm
 
 from cli.main import Task
 from errors import OptionError
+from leffa.attention import AttentionFocus
 from leffa.hub import ModelKind, load_model, tiny_model
+from leffa.presets import MemoryPreset
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
+from leffa.speed import SpeedOptions
 from preprocess.images import (MODEL_SIZE, check_output_path, fit_to_canvas, load_garment, load_image,
                                load_label_image, save_image_atomic)
 from preprocess.inputs import Preprocessor
@@ -36,13 +39,28 @@ def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[args.dtype]
 
 
+def attention_focus(args) -> AttentionFocus | None:
+    """The experimental focus from ``--attention-focus TAU`` and its companions (checked: a bad
+    value, or a companion without TAU, is an ``OptionError``)."""
+    if args.attention_focus is None:
+        given = [flag for flag, on in (("--focus-levels", args.focus_levels != 1),
+                                       ("--focus-steps", args.focus_steps != (0.0, 1.0)),
+                                       ("--focus-own-keys", args.focus_own_keys)) if on]
+        if given:
+            raise OptionError(f"{', '.join(given)}: only with --attention-focus TAU (the focus is off without it)")
+        return None
+    return AttentionFocus(args.attention_focus, args.focus_levels, args.focus_steps, args.focus_own_keys)
+
+
 def _load(args, kind: ModelKind, device, dtype) -> LeffaModel:
+    placing = {"memory": MemoryPreset(args.memory),
+               "speed": SpeedOptions(args.fuse_qkv, args.channels_last, args.compile)}
     if args.tiny:
-        return tiny_model(kind).place(device, dtype)
+        return tiny_model(kind).place(device, dtype, **placing)
     if args.checkpoint is not None:
         base = args.base_config or kind.base
-        return LeffaModel.from_pretrained(base, args.checkpoint, device=device, dtype=dtype)
-    return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype)
+        return LeffaModel.from_pretrained(base, args.checkpoint, device=device, dtype=dtype, **placing)
+    return load_model(kind, args.checkpoint_dir, revision=args.revision, device=device, dtype=dtype, **placing)
 
 
 def _inputs(args, task: Task, device: torch.device, images: dict[str, Image.Image | None], compute_mask: bool,
@@ -106,6 +124,7 @@ def run(args) -> Path:
     kind = ModelKind(TryOnModel(args.model_type).weights) if task is Task.TRYON else ModelKind.POSE_TRANSFER
     if args.steps < 1:
         raise OptionError("--steps must be at least 1")
+    focus = attention_focus(args)
     device, dtype = _device_dtype(args)
     plan = _preprocessing(args, task)
     images = _read_images(args)  # inputs first: fail before any download or slow load
@@ -114,13 +133,14 @@ def run(args) -> Path:
     src, ref, mask, densepose = _inputs(args, task, device, images, *plan)
     t0 = time.perf_counter()
     model = _load(args, kind, device, dtype)
-    print(f"loaded {kind.value} on {device} ({dtype}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"loaded {kind.value} on {device} ({dtype}, --memory {args.memory}) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
     pipe = LeffaPipeline(model)
     with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
         out = pipe(src, ref, mask, densepose, num_inference_steps=args.steps,
                    guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(args.seed),
                    ref_acceleration=args.ref_acceleration,
-                   repaint=getattr(args, "repaint", False),
+                   repaint=getattr(args, "repaint", False), attention_focus=focus,
                    callback=lambda step, total: bar.update(1))
     return save_image_atomic(out.images[0], args.out)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "AttentionFocus": "leffa.attention",
     "AttentionRecorder": "leffa.recording",
     "BaseModel": "leffa.model",
     "CheckpointError": "weightfiles.checkpoint",
     "LeffaModel": "leffa.model",
     "LeffaPipeline": "leffa.pipeline",
     "LeffaPipelineOutput": "leffa.pipeline",
+    "MemoryPreset": "leffa.presets",
     "MissingWeightsError": "weightfiles.hub",
     "ModelKind": "leffa.hub",
+    "SpeedOptions": "leffa.speed",
     "load_model": "leffa.hub",
     "resolve_files": "weightfiles.hub",
 }

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from leffa.presets import MemoryPreset
 from leffa.model import CONFIG_ROOT, BaseModel, LeffaModel
+from leffa.speed import SpeedOptions
 from weightfiles.hub import resolve_files
 from weightfiles.manifest import Component
 
@@ -36,10 +38,12 @@ class ModelKind(str, Enum):
 
 def load_model(kind: ModelKind, root: str | Path | None = None, *, revision: str | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               tqdm_class=None) -> LeffaModel:
-    """The published model ``kind``, from the checkpoint folder or the Hub."""
+               tqdm_class=None, memory: MemoryPreset = MemoryPreset.FAST,
+               speed: SpeedOptions | None = None) -> LeffaModel:
+    """The published model ``kind``, from the checkpoint folder or the Hub, placed on ``device``
+    with the ``memory`` preset and ``speed`` options (``LeffaModel.place``)."""
     (path,) = resolve_files([kind.checkpoint], root, revision, tqdm_class)
-    return LeffaModel.from_pretrained(kind.base, path, device=device, dtype=dtype)
+    return LeffaModel.from_pretrained(kind.base, path, device=device, dtype=dtype, memory=memory, speed=speed)
 
 
 def tiny_model(kind: ModelKind) -> LeffaModel:

@@ -19,11 +19,13 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from leffa.attention import LeffaAttentionState, install_processors
+from leffa.attention import AttentionFocus, LeffaAttentionState, install_processors
+from leffa.memory import MemoryPreset, Placement, normalized_device, place_model
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from leffa.recording import AttentionRecorder, FlowRecorder
+    from leffa.speed import SpeedOptions
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 GENERATIVE_IN_CHANNELS = 12  # 4 noisy latent + 1 mask + 4 masked-image latent + 3 DensePose
@@ -123,6 +125,7 @@ class LeffaModel(nn.Module):
             if u.config.addition_embed_type == "text_time":
                 u.register_to_config(addition_embed_type=None)
         self.attn_state = LeffaAttentionState()
+        self.placement: Placement | None = None  # set by place()
         self._lock = threading.RLock()
         install_processors(unet, reference_unet, self.attn_state)
         self.register_state_dict_post_hook(_to_checkpoint_names)
@@ -166,9 +169,11 @@ class LeffaModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path | BaseModel, checkpoint: str | Path, *,
-                        device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> LeffaModel:
-        """Build from the base configs, then load ``checkpoint`` (.pth or .safetensors) strictly.
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        memory: MemoryPreset = MemoryPreset.FAST,
+                        speed: SpeedOptions | None = None) -> LeffaModel:
+        """Build from the base configs, then load ``checkpoint`` (.pth or .safetensors) strictly,
+        and ``place`` it.
 
         The model is built on the ``meta`` device and the checkpoint's tensors are assigned
         in place (memory-mapped), so loading needs no second copy of the weights.
@@ -180,34 +185,44 @@ class LeffaModel(nn.Module):
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:  # a buffer not in the checkpoint would stay on meta
             raise RuntimeError(f"{checkpoint}: no values loaded for {left[:5]}")
-        return model.place(device, dtype)
+        return model.place(device, dtype, memory=memory, speed=speed)
 
     # -- placement and scheduler --------------------------------------------------------
     def place(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
-              vae_dtype: torch.dtype | None = None) -> LeffaModel:
-        """Move to ``device``, the UNets in ``dtype``. The VAE runs in ``vae_dtype``; by default,
+              vae_dtype: torch.dtype | None = None, memory: MemoryPreset = MemoryPreset.FAST,
+              speed: SpeedOptions | None = None) -> LeffaModel:
+        """Run on ``device``, the UNets in ``dtype``. The VAE runs in ``vae_dtype``; by default,
         as the original: in ``dtype``, except float32 for a base whose VAE config asks for
         ``force_upcast`` (SDXL). The SD1.5 VAE config does not, so it runs in float16 as theirs
-        did (diffusers would upcast it: its ``force_upcast`` defaults to true)."""
+        did (diffusers would upcast it: its ``force_upcast`` defaults to true).
+
+        ``memory``: where the weights live while generating (``leffa.memory``: ``fast`` keeps
+        everything on ``device``; the others keep weights in CPU memory and bring them as the
+        pipeline's phases need them). ``speed``: opt-in faster steps (``leffa.speed``). Placing
+        again replaces the memory preset (except float8 weights, which stay rounded)."""
         if vae_dtype is None:
             vae_dtype = torch.float32 if self.vae_upcast else dtype
-        # torch's own ``to``: diffusers' override warns about float32-only modules on every
-        # dtype cast, even when a model has none (as these)
-        for module, module_dtype in ((self.unet, dtype), (self.reference_unet, dtype), (self.vae, vae_dtype)):
+        # torch's own ``to`` (leffa.memory): diffusers' override warns about float32-only modules on
+        # every dtype cast, even when a model has none (as these)
+        for module in (self.unet, self.reference_unet, self.vae):
             assert not module._keep_in_fp32_modules, type(module).__name__
-            torch.nn.Module.to(module, device, module_dtype)
+        placement = Placement(normalized_device(device), dtype, vae_dtype, MemoryPreset(memory))
+        self.placement = place_model(self, placement, speed)
         return self
 
     @contextmanager
     def attention_session(self, *, recorder: AttentionRecorder | FlowRecorder | None = None,
-                          cache_reference_kv: bool = False) -> Iterator[LeffaAttentionState]:
+                          cache_reference_kv: bool = False,
+                          attention_focus: AttentionFocus | None = None) -> Iterator[LeffaAttentionState]:
         """Hold the model for one generation or one training step: takes the model's lock (so
         pipelines and trainers sharing this model never interleave), sets the processors' shared
-        state from the arguments and clears it on exit, whatever happens."""
+        state from the arguments and clears it on exit, whatever happens. With an
+        ``attention_focus``, the caller tells the state the denoising step (``state.set_step``)."""
         with self._lock:
             state = self.attn_state
             state.clear()
             state.recorder, state.cache_reference_kv = recorder, cache_reference_kv
+            state.attention_focus = attention_focus
             try:
                 yield state
             finally:
@@ -215,11 +230,18 @@ class LeffaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes: its weights' device, or the placement's under a preset whose
+        weights rest on the CPU (``leffa.memory``)."""
+        placement = self.placement
+        if placement is not None and placement.memory is not MemoryPreset.FAST:
+            return placement.device
         return self.unet.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
+        """The UNets' compute dtype: their weights' (``low-fp8`` stores them in float8)."""
+        placement = self.placement
+        return placement.dtype if placement is not None and placement.memory.float8 else self.unet.conv_in.weight.dtype
 
     def make_scheduler(self) -> DDPMScheduler:
         """DDPM from the base scheduler config; zero-SNR rescaled betas for SDXL (spec §4.5)."""

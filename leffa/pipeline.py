@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from leffa.attention import run_reference_unet
+from leffa.attention import AttentionFocus, run_reference_unet
 from leffa.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
+from leffa.memory import Phase, enter_phase, idle_after
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
 
@@ -98,6 +99,7 @@ class LeffaPipeline:
         return posterior.sample(generator) * vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        enter_phase(self.model, Phase.DECODE)
         vae = self.model.vae
         x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (x / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype, as the original
@@ -126,6 +128,7 @@ class LeffaPipeline:
         output_type: OutputType = "pil",
         callback: Callable[[int, int], bool | None] | None = None,
         attention_recorder: AttentionRecorder | None = None,
+        attention_focus: AttentionFocus | None = None,
     ) -> LeffaPipelineOutput:
         """Generate.
 
@@ -150,12 +153,17 @@ class LeffaPipeline:
             output_type: "pil", "pt" (float (B, 3, H, W) in [0, 1]) or "np".
             callback: called as ``callback(step, total)`` after each denoising step; returning
                 ``False`` stops the run (``GenerationStopped`` is raised, nothing is decoded).
-            attention_recorder: opt-in attention recording (see ``leffa.recording``).
+            attention_recorder: opt-in attention recording (see ``leffa.recording``); with a
+                focus it records the focused attention.
+            attention_focus: experimental, off by default: sharpen (or flatten) the attention
+                over the reference in chosen layers and steps (``leffa.attention.AttentionFocus``).
         """
         self.check_inputs(num_inference_steps, output_type)
         rescale = guidance_scale if guidance_rescale is None else guidance_rescale
         # one generation at a time per model (its attention state and this scheduler)
-        with self.model.attention_session(recorder=attention_recorder, cache_reference_kv=ref_acceleration):
+        # under an offloading memory preset, each phase brings what it runs (leffa.memory)
+        with self.model.attention_session(recorder=attention_recorder, cache_reference_kv=ref_acceleration,
+                                          attention_focus=attention_focus), idle_after(self.model):
             # 1. Check and convert the inputs.
             inputs = self.prepare_inputs(src_image, ref_image, mask, densepose)
             if latents is not None and tuple(latents.shape) != self.latent_shape(inputs):
@@ -199,6 +207,7 @@ class LeffaPipeline:
                              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The CFG batch of reference latents, [zeros; reference] (spec §4.6), and the generative
         UNet's extra channels [mask, masked-person latent, DensePose], duplicated (spec §4.1–3)."""
+        enter_phase(self.model, Phase.ENCODE)
         dtype = self.model.dtype
         masked_latents = self._encode(inputs.src * (inputs.mask < 0.5), generator).to(dtype)
         ref_latents = self._encode(inputs.ref, generator).to(dtype)
@@ -224,8 +233,11 @@ class LeffaPipeline:
             recorder.begin(tuple(latents.shape[-2:]), batch=slice(batch, 2 * batch))
         try:
             if ref_acceleration:  # one reference pass at timesteps[n // 2] (spec §4.9)
+                enter_phase(model, Phase.REFERENCE)
                 self.run_reference(ref_latents, timesteps[len(timesteps) // 2])
+            enter_phase(model, Phase.DENOISE, ref_acceleration)
             for i, t in enumerate(timesteps):
+                model.attn_state.set_step(i, len(timesteps))
                 if recorder is not None:
                     recorder.set_step(i)
                 if not ref_acceleration:

@@ -21,6 +21,7 @@ from webapp.ui import editor_value, mask_from_editor
 ROOT = Path(__file__).resolve().parent.parent
 PERSON = str(ROOT / "examples/person/astronaut.png")
 GARMENT = str(ROOT / "examples/garment/striped_tee.png")
+FOCUS_OFF = [1.0, 1, 0.0, 1.0]  # the experimental attention focus's parameters, off
 STEPS = 2
 
 
@@ -45,7 +46,7 @@ def submit_tryon(client, steps=STEPS, **overrides):
     from webapp.ui import TRYON_PARAMETERS
 
     values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
-                                         "upper_body", steps, 2.5, 42, False, False, False, False, False, False]))
+                                         "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
     values.update(overrides)
     return client.submit(*values.values(), api_name="/tryon")
 
@@ -148,7 +149,7 @@ def test_api_refuses_nan_sent_as_raw_json(app_url):
     with open(PERSON, "rb") as f:
         (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
     photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
-    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false]}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0]}}'
     event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
     answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
@@ -209,11 +210,12 @@ def test_endpoint_parameters_are_the_documented_ones(client):
     """The README's API: parameter names and order of both endpoints."""
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = {name: [p["parameter_name"] for p in info["parameters"]] for name, info in api.items()}
+    focus = ["focus", "focus_levels", "focus_start", "focus_end"]
     assert names["/tryon"] == ["person", "garment", "editor", "mask_upload", "densepose_upload", "model_type",
                                "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
-                               "repaint", "preprocess_garment", "keep_fixed", "record"]
+                               "repaint", "preprocess_garment", "keep_fixed", "record", *focus]
     assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
-                                       "random_seed", "ref_acceleration", "record"]
+                                       "random_seed", "ref_acceleration", "record", *focus]
 
 
 def test_attention_recording_reports_groups_and_steps(client):
@@ -246,7 +248,7 @@ def test_tryon_request_from_values():
     from webapp.ui import TRYON_PARAMETERS, TryOnRequest
 
     values = dict(zip(TRYON_PARAMETERS, [{"path": PERSON}, GARMENT, None, None, None, "dress_code", "lower_body",
-                                         5, 1.5, 7.0, False, True, True, True, False, False]))
+                                         5, 1.5, 7.0, False, True, True, True, False, False, *FOCUS_OFF]))
     r = TryOnRequest.from_values(values, TINY_LIMITS)
     assert (r.person, r.garment, r.mask_upload, r.kind) == (PERSON, GARMENT, None, ModelKind.DRESS_CODE)
     assert (r.model_type, r.garment_type) == (TryOnModel.DRESS_CODE, GarmentType.LOWER_BODY)  # enums, not strings
@@ -271,12 +273,40 @@ def test_tryon_request_from_values():
         "repaint must be true or false, got 'no'"]
 
 
+def test_attention_focus_options():
+    """The experimental focus (issue 15): τ = 1 is off (no focus at all), another τ a checked
+    ``AttentionFocus``; bad values are listed with what they allow."""
+    from errors import OptionError
+    from leffa import AttentionFocus
+    from webapp.predict import MODEL_LIMITS
+    from webapp.ui import POSE_PARAMETERS, PoseRequest
+
+    values = dict(zip(POSE_PARAMETERS, [PERSON, PERSON, None, 30, 2.5, 42, False, False, False, *FOCUS_OFF]))
+    assert PoseRequest.from_values(values, MODEL_LIMITS).options.attention_focus is None
+    focused = {**values, "focus": 0.25, "focus_levels": 2.0, "focus_start": 0, "focus_end": 0.5}
+    assert PoseRequest.from_values(focused, MODEL_LIMITS).options.attention_focus == AttentionFocus(0.25, 2, (0, 0.5))
+    with pytest.raises(OptionError) as bad:
+        PoseRequest.from_values({**values, "focus": 0.0, "focus_levels": 9, "focus_start": "a"}, MODEL_LIMITS)
+    assert str(bad.value).splitlines() == ["focus must be a number between 0.1 and 2.0, got 0.0",
+                                           "focus_levels must be a whole number between 1 and 4, got 9",
+                                           "focus_start must be a number between 0.0 and 1.0, got 'a'"]
+    with pytest.raises(OptionError, match="focus_start and focus_end must be"):
+        PoseRequest.from_values({**focused, "focus_start": 0.6}, MODEL_LIMITS)
+
+
+def test_attention_focus_through_the_api(client):
+    """A focused generation differs from the default one; τ = 1 gives the default picture."""
+    images = {name: pixels(submit_tryon(client, **focus).result()[0])
+              for name, focus in (("off", {}), ("one", {"focus": 1.0, "focus_levels": 3}), ("sharp", {"focus": 0.1}))}
+    assert np.array_equal(images["off"], images["one"]) and not np.array_equal(images["off"], images["sharp"])
+
+
 def test_pose_request_needs_a_target():
     from errors import UserError
     from webapp.predict import MODEL_LIMITS
     from webapp.ui import POSE_PARAMETERS, PoseRequest
 
-    values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True]))
+    values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True, *FOCUS_OFF]))
     with pytest.raises(UserError, match="target pose"):
         PoseRequest.from_values(values, MODEL_LIMITS)
     r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}}, MODEL_LIMITS)
@@ -629,7 +659,7 @@ def test_tryon_progress_names_every_phase_in_order():
         reports.append((fraction, desc))
 
     values = dict(zip(TRYON_PARAMETERS, [PERSON, GARMENT, None, None, None, "viton_hd", "upper_body",
-                                         1, 2.5, 42, False, False, False, False, False, False]))
+                                         1, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
     predictor = Predictor(ModelCache(tiny_model), standin_preprocessor(), tiny=True, limits=TINY_LIMITS)
     out = tryon(predictor, progress, **values)
     assert out[0].size == (768, 1024) and out[1] == 42
@@ -713,3 +743,14 @@ def test_app_reports_its_weights_at_start(tmp_path, monkeypatch, capsys):
     assert "pose      missing densepose/model_final_162be9.pkl, pose_transfer.pth (about 21.2 GB" in out
     app.main(["--tiny"])  # no weights are used: nothing to report
     assert "Leffa weights" not in capsys.readouterr().out
+
+
+def test_real_models_are_counted_in_memory_under_the_chosen_preset(tmp_path):
+    """The app's cache holds the real models by memory (webapp.predict.estimated_budget), under --memory."""
+    from leffa import MemoryPreset
+    from webapp.predict import build_predictor
+
+    predictor = build_predictor(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--memory", "low"]))
+    budget = predictor.models.budget
+    assert budget.preset is MemoryPreset.LOW and budget.device == "cpu" and predictor.gpu is None
+    assert budget.need(ModelKind.VITON_HD, MemoryPreset.FAST).resident > 7 * 10**9  # float32 on the CPU

@@ -465,3 +465,44 @@ def test_no_diffusers_warnings_on_a_normal_run(tmp_path):
     assert out.returncode == 0, out.stderr
     noise = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("loaded", "denoising"))]
     assert noise == [], noise
+
+
+def test_cli_memory_presets_and_speed_options_keep_the_image(tmp_path, tiny_checkpoint, base_dirs, capsys):
+    """``--memory`` and the speed options (leffa.memory, leffa.speed): the same picture as the default."""
+    p = _write_inputs(tmp_path)
+    plain, other = tmp_path / "plain.png", tmp_path / "other.png"
+    assert main(_tryon_args(p, plain, tiny_checkpoint, base_dirs["sd15"])) == 0
+    assert main(_tryon_args(p, other, tiny_checkpoint, base_dirs["sd15"], "--memory", "low", "--fuse-qkv")) == 0
+    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(other)))
+    assert "--memory low" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_tryon_args(p, other, tiny_checkpoint, base_dirs["sd15"], "--memory", "huge"))
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_cli_attention_focus_is_experimental_and_checked(tmp_path, tiny_checkpoint, base_dirs, capsys):
+    """``--attention-focus TAU`` (issue 15): off by default, TAU = 1 is the default picture, a
+    sharper focus changes it; its companions need TAU and bad values are refused before any work."""
+    p = _write_inputs(tmp_path)
+    outs = {name: tmp_path / f"{name}.png" for name in ("plain", "one", "sharp")}
+
+    def args(out, *extra):
+        return _tryon_args(p, out, tiny_checkpoint, base_dirs["sd15"], *extra)
+
+    assert main(args(outs["plain"])) == 0
+    assert main(args(outs["one"], "--attention-focus", "1", "--focus-levels", "9")) == 0
+    assert main(args(outs["sharp"], "--attention-focus", "0.1", "--focus-steps", "0:1", "--focus-own-keys")) == 0
+    pixels = {name: np.asarray(Image.open(path)) for name, path in outs.items()}
+    assert np.array_equal(pixels["plain"], pixels["one"]) and not np.array_equal(pixels["plain"], pixels["sharp"])
+    capsys.readouterr()
+    for extra, message in [(["--focus-levels", "2"], "--focus-levels: only with --attention-focus TAU"),
+                           (["--attention-focus", "0"], "temperature must be a finite number > 0, got 0.0"),
+                           (["--attention-focus", "0.5", "--focus-steps", "0.5:0.2"], "0 <= start < end <= 1"),
+                           (["--attention-focus", "0.5", "--focus-levels", "0"], "levels must be a whole number >= 1")]:
+        bad = tmp_path / "bad.png"
+        assert main(args(bad, *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not bad.exists()
+    with pytest.raises(SystemExit):
+        main(args(tmp_path / "bad.png", "--attention-focus", "0.5", "--focus-steps", "half"))
+    assert "expected START:END fractions" in capsys.readouterr().err

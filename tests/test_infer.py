@@ -228,3 +228,19 @@ def test_two_processes_share_the_work(tmp_path, models):
     subprocess.run(one_process, cwd=ROOT, env=env, capture_output=True, check=True, timeout=300)
     one, two = _images(tmp_path / "one"), _images(out)
     assert list(one) == list(two) and all(np.array_equal(one[k], two[k]) for k in one)
+
+
+def test_attention_focus_is_recorded_and_keeps_old_folders_resumable(tmp_path, models, capsys):
+    """``leffa infer --attention-focus`` (experimental): the manifest records the focus, so a folder
+    is not resumed with another one; without a focus the settings are as before the option."""
+    data = viton_tree(tmp_path / "viton", n=1)
+    plain, focused = tmp_path / "plain", tmp_path / "focused"
+    assert main(_args(data, "viton_hd", plain, models)) == 0
+    assert "attention_focus" not in json.loads((plain / MANIFEST).read_text())["settings"]
+    assert main(_args(data, "viton_hd", focused, models, "--attention-focus", "0.25", "--focus-steps", "0:0.5")) == 0
+    recorded = json.loads((focused / MANIFEST).read_text())["settings"]["attention_focus"]
+    assert recorded == {"temperature": 0.25, "levels": 1, "steps": [0.0, 0.5], "own_keys": False}
+    assert not np.array_equal(_images(plain)["00000_00.png"], _images(focused)["00000_00.png"])
+    capsys.readouterr()
+    assert main(_args(data, "viton_hd", focused, models, "--attention-focus", "0.5", "--focus-steps", "0:0.5")) == 2
+    assert "holds images made with other settings (attention_focus:" in capsys.readouterr().err

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from errors import OptionError, enum_option
+from leffa.attention import AttentionFocus
 from leffa.hub import ModelKind, load_model, tiny_model
 from leffa.image_tensors import image_to_tensor, mask_to_tensor
 from leffa.model import LeffaModel
@@ -75,6 +76,8 @@ class InputSource(str, Enum):
 
 
 def _json_value(value):
+    if dataclasses.is_dataclass(value):
+        return {k: _json_value(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, Path):
         return str(value.resolve())
     if isinstance(value, Enum):
@@ -103,6 +106,7 @@ class InferenceConfig:
     ref_acceleration: bool = False
     repaint: bool = False
     seed: int = 42
+    attention_focus: AttentionFocus | None = None  # experimental (leffa.attention.AttentionFocus)
     size: tuple[int, int] = MODEL_SIZE  # (width, height)
     batch_size: int = 1
     num_workers: int = 2  # data-loading workers per process (dataset inputs only)
@@ -146,7 +150,9 @@ class InferenceConfig:
     def settings(self) -> dict:
         """What the images depend on, as JSON values (recorded in the manifest; a resumed run must
         match it). The dtype is added once the device is known."""
-        fields = [f.name for f in dataclasses.fields(self) if f.name not in RUN_ONLY]
+        # without a focus, as manifests written before the option existed (their runs resume)
+        fields = [f.name for f in dataclasses.fields(self)
+                  if f.name not in RUN_ONLY and not (f.name == "attention_focus" and self.attention_focus is None)]
         return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.kind.value}
 
 
@@ -302,7 +308,7 @@ def _generate(cfg: InferenceConfig, pipe: LeffaPipeline, loader: DataLoader, nam
         out = pipe(batch["src_image"], batch["ref_image"], batch["mask"], batch["densepose"],
                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                    guidance_rescale=cfg.guidance_rescale, ref_acceleration=cfg.ref_acceleration,
-                   repaint=cfg.repaint, generator=generators)  # one generator per sample
+                   repaint=cfg.repaint, attention_focus=cfg.attention_focus, generator=generators)  # one generator per sample
         for i, image in zip(indices, out.images):
             save_image_atomic(image, cfg.out_dir / names[i])
         bar.update(len(indices))

@@ -5,12 +5,14 @@ Nothing here knows about Gradio; the UI passes plain images and a progress callb
 
 from __future__ import annotations
 
+import functools
 import gc
+import math
 import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -19,8 +21,12 @@ from PIL import Image
 
 from errors import OptionError, enum_option
 from leffa import AttentionRecorder, LeffaModel, LeffaPipeline, ModelKind, load_model
+from leffa.attention import AttentionFocus
 from leffa.hub import tiny_model
+from leffa.memory import (FreeMemory, MemoryNeed, MemoryPreset, estimate_memory, fits, free_memory, meta_model,
+                          not_enough_memory)
 from leffa.pipeline import GenerationStopped
+from leffa.speed import SpeedOptions
 from preprocess.inputs import PersonMask, PoseInputs, Preprocessor, TryOnInputs
 from preprocess.masks import GarmentType, TryOnModel
 from weightfiles.hub import missing_files, resolve_files
@@ -99,6 +105,7 @@ class GenerateOptions:
     ref_acceleration: bool = False
     repaint: bool = False
     record_attention: bool = False
+    attention_focus: AttentionFocus | None = None  # experimental (leffa.attention.AttentionFocus)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,10 @@ class OptionLimits:
     guidance_default: float = 2.5
     seed_default: int = 42
     seed_max: int = MAX_SEED
+    # the experimental attention focus: its temperature (1 = off) and how many token-grid levels
+    focus_min: float = 0.1
+    focus_max: float = 2.0
+    focus_levels_max: int = 4
 
     def check(self, options: GenerateOptions) -> GenerateOptions:
         """``options`` with their types and ranges checked (the server's own check: API callers
@@ -124,12 +135,29 @@ class OptionLimits:
 
     def options(self, values: Mapping[str, Any], check: OptionCheck) -> GenerateOptions:
         """The generation options among an endpoint's raw values, by parameter name (``steps``,
-        ``guidance``, ``seed``, ``random_seed``, ``ref_acceleration``, ``record`` and, where the
-        endpoint has it, ``repaint``), checked into ``check``."""
+        ``guidance``, ``seed``, ``random_seed``, ``ref_acceleration``, ``record``, the focus's
+        ``focus``, ``focus_levels``, ``focus_start``, ``focus_end`` and, where the endpoint has it,
+        ``repaint``), checked into ``check``."""
         random_seed = check.flag("random_seed", values["random_seed"])
         raw = GenerateOptions(values["steps"], values["guidance"], None if random_seed is True else values["seed"],
                               values["ref_acceleration"], values.get("repaint", False), values["record"])
-        return self._checked(raw, check)
+        checked = self._checked(raw, check)
+        checked.attention_focus = self._focus(values, check)
+        return checked
+
+    def _focus(self, values: Mapping[str, Any], check: OptionCheck) -> AttentionFocus | None:
+        """The experimental attention focus, None when ``focus`` is 1 (which changes nothing)."""
+        temperature = check.number("focus", values["focus"], self.focus_min, self.focus_max)
+        levels = check.integer("focus_levels", values["focus_levels"], 1, self.focus_levels_max)
+        steps = (check.number("focus_start", values["focus_start"], 0.0, 1.0),
+                 check.number("focus_end", values["focus_end"], 0.0, 1.0))
+        if check.problems or temperature == 1.0:
+            return None
+        try:
+            return AttentionFocus(temperature, levels, steps)
+        except OptionError as e:  # the steps' order
+            check.problems.append(str(e).replace("attention focus steps", "focus_start and focus_end"))
+            return None
 
     def _checked(self, options: GenerateOptions, check: OptionCheck) -> GenerateOptions:
         return GenerateOptions(
@@ -137,7 +165,7 @@ class OptionLimits:
             check.number("guidance", options.guidance_scale, self.guidance_min, self.guidance_max),
             None if options.seed is None else check.integer("seed", options.seed, 0, self.seed_max),
             check.flag("ref_acceleration", options.ref_acceleration), check.flag("repaint", options.repaint),
-            check.flag("record", options.record_attention))
+            check.flag("record", options.record_attention), options.attention_focus)
 
 
 MODEL_LIMITS = OptionLimits()  # the published models
@@ -162,21 +190,66 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class ModelCache:
-    """Pipelines by model kind, loaded on first use; the least recently used is dropped when
-    more than ``max_models`` are asked for, or when loading runs out of GPU memory."""
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The model cache's memory accounting: ``need(kind, preset)`` is what a model needs
+    (``leffa.memory.MemoryNeed``), ``free()`` what is free now; ``device`` names the pool in
+    messages. Both functions are injected, so tests give fake figures."""
 
-    def __init__(self, loader: Callable[[ModelKind], LeffaModel], max_models: int = 2):
-        self._loader, self.max_models = loader, max_models
+    preset: MemoryPreset
+    need: Callable[[ModelKind, MemoryPreset], MemoryNeed]
+    free: Callable[[], FreeMemory]
+    device: str = "cpu"
+
+
+def estimated_budget(preset: MemoryPreset, device: str, dtype: torch.dtype) -> MemoryBudget:
+    """The budget of real models: needs estimated from each base's structure (a meta-device
+    build, no weights) and the free memory measured on ``device``."""
+
+    def need(kind: ModelKind, memory: MemoryPreset) -> MemoryNeed:
+        return estimate_memory(meta_model(kind.base), memory, device, dtype)
+
+    return MemoryBudget(preset, need, functools.partial(free_memory, device), device)
+
+
+class ModelCache:
+    """Pipelines by model kind, loaded on first use. At most ``max_models`` are kept, and with a
+    ``budget`` only as many as fit in memory: before loading, the least recently used are dropped
+    until the new model fits (``leffa.memory.fits``); a model that cannot fit even alone is refused
+    with a ``NotEnoughMemoryError`` saying what it needs, what is free and which preset would fit.
+    Should loading still run out of GPU memory, the others are dropped and it is tried once more."""
+
+    def __init__(self, loader: Callable[[ModelKind], LeffaModel], max_models: int = 2,
+                 budget: MemoryBudget | None = None):
+        self._loader, self.max_models, self.budget = loader, max_models, budget
         self._pipes: OrderedDict[ModelKind, LeffaPipeline] = OrderedDict()
+        self._needs: dict[ModelKind, MemoryNeed] = {}
         self._lock = threading.Lock()
 
     def loaded(self) -> list[ModelKind]:
         return list(self._pipes)
 
     def _drop_oldest(self) -> None:
-        self._pipes.popitem(last=False)
+        kind, _ = self._pipes.popitem(last=False)
+        self._needs.pop(kind, None)
         free_accelerator_memory()
+
+    def _make_room(self, kind: ModelKind) -> MemoryNeed:
+        """Drop the least recently used models until ``kind`` fits; refuse it, dropping nothing,
+        if it would not fit even with all of them gone."""
+        budget = self.budget
+        need = budget.need(kind, budget.preset)
+        free = budget.free()
+        held = list(self._needs.values())
+        alone = FreeMemory(free.device + sum(n.resident for n in held), free.host + sum(n.host for n in held))
+        if not fits(need, alone):
+            needs = {preset: budget.need(kind, preset) for preset in MemoryPreset}
+            raise not_enough_memory(f"the {kind.value} model", budget.preset, needs, alone, budget.device,
+                                    others_dropped=bool(held))
+        while not fits(need, free, max((n.working for n in self._needs.values()), default=0)) and self._pipes:
+            self._drop_oldest()
+            free = budget.free()
+        return need
 
     def get(self, kind: ModelKind, progress: Progress = _no_progress) -> LeffaPipeline:
         with self._lock:
@@ -185,6 +258,7 @@ class ModelCache:
                 return self._pipes[kind]
             while len(self._pipes) >= self.max_models:
                 self._drop_oldest()
+            need = self._make_room(kind) if self.budget is not None else None
             progress(LOADING, f"Loading the {kind.value} model (downloaded on first use)")
             try:
                 model = self._loader(kind)
@@ -195,14 +269,82 @@ class ModelCache:
                     self._drop_oldest()
                 model = self._loader(kind)
             self._pipes[kind] = LeffaPipeline(model)
+            if need is not None:
+                self._needs[kind] = need
             return self._pipes[kind]
 
 
-def checkpoint_loader(root: str | None, device: str, dtype: torch.dtype) -> Callable[[ModelKind], LeffaModel]:
-    def load(kind: ModelKind) -> LeffaModel:
-        return load_model(kind, root, device=device, dtype=dtype).eval()
+@dataclass(frozen=True)
+class ModelSetup:
+    """Where and how the app runs the Leffa models (from the settings): ``device`` and ``dtype``,
+    the memory preset and the speed options (``leffa.memory``, ``leffa.speed``)."""
 
-    return load
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    memory: MemoryPreset = MemoryPreset.FAST
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+
+    def loader(self, root: str | None, device: str | None = None,
+               tiny: bool = False) -> Callable[[ModelKind], LeffaModel]:
+        """Loads a model kind (published, or ``tiny``) placed on ``device`` (default: the setup's)."""
+        device = device or self.device
+
+        def load(kind: ModelKind) -> LeffaModel:
+            if tiny:
+                return tiny_model(kind).place(device, self.dtype, memory=self.memory, speed=self.speed)
+            return load_model(kind, root, device=device, dtype=self.dtype, memory=self.memory,
+                              speed=self.speed).eval()
+
+        return load
+
+    def move(self, model: LeffaModel, device: str) -> None:
+        """Place a loaded model on ``device`` with the setup's preset (its speed options stay)."""
+        model.place(device, self.dtype, memory=self.memory)
+
+
+# ZeroGPU: seconds to ask for one generation, by base (is SDXL) -> (fixed: moving the weights to the
+# GPU and back, encoding, decoding; per denoising step), several times the H100 figures (0.07 s/step
+# for SD1.5, 0.11 for SDXL: README), as a shared GPU may be slower; the offloading presets are
+# slower still. A Space's visitors are charged what a call takes, not what it asked for.
+GPU_SECONDS = {False: (10.0, 0.25), True: (20.0, 0.5)}
+PRESET_SLOWDOWN = {MemoryPreset.FAST: 1.0, MemoryPreset.BALANCED: 1.5, MemoryPreset.LOW: 3.0,
+                   MemoryPreset.LOW_FP8: 3.0}
+
+
+def on_demand_gpus():
+    """The ``spaces`` package when the app runs on a Hugging Face Space with on-demand GPUs
+    (ZeroGPU), else None: then nothing changes."""
+    try:
+        import spaces
+    except ImportError:
+        return None
+    return spaces
+
+
+class OnDemandGPU:
+    """Generations on a Space with on-demand GPUs (ZeroGPU): the models rest on the CPU; each
+    generation runs inside ``spaces.GPU``, for a duration estimated from its steps and model
+    (``seconds``), and moves its model onto the setup's device there, and back to the CPU after."""
+
+    def __init__(self, spaces, setup: ModelSetup):
+        self.setup = setup
+        self._run = spaces.GPU(duration=self.seconds)(self._on_gpu)
+
+    def seconds(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]) -> int:
+        """The GPU time to ask for (receives the arguments of the decorated call, as ZeroGPU passes them)."""
+        fixed, per_step = GPU_SECONDS[pipe.model.is_sdxl]
+        return math.ceil(fixed + steps * per_step * PRESET_SLOWDOWN[self.setup.memory])
+
+    def _on_gpu(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]):
+        self.setup.move(pipe.model, self.setup.device)
+        try:
+            return job()
+        finally:
+            self.setup.move(pipe.model, "cpu")
+
+    def __call__(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]):
+        """``job()`` (a generation with ``pipe``, ``steps`` denoising steps) on the GPU."""
+        return self._run(pipe, steps, job)
 
 
 class Predictor:
@@ -213,9 +355,16 @@ class Predictor:
     ``checkpoint_dir`` or the Hub, so a missing one is reported with all the others."""
 
     def __init__(self, models: ModelCache, preprocessor: Preprocessor, tiny: bool = False,
-                 limits: OptionLimits = MODEL_LIMITS, checkpoint_dir: str | None = None):
+                 limits: OptionLimits = MODEL_LIMITS, checkpoint_dir: str | None = None,
+                 gpu: OnDemandGPU | None = None):
+        """``gpu``: on a Space with on-demand GPUs, runs each generation on one (else it runs here)."""
         self.models, self.preprocessor, self.tiny, self.limits = models, preprocessor, tiny, limits
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir, self.gpu = checkpoint_dir, gpu
+
+    def preload(self, kinds: tuple[ModelKind, ...] = (ModelKind.VITON_HD,)) -> None:
+        """Load ``kinds`` now (on a Space with on-demand GPUs: at start, onto the CPU)."""
+        for kind in kinds:
+            self.models.get(kind)
 
     def fetch_weights(self, components: tuple[Component, ...]) -> None:
         """The files of ``components``, downloaded if missing (``MissingWeightsError`` names every
@@ -260,10 +409,12 @@ class Predictor:
             n = options.steps
             recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
         progress(DENOISING, f"Denoising step 0/{options.steps}")
-        out = pipe(src, ref, mask, densepose, num_inference_steps=options.steps,
-                   guidance_scale=options.guidance_scale, generator=torch.Generator().manual_seed(seed),
-                   ref_acceleration=options.ref_acceleration, repaint=options.repaint,
-                   attention_recorder=recorder, callback=_step_callback(progress, should_stop))
+        job = functools.partial(pipe, src, ref, mask, densepose, num_inference_steps=options.steps,
+                                guidance_scale=options.guidance_scale, generator=torch.Generator().manual_seed(seed),
+                                ref_acceleration=options.ref_acceleration, repaint=options.repaint,
+                                attention_focus=options.attention_focus,
+                                attention_recorder=recorder, callback=_step_callback(progress, should_stop))
+        out = job() if self.gpu is None else self.gpu(pipe, options.steps, job)
         return Generation(out.images[0], seed, options.steps, ref, recorder)
 
 
@@ -280,17 +431,35 @@ def _step_callback(progress: Progress, should_stop: ShouldStop) -> Callable[[int
     return callback
 
 
-def build_predictor(settings) -> Predictor:
-    from preprocess.standins import standin_preprocessor
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    if settings.tiny:
-        return Predictor(ModelCache(tiny_model, settings.max_models), standin_preprocessor(), tiny=True,
-                         limits=TINY_LIMITS)
+
+def model_setup(settings, on_demand: bool = False) -> ModelSetup:
+    """The settings' device (``auto``: CUDA when there is one, or ``on_demand``), dtype (``auto``:
+    float16 on CUDA, float32 on the CPU), memory preset and speed options."""
     device = settings.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
-    models = ModelCache(checkpoint_loader(settings.checkpoint_dir, device, dtype), settings.max_models)
+        device = "cuda" if on_demand or torch.cuda.is_available() else "cpu"
+    dtype = DTYPES.get(settings.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
+    speed = SpeedOptions(settings.fuse_qkv, settings.channels_last, settings.compile)
+    return ModelSetup(device, dtype, MemoryPreset(settings.memory), speed)
+
+
+def build_predictor(settings) -> Predictor:
+    """The app's predictor. The model cache counts memory under the chosen preset (real models).
+    On a Space with on-demand GPUs (``spaces`` importable) the models and the preprocessing stay
+    on the CPU and each generation runs inside ``spaces.GPU`` (``OnDemandGPU``)."""
+    from preprocess.standins import standin_preprocessor
+
+    spaces = on_demand_gpus()
+    setup = model_setup(settings, on_demand=spaces is not None)
+    gpu = OnDemandGPU(spaces, setup) if spaces is not None else None
+    if settings.tiny:
+        loader = tiny_model if gpu is None else setup.loader(None, "cpu", tiny=True)
+        return Predictor(ModelCache(loader, settings.max_models), standin_preprocessor(), tiny=True,
+                         limits=TINY_LIMITS, gpu=gpu)
+    device = "cpu" if gpu is not None else setup.device  # where the models rest
+    budget = estimated_budget(setup.memory, device, setup.dtype)
+    models = ModelCache(setup.loader(settings.checkpoint_dir, device), settings.max_models, budget)
     return Predictor(models, Preprocessor.from_checkpoints(settings.checkpoint_dir, device),
-                     checkpoint_dir=settings.checkpoint_dir)
+                     checkpoint_dir=settings.checkpoint_dir, gpu=gpu)

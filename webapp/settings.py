@@ -6,6 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from leffa.presets import MEMORY_PRESETS
+
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -15,10 +18,18 @@ class Settings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16
     queue_size: int = 16  # requests waiting at most; more are refused with a message
-    max_models: int = 2  # Leffa models kept loaded; the least recently used is dropped first
+    max_models: int = 2  # Leffa models kept loaded at most; the least recently used is dropped first
+    memory: str = "fast"  # memory preset (leffa.memory): fast, balanced, low, low-fp8
+    fuse_qkv: bool = False  # speed options (leffa.speed)
+    channels_last: bool = False
+    compile: bool = False
     max_file_size: str = "20mb"
     tiny: bool = False  # tiny random-weight models and stand-in preprocessors (no downloads)
     share: bool = False
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") == "1"
 
 
 def _env(name: str, default):
@@ -44,13 +55,27 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="how many requests may wait ($LEFFA_QUEUE_SIZE, default 16)")
     p.add_argument("--max-models", type=int, default=_env("LEFFA_MAX_MODELS", d.max_models),
                    help="Leffa models kept in memory, least recently used dropped first ($LEFFA_MAX_MODELS)")
+    p.add_argument("--memory", default=_env("LEFFA_MEMORY", d.memory), choices=MEMORY_PRESETS,
+                   help="where the weights live while generating ($LEFFA_MEMORY): fast = all on the GPU; "
+                        "balanced = only what the current phase runs; low = one UNet block at a time; "
+                        "low-fp8 = low with float8 weights (least memory, slightly different images)")
+    p.add_argument("--fuse-qkv", action="store_true", default=_env_flag("LEFFA_FUSE_QKV"),
+                   help="fused q/k/v projections in self-attention ($LEFFA_FUSE_QKV=1)")
+    p.add_argument("--channels-last", action="store_true", default=_env_flag("LEFFA_CHANNELS_LAST"),
+                   help="channels-last convolutions ($LEFFA_CHANNELS_LAST=1)")
+    p.add_argument("--compile", action="store_true", default=_env_flag("LEFFA_COMPILE"),
+                   help="torch.compile the generative UNet: faster steps after a slow first generation "
+                        "($LEFFA_COMPILE=1)")
     p.add_argument("--max-file-size", default=_env("LEFFA_MAX_FILE_SIZE", d.max_file_size),
                    help="largest upload ($LEFFA_MAX_FILE_SIZE, default 20mb)")
-    p.add_argument("--tiny", action="store_true", default=os.environ.get("LEFFA_TINY", "") == "1",
+    p.add_argument("--tiny", action="store_true", default=_env_flag("LEFFA_TINY"),
                    help="offline demo: tiny untrained models and stand-in preprocessors ($LEFFA_TINY=1)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     a = p.parse_args(argv)
     if a.queue_size < 1 or a.max_models < 1:
         p.error("--queue-size and --max-models must be at least 1")
+    if a.memory not in MEMORY_PRESETS:  # a default from $LEFFA_MEMORY skips argparse's choices
+        p.error(f"--memory / $LEFFA_MEMORY must be one of {', '.join(MEMORY_PRESETS)}, got {a.memory!r}")
     return Settings(a.host, a.port, a.checkpoint_dir, a.device, a.dtype, a.queue_size, a.max_models,
-                    a.max_file_size, a.tiny, a.share)
+                    memory=a.memory, fuse_qkv=a.fuse_qkv, channels_last=a.channels_last, compile=a.compile,
+                    max_file_size=a.max_file_size, tiny=a.tiny, share=a.share)

@@ -235,9 +235,12 @@ class PoseRequest:
 # The endpoints' parameters, in their order (the API's; README documents it): each tab's builder
 # wires its components to these names, and the handler receives them by name.
 GENERATION_PARAMETERS = ("steps", "guidance", "seed", "random_seed", "ref_acceleration")
+# the experimental attention focus: last, so that the parameters before keep their positions
+FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
 TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
-                    *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record")
-POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record")
+                    *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record",
+                    *FOCUS_PARAMETERS)
+POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS)
 
 
 # -- handlers: module-level, the predictor bound with functools.partial -------------------------------
@@ -361,6 +364,11 @@ def warp(state: Generation | None, group, step):
     return warped_reference(state.recorder, int(step), layer_groups(state.recorder)[group], state.reference)
 
 
+FOCUS_HELP = ("Divides the attention logits over the garment (or the kept person) by τ in the finest layers, "
+              "at inference, without retraining. Off by default: on our toy it did not replace the Leffa loss "
+              "(see the README's *Attention focus*).")
+
+
 # -- layout: shared parts, one builder per tab, the demo --------------------------------------------
 def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr.components.Component]:
     """The generation option components, by endpoint parameter name; ranges from ``limits``."""
@@ -374,6 +382,15 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
     if with_repaint:
         c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
     c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
+    with gr.Accordion("Experimental: attention focus", open=False):
+        gr.Markdown(FOCUS_HELP)
+        c["focus"] = gr.Slider(limits.focus_min, limits.focus_max, value=1.0, step=0.05,
+                               label="Focus temperature τ (1 = off; < 1 sharpens)")
+        c["focus_levels"] = gr.Slider(1, limits.focus_levels_max, value=1, step=1,
+                                      label="Token-grid levels focused, from the finest")
+        with gr.Row():
+            c["focus_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="From (fraction of the steps)")
+            c["focus_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Until")
     return c
 
 
