@@ -95,6 +95,10 @@ def _renamed(state_dict: dict, prefix: str, mapping: dict[str, str]) -> None:
 
 
 def _to_checkpoint_names(module, state_dict, prefix, local_metadata) -> None:
+    """The published layout: ``unet_encoder``, and without the fused ``to_qkv`` projections that
+    ``SpeedOptions(fuse_qkv=True)`` adds (copies of ``to_q``/``to_k``/``to_v``, which stay)."""
+    for key in [k for k in state_dict if ".to_qkv." in k]:
+        del state_dict[key]
     _renamed(state_dict, prefix, CHECKPOINT_NAMES)
 
 

@@ -25,10 +25,15 @@ from leffa.flow import coordinate_grid, token_grid
 LayerFilter = Callable[[str], bool]
 
 
+def every_layer(name: str) -> bool:
+    return True
+
+
 def layer_filter(layers: Sequence[str] | LayerFilter | None) -> LayerFilter:
-    """Names, a predicate, or None (every layer) -> a predicate."""
+    """Names, a predicate, or None (every layer) -> a predicate (a module-level one for None, so
+    that a recorder can be pickled: the app sends it back from a ZeroGPU worker)."""
     if layers is None:
-        return lambda name: True
+        return every_layer
     if callable(layers):
         return layers
     return set(layers).__contains__

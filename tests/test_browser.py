@@ -117,6 +117,8 @@ def test_tryon_and_attention_heatmap(page, shots):
     page.wait_for_timeout(500)
     box = result.bounding_box()
     result.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.45})
+    # Gradio's <img loading="lazy"> loads (and gets a size) only near the viewport: scroll to its box
+    page.locator("#heatmap-garment").scroll_into_view_if_needed()
     heat = page.locator("#heatmap-garment img").first
     heat.wait_for()
     assert heat.get_attribute("src")

@@ -11,7 +11,9 @@ Tolerances (images in [0, 1], float32 on the CPU unless said):
 from __future__ import annotations
 
 import collections
+import functools
 import math
+import pickle
 import subprocess
 import sys
 import types
@@ -207,6 +209,17 @@ def test_speed_options_keep_the_images(base_dirs, variant, plain, speed):
         assert len(fused) == model.attn_state.num_layers and all(hasattr(m, "to_qkv") for m in fused)
 
 
+def test_fused_model_saves_the_published_layout(base_dirs):
+    """Fusing adds ``to_qkv`` beside ``to_q``/``to_k``/``to_v``; a state dict leaves it out, so a fused
+    model's checkpoint loads strictly into a plain one."""
+    plain = tiny_model(base_dirs["sd15"])
+    fused = tiny_model(base_dirs["sd15"]).place("cpu", speed=SpeedOptions(fuse_qkv=True))
+    assert any(n.endswith("to_qkv.weight") for n, _ in fused.named_parameters())
+    saved = fused.state_dict()
+    assert list(saved) == list(plain.state_dict())
+    plain.load_state_dict(saved)  # strict
+
+
 def test_fused_qkv_with_an_offloading_preset(base_dirs, variant, plain):
     model = tiny_model(base_dirs[variant]).place("cpu", memory=MemoryPreset.LOW, speed=SpeedOptions(fuse_qkv=True))
     assert (_run(model) - plain[False]).abs().max() < 1e-5
@@ -357,6 +370,31 @@ def test_cache_refuses_what_cannot_fit_alone_and_names_a_preset_that_would():
     assert cache.loaded() == [kind.VITON_HD]  # not dropped for nothing
 
 
+def test_cache_refuses_before_dropping_for_max_models():
+    """With room for one model only, a model that cannot fit is refused and the loaded one kept."""
+    memory = FakeMemory(8 * GB, {})
+    cache, kind = _cache(memory, max_models=1)
+    memory.sizes.update({kind.VITON_HD: 3 * GB, kind.POSE_TRANSFER: 10 * GB})
+    cache.get(kind.VITON_HD)
+    with pytest.raises(NotEnoughMemoryError, match="once the other models are dropped"):
+        cache.get(kind.POSE_TRANSFER)
+    assert cache.loaded() == [kind.VITON_HD]
+
+
+def test_cache_refuses_when_memory_stays_short_once_all_are_dropped():
+    """Memory held elsewhere (a generation still running, another process): after dropping every
+    model the free memory is measured again, and a model that still does not fit is refused."""
+    memory = FakeMemory(12 * GB, {})
+    cache, kind = _cache(memory)
+    memory.sizes.update({kind.VITON_HD: 4 * GB, kind.POSE_TRANSFER: 9 * GB})
+    cache.get(kind.VITON_HD)
+    # dropped, but its memory is not given back (a generation still holds the pipeline)
+    cache._drop_oldest = functools.partial(type(cache)._drop_oldest, cache)
+    with pytest.raises(NotEnoughMemoryError, match=r"needs about 10.0 GB of CUDA memory and 8.0 GB are free"):
+        cache.get(kind.POSE_TRANSFER)
+    assert cache.loaded() == [] and kind.POSE_TRANSFER not in memory.loaded  # never loaded
+
+
 def test_cache_keeps_max_models_as_a_bound():
     memory = FakeMemory(100 * GB, {})
     cache, kind = _cache(memory, max_models=1)
@@ -396,18 +434,27 @@ def test_app_settings_for_memory_and_speed(monkeypatch):
 
 # -- Hugging Face Spaces with on-demand GPUs ---------------------------------------------------------------
 class StandInSpaces(types.ModuleType):
-    """Records what the app asks of ``spaces``: ``GPU(duration=...)`` and each decorated call."""
+    """Records what the app asks of ``spaces``: ``GPU(duration=...)`` and each decorated call. As the
+    real package's ZeroGPU worker, the call's arguments and result cross a process boundary pickled."""
 
-    def __init__(self):
+    def __init__(self, zero_gpu: bool = True):
         super().__init__("spaces")
         self.calls = []
+        self.config = types.ModuleType("spaces.config")
+        self.config.Config = types.SimpleNamespace(zero_gpu=zero_gpu)
+
+    def install(self, monkeypatch) -> StandInSpaces:
+        monkeypatch.setitem(sys.modules, "spaces", self)
+        monkeypatch.setitem(sys.modules, "spaces.config", self.config)
+        return self
 
     def GPU(self, duration):  # noqa: N802 (the package's name)
         def decorate(fn):
             def on_gpu(*args, **kwargs):
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
                 self.calls.append(("enter", duration(*args, **kwargs)))
                 try:
-                    return fn(*args, **kwargs)
+                    return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
                 finally:
                     self.calls.append(("exit",))
 
@@ -418,26 +465,28 @@ class StandInSpaces(types.ModuleType):
 
 def test_on_spaces_generations_run_inside_spaces_gpu(monkeypatch):
     from leffa.hub import ModelKind
-    from webapp.predict import GenerateOptions, build_predictor
+    from webapp.predict import GenerateOptions, GenerationCall, build_predictor
     from webapp.settings import parse_args
 
-    spaces = StandInSpaces()
-    monkeypatch.setitem(sys.modules, "spaces", spaces)
+    spaces = StandInSpaces().install(monkeypatch)
     predictor = build_predictor(parse_args(["--tiny", "--device", "cpu", "--memory", "balanced"]))
     assert predictor.gpu is not None and predictor.gpu.setup.device == "cpu"
     pipe = predictor.models.get(ModelKind.VITON_HD)
     assert pipe.model.placement.device == torch.device("cpu")  # loaded onto the CPU, outside the GPU call
+    assert pipe.model.placement.memory is MemoryPreset.BALANCED  # the tiny app follows --memory too
     placed = []
     real_place = pipe.model.place
     monkeypatch.setattr(pipe.model, "place", lambda device, *a, **k: (placed.append(
         (str(device), len(spaces.calls))), real_place(device, *a, **k))[1])
     images = [Image.new("RGB", (48, 64), "gray"), Image.new("RGB", (48, 64), "red"), Image.new("L", (48, 64), 255),
               Image.new("RGB", (48, 64), "blue")]
-    gen = predictor.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3))
-    assert gen.image.size == (48, 64)
-    assert spaces.calls == [("enter", predictor.gpu.seconds(pipe, 3, None)), ("exit",)]
+    gen = predictor.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3, record_attention=True))
+    assert gen.image.size == (48, 64) and gen.recorder.steps() == [1, 2]  # the recording came back too
+    call = GenerationCall(ModelKind.VITON_HD, *images, GenerateOptions(steps=3), 42)
+    assert spaces.calls == [("enter", predictor.gpu.seconds(call)), ("exit",)]
     assert placed == [("cpu", 1), ("cpu", 1)]  # onto the setup's device inside the call, back to the CPU after
-    assert predictor.gpu.seconds(pipe, 30, None) == math.ceil(10 + 30 * 0.25 * 1.5)  # tiny: SD1.5-like
+    call30 = GenerationCall(ModelKind.POSE_TRANSFER, *images, GenerateOptions(steps=30), 42)
+    assert predictor.gpu.seconds(call30) == math.ceil(20 + 30 * 0.5 * 1.5)  # SDXL, balanced
 
 
 def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):
@@ -448,7 +497,7 @@ def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):
     launched = []
     monkeypatch.setattr(webapp.ui, "launch", lambda demo, settings: launched.append(demo))
     monkeypatch.setattr(webapp.ui, "create_demo", lambda predictor: predictor)
-    monkeypatch.setitem(sys.modules, "spaces", StandInSpaces())
+    StandInSpaces().install(monkeypatch)
     app.main(["--tiny", "--device", "cpu"])
     assert launched[0].models.loaded() == [ModelKind.VITON_HD]
 
@@ -459,6 +508,8 @@ def test_without_spaces_nothing_changes(monkeypatch):
     from webapp.predict import build_predictor
     from webapp.settings import parse_args
 
+    StandInSpaces(zero_gpu=False).install(monkeypatch)  # installed, but not a ZeroGPU Space
+    assert build_predictor(parse_args(["--tiny"])).gpu is None
     monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
     predictor = build_predictor(parse_args(["--tiny"]))
     assert predictor.gpu is None

@@ -25,6 +25,7 @@ from leffa.attention import AttentionFocus
 from leffa.hub import tiny_model
 from leffa.memory import (FreeMemory, MemoryNeed, MemoryPreset, estimate_memory, fits, free_memory, meta_model,
                           not_enough_memory)
+from leffa.model import BaseModel
 from leffa.pipeline import GenerationStopped
 from leffa.speed import SpeedOptions
 from preprocess.inputs import PersonMask, PoseInputs, Preprocessor, TryOnInputs
@@ -234,19 +235,34 @@ class ModelCache:
         self._needs.pop(kind, None)
         free_accelerator_memory()
 
-    def _make_room(self, kind: ModelKind) -> MemoryNeed:
-        """Drop the least recently used models until ``kind`` fits; refuse it, dropping nothing,
-        if it would not fit even with all of them gone."""
+    def _refusal(self, kind: ModelKind, free: FreeMemory, others_dropped: bool):
         budget = self.budget
+        needs = {preset: budget.need(kind, preset) for preset in MemoryPreset}
+        return not_enough_memory(f"the {kind.value} model", budget.preset, needs, free, budget.device,
+                                 others_dropped=others_dropped)
+
+    def _make_room(self, kind: ModelKind) -> MemoryNeed | None:
+        """Room for ``kind``: at most ``max_models - 1`` others kept and, with a budget, the least
+        recently used dropped until it fits. A model that would not fit even with all the others
+        gone is refused before anything is dropped; one that still does not fit once they are
+        gone (memory held elsewhere) is refused then."""
+        budget = self.budget
+        if budget is None:
+            while len(self._pipes) >= self.max_models:
+                self._drop_oldest()
+            return None
         need = budget.need(kind, budget.preset)
         free = budget.free()
         held = list(self._needs.values())
         alone = FreeMemory(free.device + sum(n.resident for n in held), free.host + sum(n.host for n in held))
         if not fits(need, alone):
-            needs = {preset: budget.need(kind, preset) for preset in MemoryPreset}
-            raise not_enough_memory(f"the {kind.value} model", budget.preset, needs, alone, budget.device,
-                                    others_dropped=bool(held))
-        while not fits(need, free, max((n.working for n in self._needs.values()), default=0)) and self._pipes:
+            raise self._refusal(kind, alone, others_dropped=bool(held))
+        while len(self._pipes) >= self.max_models:
+            self._drop_oldest()
+            free = budget.free()
+        while not fits(need, free, max((n.working for n in self._needs.values()), default=0)):
+            if not self._pipes:
+                raise self._refusal(kind, free, others_dropped=bool(held))
             self._drop_oldest()
             free = budget.free()
         return need
@@ -256,9 +272,7 @@ class ModelCache:
             if kind in self._pipes:
                 self._pipes.move_to_end(kind)
                 return self._pipes[kind]
-            while len(self._pipes) >= self.max_models:
-                self._drop_oldest()
-            need = self._make_room(kind) if self.budget is not None else None
+            need = self._make_room(kind)
             progress(LOADING, f"Loading the {kind.value} model (downloaded on first use)")
             try:
                 model = self._loader(kind)
@@ -313,38 +327,72 @@ PRESET_SLOWDOWN = {MemoryPreset.FAST: 1.0, MemoryPreset.BALANCED: 1.5, MemoryPre
 
 def on_demand_gpus():
     """The ``spaces`` package when the app runs on a Hugging Face Space with on-demand GPUs
-    (ZeroGPU), else None: then nothing changes."""
+    (ZeroGPU: ``spaces.config.Config.zero_gpu``), else None: then nothing changes (``spaces`` is
+    installed on other Spaces too, where its decorator does nothing)."""
     try:
         import spaces
+        from spaces.config import Config
     except ImportError:
         return None
-    return spaces
+    return spaces if Config.zero_gpu else None
+
+
+@dataclass(frozen=True)
+class GenerationCall:
+    """One generation's inputs as plain values: on ZeroGPU they go to the GPU worker process
+    pickled (so no model, lock or callback in here)."""
+
+    kind: ModelKind
+    src: Image.Image
+    ref: Image.Image
+    mask: Image.Image
+    densepose: Image.Image
+    options: GenerateOptions  # checked
+    seed: int
+
+
+def run_generation(pipe: LeffaPipeline, call: GenerationCall,
+                   callback: Callable[[int, int], bool] | None = None) -> tuple[Image.Image, AttentionRecorder | None]:
+    """The generated image, and the attention recording if asked (the middle and the last step,
+    every layer, float16 on the CPU)."""
+    options, recorder = call.options, None
+    if options.record_attention:
+        n = options.steps
+        recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
+    out = pipe(call.src, call.ref, call.mask, call.densepose, num_inference_steps=options.steps,
+               guidance_scale=options.guidance_scale, generator=torch.Generator().manual_seed(call.seed),
+               ref_acceleration=options.ref_acceleration, repaint=options.repaint,
+               attention_focus=options.attention_focus, attention_recorder=recorder, callback=callback)
+    return out.images[0], recorder
 
 
 class OnDemandGPU:
-    """Generations on a Space with on-demand GPUs (ZeroGPU): the models rest on the CPU; each
-    generation runs inside ``spaces.GPU``, for a duration estimated from its steps and model
-    (``seconds``), and moves its model onto the setup's device there, and back to the CPU after."""
+    """Generations on a Space with on-demand GPUs (ZeroGPU). The models rest on the CPU, loaded
+    before the call; ``spaces.GPU`` runs each generation in a GPU worker process (forked, so it
+    sees them), for a duration estimated from its steps, model and preset (``seconds``): there
+    the model moves onto the setup's device, and back to the CPU after. The call's arguments and
+    result cross processes pickled, so the worker gets a ``GenerationCall`` and no callbacks: the
+    progress bar shows no denoising steps, and Stop acts before the GPU call, not during it."""
 
-    def __init__(self, spaces, setup: ModelSetup):
-        self.setup = setup
+    def __init__(self, spaces, setup: ModelSetup, models: ModelCache):
+        self.setup, self.models = setup, models
         self._run = spaces.GPU(duration=self.seconds)(self._on_gpu)
 
-    def seconds(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]) -> int:
-        """The GPU time to ask for (receives the arguments of the decorated call, as ZeroGPU passes them)."""
-        fixed, per_step = GPU_SECONDS[pipe.model.is_sdxl]
-        return math.ceil(fixed + steps * per_step * PRESET_SLOWDOWN[self.setup.memory])
+    def seconds(self, call: GenerationCall) -> int:
+        """The GPU time to ask for (``spaces`` passes the decorated call's arguments)."""
+        fixed, per_step = GPU_SECONDS[call.kind.base is BaseModel.SDXL_INPAINTING]
+        return math.ceil(fixed + call.options.steps * per_step * PRESET_SLOWDOWN[self.setup.memory])
 
-    def _on_gpu(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]):
-        self.setup.move(pipe.model, self.setup.device)
+    def _on_gpu(self, call: GenerationCall) -> tuple[Image.Image, AttentionRecorder | None]:
+        pipe = self.models.get(call.kind)  # loaded on the CPU before the call
         try:
-            return job()
+            self.setup.move(pipe.model, self.setup.device)
+            return run_generation(pipe, call)
         finally:
             self.setup.move(pipe.model, "cpu")
 
-    def __call__(self, pipe: LeffaPipeline, steps: int, job: Callable[[], Any]):
-        """``job()`` (a generation with ``pipe``, ``steps`` denoising steps) on the GPU."""
-        return self._run(pipe, steps, job)
+    def __call__(self, call: GenerationCall) -> tuple[Image.Image, AttentionRecorder | None]:
+        return self._run(call)
 
 
 class Predictor:
@@ -404,18 +452,14 @@ class Predictor:
             raise GenerationStopped("stopped before generating")
         pipe = self.models.get(kind, progress)
         seed = random.randint(0, MAX_SEED) if options.seed is None else options.seed
-        recorder = None
-        if options.record_attention:  # the middle and the last step, every layer, float16 on CPU
-            n = options.steps
-            recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
-        progress(DENOISING, f"Denoising step 0/{options.steps}")
-        job = functools.partial(pipe, src, ref, mask, densepose, num_inference_steps=options.steps,
-                                guidance_scale=options.guidance_scale, generator=torch.Generator().manual_seed(seed),
-                                ref_acceleration=options.ref_acceleration, repaint=options.repaint,
-                                attention_focus=options.attention_focus,
-                                attention_recorder=recorder, callback=_step_callback(progress, should_stop))
-        out = job() if self.gpu is None else self.gpu(pipe, options.steps, job)
-        return Generation(out.images[0], seed, options.steps, ref, recorder)
+        call = GenerationCall(kind, src, ref, mask, densepose, options, seed)
+        if self.gpu is None:
+            progress(DENOISING, f"Denoising step 0/{options.steps}")
+            image, recorder = run_generation(pipe, call, _step_callback(progress, should_stop))
+        else:
+            progress(DENOISING, f"Denoising {options.steps} steps on a GPU")
+            image, recorder = self.gpu(call)
+        return Generation(image, seed, options.steps, ref, recorder)
 
 
 def _step_callback(progress: Progress, should_stop: ShouldStop) -> Callable[[int, int], bool]:
@@ -453,13 +497,13 @@ def build_predictor(settings) -> Predictor:
 
     spaces = on_demand_gpus()
     setup = model_setup(settings, on_demand=spaces is not None)
-    gpu = OnDemandGPU(spaces, setup) if spaces is not None else None
+    device = "cpu" if spaces is not None else setup.device  # where the models rest
     if settings.tiny:
-        loader = tiny_model if gpu is None else setup.loader(None, "cpu", tiny=True)
-        return Predictor(ModelCache(loader, settings.max_models), standin_preprocessor(), tiny=True,
-                         limits=TINY_LIMITS, gpu=gpu)
-    device = "cpu" if gpu is not None else setup.device  # where the models rest
+        models = ModelCache(setup.loader(None, device, tiny=True), settings.max_models)
+        gpu = OnDemandGPU(spaces, setup, models) if spaces is not None else None
+        return Predictor(models, standin_preprocessor(), tiny=True, limits=TINY_LIMITS, gpu=gpu)
     budget = estimated_budget(setup.memory, device, setup.dtype)
     models = ModelCache(setup.loader(settings.checkpoint_dir, device), settings.max_models, budget)
+    gpu = OnDemandGPU(spaces, setup, models) if spaces is not None else None
     return Predictor(models, Preprocessor.from_checkpoints(settings.checkpoint_dir, device),
                      checkpoint_dir=settings.checkpoint_dir, gpu=gpu)

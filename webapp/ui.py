@@ -383,9 +383,8 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
         c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
     c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
     with gr.Accordion("Experimental: attention focus", open=False):
-        gr.Markdown(FOCUS_HELP)
         c["focus"] = gr.Slider(limits.focus_min, limits.focus_max, value=1.0, step=0.05,
-                               label="Focus temperature τ (1 = off; < 1 sharpens)")
+                               label="Focus temperature τ (1 = off; < 1 sharpens)", info=FOCUS_HELP)
         c["focus_levels"] = gr.Slider(1, limits.focus_levels_max, value=1, step=1,
                                       label="Token-grid levels focused, from the finest")
         with gr.Row():
