@@ -87,6 +87,32 @@ def test_processor_divides_the_chosen_logits_by_the_temperature(own_keys):
     ref_share = lambda w: w[:, N:] / w[:, N:].sum(-1, keepdim=True)  # noqa: E731
     assert ref_share(sharp)[0, 1] > ref_share(plain)[0, 1] > 0.5  # the peak grows
     assert ref_share(sharp)[0, 1] == ref_share(sharp)[0].max()
+    # sharper and sharper: the peak grows towards one-hot, the reference's share of the whole too
+    peaks = [ref_share(weights(tau))[0, 1].item() for tau in (4.0, 2.0, 1.0, 0.5, 0.25, 0.1)]
+    assert peaks == sorted(peaks) and len(set(peaks[:4])) == 4 and peaks[-1] > 0.999
+
+
+def test_processor_without_a_focus_is_plain_attention_over_own_and_reference_keys():
+    """Off, and on for another layer or step, the processor is today's: softmax over [x; r],
+    bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = _tokens(range(N), torch.randn(N, D, generator=g))
+    r = _tokens(range(N, N + N_REF), torch.randn(N_REF, D, generator=g))
+    attn, state = _identity_attention(), LeffaAttentionState()
+    state.ref_features["layer"] = r
+    proc = ReferenceAttnProcessor("layer", state, level=1)
+    with torch.no_grad():
+        both = lambda proj: torch.cat([proj(x), proj(r)], 1)[:, None]  # noqa: E731  (one head)
+        plain = attn.to_out[0](F.scaled_dot_product_attention(attn.to_q(x)[:, None], both(attn.to_k),
+                                                              both(attn.to_v))[:, 0])
+        assert torch.equal(proc(attn, x), plain)
+        for focus, step in ((AttentionFocus(0.1, levels=1), 0),  # a layer it does not cover
+                            (AttentionFocus(0.1, levels=2, steps=(0.5, 1.0)), 0)):  # nor a step
+            state.attention_focus = focus
+            state.set_step(step, 10)
+            assert torch.equal(proc(attn, x), plain)
+        state.attention_focus = AttentionFocus(0.1, levels=2)
+        assert not torch.equal(proc(attn, x), plain)
 
 
 # -- which layers and steps -----------------------------------------------------------------------
@@ -209,21 +235,80 @@ def test_experiment_shares_the_passes_a_focus_does_not_change():
     assert active(late, 950) is None and active(late, 450) == AttentionFocus(0.5, own_keys=True)
 
 
-@pytest.mark.slow
+def test_experiment_recorder_computes_each_map_once_and_the_same_flow():
+    from experiments.attention_focus import MapRecorder
+
+    g = torch.Generator().manual_seed(0)
+    plain, cached = AttentionRecorder(), MapRecorder()
+    for rec in (plain, cached):
+        rec.begin((16, 12))
+        rec.set_step(0)
+        for name, n in (("fine", 192), ("coarse", 48)):
+            rec.record(name, torch.randn(2, 4, n, 8, generator=g), torch.randn(2, 4, n, 8, generator=g), 0.35)
+    cached.records = {key: plain.records[key] for key in plain.records}
+    for name in ("fine", "coarse"):
+        assert torch.equal(cached.flow(0, name), plain.flow(0, name))
+        assert torch.equal(cached.attention(0, name), plain.attention(0, name))
+        assert cached.attention(0, name) is cached.attention(0, name)
+
+
+def test_compact_json_reads_back():
+    import json
+
+    from experiments.attention_focus import compact_json
+
+    data = {"settings": {"seeds": [0, 1], "out": "x", "t": (50, 150)},
+            "mean_over_seeds": {"run": {"τ = 0.5": {"epe": 1.5, "near": 0.03}, "off": {"epe": 2.0}}}, "n": 3}
+    text = compact_json(data)
+    assert json.loads(text) == json.loads(json.dumps(data))
+    assert '"τ = 0.5": {"epe": 1.5, "near": 0.03}' in text  # one line per innermost object
+    assert len(text.splitlines()) == 14
+
+
+TINY_EXPERIMENT = ["--steps", "2", "--seeds", "0", "--train-size", "8", "--test-size", "3", "--batch", "2"]
+
+
 def test_experiment_runs_end_to_end(tmp_path):
     import json
 
+    from PIL import Image
+
     from experiments import attention_focus
 
-    report = attention_focus.main(["--steps", "2", "--seeds", "0", "--train-size", "8", "--test-size", "3",
-                                   "--batch", "2", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    report = attention_focus.main([*TINY_EXPERIMENT, "--workers", "1", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # --threads is undone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_focus.json", "attention_focus.png"]
     saved = json.loads((tmp_path / "attention_focus.json").read_text())
-    assert saved["mean_over_seeds"] == report["mean_over_seeds"]
+    assert saved == json.loads(json.dumps({k: v for k, v in report.items() if k != "per_timestep"}))
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["threads"] == 1
+    grid = [attention_focus.label(f) for f in attention_focus.focus_grid()]
     runs = saved["per_seed"]["0"]
-    assert list(runs) == ["diffusion loss only", "+ Leffa loss (λ = 1)"]
-    assert len(runs["diffusion loss only"]) == len(attention_focus.focus_grid())
-    off, early = (runs["diffusion loss only"][name]["per_timestep"]
+    assert list(runs) == list(saved["mean_over_seeds"]) == ["diffusion loss only", "+ Leffa loss (λ = 1)"]
+    for results in (*runs.values(), *saved["mean_over_seeds"].values()):
+        assert list(results) == grid
+        for metrics in results.values():
+            assert set(metrics) == {"end_point_error_px", "attention_near_source", "diffusion_loss"}
+            assert all(math.isfinite(v) for v in metrics.values())
+    # the per-timestep metrics stay out of the file; a focus on the early (noisy) steps leaves
+    # the passes at t < 500 as they are without it
+    off, early = (report["per_timestep"][0]["diffusion loss only"][name]
                   for name in ("off", "τ = 0.1, 16×12, early steps"))
-    assert all(early[t] == off[t] for t in ("50", "150", "250", "350", "450"))
-    assert early["950"] != off["950"]
-    assert (tmp_path / "attention_focus.png").stat().st_size > 10_000
+    assert list(off) == list(attention_focus.TIMESTEPS)
+    assert all(early[t] == off[t] for t in (100, 300))
+    assert all(early[t] != off[t] for t in (500, 700, 900))
+    assert saved["off_per_timestep"]["diffusion loss only"]["300"] == off[300]  # one seed: its own
+    with Image.open(tmp_path / "attention_focus.png") as img:
+        img.verify()
+    assert 10_000 < (tmp_path / "attention_focus.png").stat().st_size < 400_000
+
+
+@pytest.mark.slow
+def test_experiment_trains_the_same_models_in_worker_processes(tmp_path):
+    """The default trains in two spawned processes (~10 s to start them): same numbers."""
+    from experiments import attention_focus
+
+    pool, here = (attention_focus.main([*TINY_EXPERIMENT, "--steps", "3", "--workers", w,
+                                        "--out", str(tmp_path / w)]) for w in ("2", "1"))
+    assert pool["per_timestep"] == here["per_timestep"]
+    assert pool["mean_over_seeds"] == here["mean_over_seeds"]
