@@ -268,17 +268,26 @@ def activation_bytes(is_sdxl: bool, dtype: torch.dtype, vae_dtype: torch.dtype,
     return int(vae), int(unet)
 
 
+def _unfused_qkv_numel(unet: nn.Module) -> int:
+    """Parameters of the self-attention layers' q/k/v projections: what ``fuse_qkv``'s ``to_qkv``
+    copies (the projections stay beside it)."""
+    return sum(p.numel() for name, module in unet.named_modules() if name.endswith(".attn1")
+               for proj in (module.to_q, module.to_k, module.to_v) for p in proj.parameters())
+
+
 def estimate_memory(model: LeffaModel, memory: MemoryPreset, device: torch.device | str,
                     dtype: torch.dtype, vae_dtype: torch.dtype | None = None,
-                    size: tuple[int, int] = MODEL_SIZE) -> MemoryNeed:
+                    size: tuple[int, int] = MODEL_SIZE, fuse_qkv: bool = False) -> MemoryNeed:
     """What ``model`` (a meta-device build will do: only the shapes are read) needs placed on
-    ``device`` with ``memory``, generating at ``size``. Under ``balanced`` the peak assumes no
-    reference acceleration (both UNets on the device while denoising)."""
+    ``device`` with ``memory``, generating at ``size`` (``fuse_qkv``: an unfused model, such as a meta
+    build, that will get the fused projections of ``leffa.speed``). Under ``balanced`` the peak assumes no reference acceleration (both UNets on
+    the device while denoising)."""
     if vae_dtype is None:
         vae_dtype = torch.float32 if model.vae_upcast else dtype
     storage = FLOAT8 if memory.float8 else dtype
     vae = _bytes(model.vae, vae_dtype)
-    unets = [_bytes(getattr(model, n), storage) for n in UNET_NAMES]
+    unets = [_bytes(getattr(model, n), storage) + (_unfused_qkv_numel(getattr(model, n)) * storage.itemsize
+                                                  if fuse_qkv else 0) for n in UNET_NAMES]
     act_vae, act_unet = activation_bytes(model.is_sdxl, dtype, vae_dtype, size)
     weights = vae + sum(unets)
     if torch.device(device).type == "cpu" or memory is MemoryPreset.FAST:

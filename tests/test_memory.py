@@ -285,6 +285,18 @@ def test_estimates_follow_the_presets():
     assert len(on_cpu) == 1 and next(iter(on_cpu)).host == 0
 
 
+def test_estimate_counts_the_fused_projections(base_dirs):
+    """``fuse_qkv`` adds what fusing a model adds: the estimate of an unfused model with it is the
+    estimate of the fused model."""
+    plain = tiny_model(base_dirs["sdxl"])
+    fused = tiny_model(base_dirs["sdxl"]).place("cpu", speed=SpeedOptions(fuse_qkv=True))
+    for preset in MemoryPreset:
+        ahead = estimate_memory(plain, preset, "cuda", torch.float16, fuse_qkv=True)
+        assert ahead == estimate_memory(fused, preset, "cuda", torch.float16)
+        unfused = estimate_memory(plain, preset, "cuda", torch.float16)
+        assert ahead.resident + ahead.host > unfused.resident + unfused.host  # the weights held somewhere
+
+
 def test_free_memory_on_the_cpu(monkeypatch):
     free = free_memory("cpu")
     assert free.device == free.host > 0

@@ -203,12 +203,12 @@ class MemoryBudget:
     device: str = "cpu"
 
 
-def estimated_budget(preset: MemoryPreset, device: str, dtype: torch.dtype) -> MemoryBudget:
+def estimated_budget(preset: MemoryPreset, device: str, dtype: torch.dtype, fuse_qkv: bool = False) -> MemoryBudget:
     """The budget of real models: needs estimated from each base's structure (a meta-device
     build, no weights) and the free memory measured on ``device``."""
 
     def need(kind: ModelKind, memory: MemoryPreset) -> MemoryNeed:
-        return estimate_memory(meta_model(kind.base), memory, device, dtype)
+        return estimate_memory(meta_model(kind.base), memory, device, dtype, fuse_qkv=fuse_qkv)
 
     return MemoryBudget(preset, need, functools.partial(free_memory, device), device)
 
@@ -502,7 +502,7 @@ def build_predictor(settings) -> Predictor:
         models = ModelCache(setup.loader(None, device, tiny=True), settings.max_models)
         gpu = OnDemandGPU(spaces, setup, models) if spaces is not None else None
         return Predictor(models, standin_preprocessor(), tiny=True, limits=TINY_LIMITS, gpu=gpu)
-    budget = estimated_budget(setup.memory, device, setup.dtype)
+    budget = estimated_budget(setup.memory, device, setup.dtype, setup.speed.fuse_qkv)
     models = ModelCache(setup.loader(settings.checkpoint_dir, device), settings.max_models, budget)
     gpu = OnDemandGPU(spaces, setup, models) if spaces is not None else None
     return Predictor(models, Preprocessor.from_checkpoints(settings.checkpoint_dir, device),
