@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -160,7 +161,9 @@ def test_stop_ends_a_long_generation_quietly(page):
     before = result.get_attribute("src")
     _set_steps(page, 100)  # the --tiny maximum: more than a minute on a CPU
     page.locator("#tryon-generate").click()
-    page.get_by_text("Denoising step").first.wait_for()
+    # this run's progress ("Denoising step 3/100"), not the attention panel's "After denoising step"
+    # (get_by_text with a string matches any case): Stop must come once the generation runs
+    page.get_by_text(re.compile(r"Denoising step \d+/100")).first.wait_for()
     page.locator("#tryon-stop").click()
     page.wait_for_timeout(2000)
     assert _error_toasts(page).count() == 0
