@@ -5,7 +5,7 @@
     python app.py --memory low    # weights in CPU memory, one UNet block on the GPU at a time
     python app.py --help          # host, port, device, dtype, memory, queue size, ... (each also an env var)
 
-On a Hugging Face Space with on-demand GPUs (ZeroGPU: the ``spaces`` package is there), the
+On a Hugging Face Space with on-demand GPUs (ZeroGPU), the
 try-on model is loaded onto the CPU at start and each generation runs inside ``spaces.GPU``.
 """
 

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="auto = float16 on CUDA, float32 on CPU")
 
-    # memory and speed: for one generation (leffa infer keeps everything on its GPUs)
     _focus_options(common)
+
+    # memory and speed: for one generation (leffa infer keeps everything on its GPUs)
     placing = argparse.ArgumentParser(add_help=False)
     s = placing.add_argument_group("memory and speed")
     s.add_argument("--memory", choices=MEMORY_PRESETS, default="fast",

@@ -14,9 +14,9 @@ from cli.main import Task
 from errors import OptionError
 from leffa.attention import AttentionFocus
 from leffa.hub import ModelKind, load_model, tiny_model
-from leffa.presets import MemoryPreset
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
+from leffa.presets import MemoryPreset
 from leffa.speed import SpeedOptions
 from preprocess.images import (MODEL_SIZE, check_output_path, fit_to_canvas, load_garment, load_image,
                                load_label_image, save_image_atomic)

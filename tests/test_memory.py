@@ -442,6 +442,12 @@ def test_app_settings_for_memory_and_speed(monkeypatch):
     monkeypatch.setenv("LEFFA_MEMORY", "huge")
     with pytest.raises(SystemExit):
         parse_args([])
+    monkeypatch.setenv("LEFFA_MEMORY", "fast")
+    monkeypatch.setenv("LEFFA_DTYPE", "bfloat16")
+    assert model_setup(parse_args(["--device", "cpu"])).dtype == torch.bfloat16
+    monkeypatch.setenv("LEFFA_DTYPE", "float64")  # not silently the automatic dtype
+    with pytest.raises(SystemExit):
+        parse_args([])
 
 
 # -- Hugging Face Spaces with on-demand GPUs ---------------------------------------------------------------

@@ -475,23 +475,23 @@ def _step_callback(progress: Progress, should_stop: ShouldStop) -> Callable[[int
     return callback
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def model_setup(settings, on_demand: bool = False) -> ModelSetup:
     """The settings' device (``auto``: CUDA when there is one, or ``on_demand``), dtype (``auto``:
     float16 on CUDA, float32 on the CPU), memory preset and speed options."""
     device = settings.device
     if device == "auto":
         device = "cuda" if on_demand or torch.cuda.is_available() else "cpu"
-    dtype = DTYPES.get(settings.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
+    if settings.dtype == "auto":
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    else:  # one of webapp.settings.DTYPES, torch's names
+        dtype = getattr(torch, settings.dtype)
     speed = SpeedOptions(settings.fuse_qkv, settings.channels_last, settings.compile)
     return ModelSetup(device, dtype, MemoryPreset(settings.memory), speed)
 
 
 def build_predictor(settings) -> Predictor:
     """The app's predictor. The model cache counts memory under the chosen preset (real models).
-    On a Space with on-demand GPUs (``spaces`` importable) the models and the preprocessing stay
+    On a ZeroGPU Space (``on_demand_gpus``) the models and the preprocessing stay
     on the CPU and each generation runs inside ``spaces.GPU`` (``OnDemandGPU``)."""
     from preprocess.standins import standin_preprocessor
 

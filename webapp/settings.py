@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from leffa.presets import MEMORY_PRESETS
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on CUDA, float32 on the CPU
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="weights folder laid out like the Hub repo ($LEFFA_CHECKPOINT_DIR, default ./ckpts)")
     p.add_argument("--device", default=_env("LEFFA_DEVICE", d.device), help="auto, cpu, cuda, cuda:N ($LEFFA_DEVICE)")
     p.add_argument("--dtype", default=_env("LEFFA_DTYPE", d.dtype),
-                   choices=["auto", "float32", "float16", "bfloat16"], help="model dtype ($LEFFA_DTYPE)")
+                   choices=DTYPES, help="model dtype ($LEFFA_DTYPE)")
     p.add_argument("--queue-size", type=int, default=_env("LEFFA_QUEUE_SIZE", d.queue_size),
                    help="how many requests may wait ($LEFFA_QUEUE_SIZE, default 16)")
     p.add_argument("--max-models", type=int, default=_env("LEFFA_MAX_MODELS", d.max_models),
@@ -74,8 +75,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a = p.parse_args(argv)
     if a.queue_size < 1 or a.max_models < 1:
         p.error("--queue-size and --max-models must be at least 1")
-    if a.memory not in MEMORY_PRESETS:  # a default from $LEFFA_MEMORY skips argparse's choices
-        p.error(f"--memory / $LEFFA_MEMORY must be one of {', '.join(MEMORY_PRESETS)}, got {a.memory!r}")
+    # a default from the environment skips argparse's choices
+    for flag, env, value, choices in (("--dtype", "LEFFA_DTYPE", a.dtype, DTYPES),
+                                      ("--memory", "LEFFA_MEMORY", a.memory, MEMORY_PRESETS)):
+        if value not in choices:
+            p.error(f"{flag} / ${env} must be one of {', '.join(choices)}, got {value!r}")
     return Settings(a.host, a.port, a.checkpoint_dir, a.device, a.dtype, a.queue_size, a.max_models,
                     memory=a.memory, fuse_qkv=a.fuse_qkv, channels_last=a.channels_last, compile=a.compile,
                     max_file_size=a.max_file_size, tiny=a.tiny, share=a.share)
