@@ -62,7 +62,7 @@ class Config:
 
     @classmethod
     def parse(cls, name: str) -> Config:
-        from leffa.memory import MemoryPreset
+        from runtime.presets import MemoryPreset
 
         if name == "literal":
             return cls(name, MemoryPreset.FAST.value, literal=True)
@@ -88,9 +88,9 @@ def _inputs(w: int, h: int) -> dict:
 def _build(args, config: Config):
     from benchmarks.literal import LiteralPipeline
     from leffa import LeffaModel, LeffaPipeline
-    from leffa.memory import MemoryPreset
     from leffa.model import CONFIG_ROOT
-    from leffa.speed import SpeedOptions
+    from runtime.presets import MemoryPreset
+    from runtime.speed import SpeedOptions
 
     torch.manual_seed(0)
     base = CONFIG_ROOT / ("tiny" if args.tiny else TASKS[args.task])
@@ -107,7 +107,8 @@ def _generate(pipe, inputs: dict, steps: int, accel: bool, callback=None) -> tor
 
 
 def run_config(args, config: Config) -> dict:
-    from leffa.memory import MemoryPreset, estimate_memory
+    from leffa.memory import estimate_memory
+    from runtime.presets import MemoryPreset
 
     cuda = torch.device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -138,7 +139,7 @@ def run_config(args, config: Config) -> dict:
     else:
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     estimate = estimate_memory(model, MemoryPreset(config.memory), args.device, model.dtype,
-                               model.placement.vae_dtype, args.size)
+                               model.placement.dtype_of("vae"), args.size)
     torch.save(images, args.save)
     return {"s_per_step": statistics.median(steps), "s_per_image": total, "peak_allocated_gib": allocated / 2**30,
             "peak_reserved_gib": reserved / 2**30, "estimated_peak_gib": estimate.peak / 2**30,

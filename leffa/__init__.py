@@ -17,10 +17,10 @@ _EXPORTS = {
     "LeffaModel": "leffa.model",
     "LeffaPipeline": "leffa.pipeline",
     "LeffaPipelineOutput": "leffa.pipeline",
-    "MemoryPreset": "leffa.presets",
+    "MemoryPreset": "runtime.presets",
     "MissingWeightsError": "weightfiles.hub",
     "ModelKind": "leffa.hub",
-    "SpeedOptions": "leffa.speed",
+    "SpeedOptions": "runtime.speed",
     "load_model": "leffa.hub",
     "resolve_files": "weightfiles.hub",
 }

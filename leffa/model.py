@@ -20,12 +20,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from leffa.attention import AttentionFocus, LeffaAttentionState, install_processors
-from leffa.memory import MemoryPreset, Placement, normalized_device, place_model
+from leffa.memory import leffa_placement, place_model
+from runtime.placement import Placement
+from runtime.presets import MemoryPreset
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from leffa.recording import AttentionRecorder, FlowRecorder
-    from leffa.speed import SpeedOptions
+    from runtime.speed import SpeedOptions
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 GENERATIVE_IN_CHANNELS = 12  # 4 noisy latent + 1 mask + 4 masked-image latent + 3 DensePose
@@ -206,12 +208,11 @@ class LeffaModel(nn.Module):
         again replaces the memory preset (except float8 weights, which stay rounded)."""
         if vae_dtype is None:
             vae_dtype = torch.float32 if self.vae_upcast else dtype
-        # torch's own ``to`` (leffa.memory): diffusers' override warns about float32-only modules on
+        # torch's own ``to`` (runtime.placement): diffusers' override warns about float32-only modules on
         # every dtype cast, even when a model has none (as these)
         for module in (self.unet, self.reference_unet, self.vae):
             assert not module._keep_in_fp32_modules, type(module).__name__
-        placement = Placement(normalized_device(device), dtype, vae_dtype, MemoryPreset(memory))
-        self.placement = place_model(self, placement, speed)
+        self.placement = place_model(self, leffa_placement(device, dtype, vae_dtype, memory), speed)
         return self
 
     @contextmanager

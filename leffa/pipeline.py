@@ -13,10 +13,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from leffa.attention import AttentionFocus, run_reference_unet
-from leffa.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
-from leffa.memory import Phase, enter_phase, idle_after
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
+from runtime.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
+from runtime.placement import Phase, enter_phase, idle_after
 
 OutputType = Literal["pil", "pt", "np"]
 

@@ -1,6 +1,6 @@
-"""The memory presets' names (``--memory``), without importing torch: the command line and the
-app's settings list them before anything heavy is imported. What each preset does is in
-``leffa.memory``."""
+"""The memory presets' names (``--memory``) and the compute dtypes' names, without importing torch:
+the command line and the app's settings list them before anything heavy is imported. What each
+preset does is in ``runtime.placement``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from enum import Enum
 
 
 class MemoryPreset(str, Enum):
-    """Where the weights live while generating (``--memory``; see ``leffa.memory``'s table)."""
+    """Where the weights live while generating (``--memory``; see ``runtime.placement``'s table)."""
 
     FAST = "fast"
     BALANCED = "balanced"
@@ -27,3 +27,4 @@ class MemoryPreset(str, Enum):
 
 
 MEMORY_PRESETS = tuple(p.value for p in MemoryPreset)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the compute dtypes the applications offer (torch's names)

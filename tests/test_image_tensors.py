@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from leffa.image_tensors import image_to_tensor, mask_to_tensor, repaint_blend
+from runtime.image_tensors import image_to_tensor, mask_to_tensor, repaint_blend
 
 
 # -- the original's formulas, in numpy -----------------------------------------------------------

@@ -1,5 +1,5 @@
 """Memory presets, speed options, the app's memory-counting model cache and ZeroGPU Spaces
-(leffa/memory.py, leffa/speed.py, webapp/predict.py), on tiny models on the CPU; the CUDA checks
+(runtime/, leffa/memory.py, leffa/speed.py, webapp/predict.py), on tiny models on the CPU; the CUDA checks
 are skipped without a GPU.
 
 Tolerances (images in [0, 1], float32 on the CPU unless said):
@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from leffa import LeffaPipeline, MemoryPreset, SpeedOptions
-from leffa.memory import (FreeMemory, MemoryNeed, NotEnoughMemoryError, Phase, available_host_memory,
-                          estimate_memory, fits, free_memory, meta_model, phase_modules)
+from leffa.memory import estimate_memory, meta_model, phase_modules
 from leffa.model import BaseModel
-from leffa.presets import MEMORY_PRESETS
 from leffa.speed import compile_unet
+from runtime.memory import FreeMemory, MemoryNeed, NotEnoughMemoryError, available_host_memory, fits, free_memory
+from runtime.placement import Phase
+from runtime.presets import MEMORY_PRESETS
 from tests.conftest import ROOT, make_inputs, tiny_model
 
 STEPS = 2
@@ -128,7 +129,7 @@ def test_balanced_offloads_what_each_phase_does_not_run(base_dirs, monkeypatch, 
     offloaded, entered = [], []
     for name, hook in model.placement.phase_hooks.items():
         monkeypatch.setattr(hook, "offload", lambda name=name: offloaded[-1].add(name))
-    monkeypatch.setattr("leffa.memory._device_of", lambda module: torch.device("cuda"))  # all "on the device"
+    monkeypatch.setattr("runtime.placement._device_of", lambda module: torch.device("cuda"))  # all "on the device"
     enter = type(model.placement).enter
 
     def spy(self, phase, ref_acceleration=False):
@@ -300,12 +301,12 @@ def test_estimate_counts_the_fused_projections(base_dirs):
 def test_free_memory_on_the_cpu(monkeypatch):
     free = free_memory("cpu")
     assert free.device == free.host > 0
-    import leffa.memory
+    import runtime.memory
 
     def no_meminfo(*a, **k):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(leffa.memory, "open", no_meminfo, raising=False)
+    monkeypatch.setattr(runtime.memory, "open", no_meminfo, raising=False)
     assert available_host_memory() > 0  # from os.sysconf
 
 

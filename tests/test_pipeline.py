@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from leffa import LeffaPipeline
-from leffa.image_tensors import repaint_blend
 from leffa.pipeline import rescale_guidance
+from runtime.image_tensors import repaint_blend
 from tests.conftest import make_inputs
 
 STEPS = 3

@@ -45,8 +45,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from errors import UserError
-from leffa.image_tensors import image_to_tensor, mask_to_tensor
 from preprocess.images import fit_to_canvas, load_image, load_label_image
+from runtime.image_tensors import image_to_tensor, mask_to_tensor
 
 DRESS_CODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 
