@@ -15,16 +15,16 @@ from webapp.settings import parse_args
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     if not settings.tiny:
-        from weightfiles.hub import presence_report
+        from engine.weights import presence_report
 
         print(presence_report(settings.checkpoint_dir), flush=True)
-    from webapp.predict import build_predictor
+    from webapp.backend import build_engine
     from webapp.ui import create_demo, launch
 
-    predictor = build_predictor(settings)
-    if predictor.gpu is not None:  # ZeroGPU: the GPU is lent per call; models wait on the CPU
-        predictor.preload()
-    launch(create_demo(predictor), settings)
+    engine = build_engine(settings)
+    if engine.gpu is not None:  # ZeroGPU: the GPU is lent per call; models wait on the CPU
+        engine.preload()
+    launch(create_demo(engine), settings)
 
 
 if __name__ == "__main__":

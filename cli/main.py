@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 
+from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
 from errors import OptionError, UserError
-from leffa.presets import MEMORY_PRESETS
 from preprocess.masks import GarmentType, TryOnModel
+from runtime.presets import DTYPE_NAMES, MEMORY_PRESETS
 from weightfiles.hub import ENV_CHECKPOINT_DIR
-from weightfiles.manifest import WeightSet
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
-
-
-class Task(str, Enum):
-    """The generation subcommands."""
-
-    TRYON = "tryon"
-    POSE = "pose"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -48,10 +38,9 @@ EVAL = "eval"  # metrics of a generated split (evaluation/)
 # tests/test_evaluation.py checks that they match)
 LPIPS_NETS = ("squeeze", "alex")
 SSIM_BORDERS = ("reflect", "valid")
-# the values of training.datasets.DatasetLayout and leffa.hub.ModelKind (both import torch;
-# tests/test_infer.py checks that they match)
+# the values of training.datasets.DatasetLayout (it imports torch; tests/test_infer.py checks that they match)
 LAYOUTS = ("viton_hd", "dress_code", "deepfashion")
-MODELS = ("virtual_tryon", "virtual_tryon_dc", "pose_transfer")
+MODELS = MODEL_NAMES  # the registry's models (engine.registry)
 
 
 def _fractions(text: str) -> tuple[float, float]:
@@ -133,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpainting mask (white = replace); default: computed from parsing + pose")
     t.add_argument("--densepose", type=Path, default=None,
                    help="DensePose rendering of the person; default: computed")
-    t.add_argument("--model-type", choices=[m.value for m in TryOnModel], default=TryOnModel.VITON_HD.value,
+    t.add_argument("--model-type", choices=[e.mask_variant.value for e in for_task(Task.TRYON)],
+                   default=TryOnModel.VITON_HD.value,
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
     t.add_argument("--garment-type", choices=[g.value for g in GarmentType], default="upper_body",
                    help="what the garment is (default upper_body)")
@@ -215,18 +205,17 @@ def _eval_parser(sub) -> None:
 
 
 def _eval_command(args) -> int:
-    import torch
-
     from evaluation.evaluate import EvalConfig, evaluate
     from evaluation.lpips import LpipsNet
     from evaluation.ssim import SsimBorder
+    from runtime.devices import resolve_device
 
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()
                                   or not os.access(args.json.parent, os.W_OK)):
         raise OptionError(f"--json {args.json}: give a file name in an existing folder you may write to")
     if args.batch_size < 1:
         raise OptionError("--batch-size must be at least 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     config = EvalConfig(batch_size=args.batch_size, lpips_net=LpipsNet(args.lpips_net),
                         ssim_border=SsimBorder(args.ssim_border), seed=args.seed)
     result = evaluate(args.real, args.fake, args.paired, config, weights_dir=args.weights_dir, device=device)
@@ -237,8 +226,6 @@ def _eval_command(args) -> int:
 
 
 def _infer_command(args) -> int:
-    import torch
-
     from cli.run import attention_focus
     from training.inference import InferenceConfig, InputSource, infer
 
@@ -251,17 +238,17 @@ def _infer_command(args) -> int:
         ref_acceleration=args.ref_acceleration, repaint=args.repaint, attention_focus=attention_focus(args),
         seed=args.seed, size=args.size,
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, device=args.device,
-        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype)))
+        dtype=None if args.dtype == "auto" else args.dtype))
     return 0
 
 
 def _weights_command(args) -> int:
-    from weightfiles import hub
+    from engine import weights
 
     if args.command == CHECK:
-        print(hub.presence_report(args.checkpoint_dir))
+        print(weights.presence_report(args.checkpoint_dir))
         return 0
-    paths = hub.download(WeightSet(args.weights), args.checkpoint_dir, args.revision)
+    paths = weights.download(WeightSet(args.weights), args.checkpoint_dir, args.revision)
     print("\n".join(["have:", *(f"  {p}" for p in paths)]))
     return 0
 

@@ -21,6 +21,11 @@ class OptionError(UserError, ValueError):
     """An option, argument or setting with a value that is not allowed."""
 
 
+class GenerationStopped(RuntimeError):
+    """A generation was asked to stop (its step callback returned ``False``: Stop was pressed, or no
+    one waits for the answer any more). Every model family raises this one; it is no error."""
+
+
 def enum_option(cls: type[E], value, name: str) -> E:
     """``cls(value)``, or an ``OptionError`` that names the option and lists the allowed values."""
     try:

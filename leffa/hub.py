@@ -1,48 +1,27 @@
-"""The published Leffa models and loading one of them (files found by ``weightfiles.hub``)."""
+"""Loading a published Leffa model (``leffa.weights`` names them and their files; ``weightfiles.hub``
+finds or downloads the files)."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import torch
 
-from leffa.presets import MemoryPreset
-from leffa.model import CONFIG_ROOT, BaseModel, LeffaModel
-from leffa.speed import SpeedOptions
-from weightfiles.hub import resolve_files
-from weightfiles.manifest import Component
-
-
-class ModelKind(str, Enum):
-    """The three published Leffa models (values: their checkpoint file stems on the Hub)."""
-
-    VITON_HD = "virtual_tryon"  # try-on, VITON-HD (upper body)
-    DRESS_CODE = "virtual_tryon_dc"  # try-on, DressCode (upper, lower, dresses)
-    POSE_TRANSFER = "pose_transfer"  # DeepFashion, SDXL-sized
-
-    @property
-    def component(self) -> Component:
-        """Its published weights (``Component`` has the same names)."""
-        return Component[self.name]
-
-    @property
-    def checkpoint(self) -> str:
-        (name,) = self.component.files
-        return name
-
-    @property
-    def base(self) -> BaseModel:
-        return BaseModel.SDXL_INPAINTING if self is ModelKind.POSE_TRANSFER else BaseModel.SD15_INPAINTING
+from leffa.model import CONFIG_ROOT, LeffaModel
+from leffa.weights import ModelKind
+from runtime.presets import MemoryPreset
+from runtime.speed import SpeedOptions
+from weightfiles.hub import Suggest, resolve_files
 
 
 def load_model(kind: ModelKind, root: str | Path | None = None, *, revision: str | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                tqdm_class=None, memory: MemoryPreset = MemoryPreset.FAST,
-               speed: SpeedOptions | None = None) -> LeffaModel:
+               speed: SpeedOptions | None = None, suggest: Suggest | None = None) -> LeffaModel:
     """The published model ``kind``, from the checkpoint folder or the Hub, placed on ``device``
-    with the ``memory`` preset and ``speed`` options (``LeffaModel.place``)."""
-    (path,) = resolve_files([kind.checkpoint], root, revision, tqdm_class)
+    with the ``memory`` preset and ``speed`` options (``LeffaModel.place``). ``suggest``: our command
+    that fetches a missing file, for the error message (``weightfiles.hub.resolve_files``)."""
+    (path,) = resolve_files([kind.file], root, revision, tqdm_class, suggest)
     return LeffaModel.from_pretrained(kind.base, path, device=device, dtype=dtype, memory=memory, speed=speed)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from errors import GenerationStopped
 from leffa.attention import AttentionFocus, run_reference_unet
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
@@ -27,10 +28,6 @@ class LeffaPipelineOutput:
     float (B, H, W, 3) array in [0, 1] ("np")."""
 
     images: list[Image.Image] | torch.Tensor | np.ndarray
-
-
-class GenerationStopped(RuntimeError):
-    """The step callback asked to stop (returned ``False``)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -297,6 +298,11 @@ def check_output_path(path: str | Path) -> Path:
         raise OptionError(f"cannot write {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OptionError(f"cannot write {path}: no permission to write in {folder}")
+    try:  # the real test: create (and remove) a file where save_image_atomic will write its temporary one
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise OptionError(f"cannot write {path}: {e.strerror or e} (in {folder})") from None
     return path
 
 
@@ -311,6 +317,8 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     try:
         img.save(tmp, format=fmt)
         tmp.replace(path)
+    except OSError as e:  # disk full, folder gone or made read-only since the check: say so, keep nothing
+        raise OptionError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -12,7 +12,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment,
 from preprocess.masks import GarmentType, TryOnModel, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
+from preprocess.weights import Analysis
 
 PARSE_SIZE = (384, 512)  # (width, height) at which parsing, keypoints and masks are computed
 
@@ -36,9 +36,10 @@ class TryOnInputs:
     garment: Image.Image  # 768×1024 RGB: ref_image
     mask: Image.Image  # 768×1024 L, 255 = generate
     densepose: Image.Image  # 768×1024 RGB rendering for the chosen model type
-    parsing: Image.Image  # 384×512 colour label map
-    keypoints: np.ndarray  # (18, 2) in pixels of the 384×512 person, (0, 0) = missing
-    pose_image: Image.Image  # keypoints drawn on the 384×512 person
+    # what the mask was computed from (None when the mask and DensePose image were given)
+    parsing: Image.Image | None = None  # 384×512 colour label map
+    keypoints: np.ndarray | None = None  # (18, 2) in pixels of the 384×512 person, (0, 0) = missing
+    pose_image: Image.Image | None = None  # keypoints drawn on the 384×512 person
 
 
 @dataclass
@@ -58,16 +59,8 @@ class PersonMask:
     pose_image: Image.Image  # keypoints drawn on the 384×512 person
 
 
-class Part(str, Enum):
-    """The analyses of a person photo, each computed once and cached."""
-
-    PARSING = "parsing"  # SCHP at 384×512
-    KEYPOINTS = "keypoints"  # OpenPose at 384×512
-    DENSEPOSE = "densepose"  # DensePose R-CNN at 768×1024
-
-
 @dataclass
-class _Analysis:
+class _Results:
     parsing: Parsing | None
     keypoints: np.ndarray | None
     densepose: list[DensePoseInstance] | None
@@ -84,7 +77,7 @@ class Preprocessor:
                  densepose: Callable[[], DensePoseBackend], cache_size: int = 32):
         self._factories = {"parser": parser, "pose": pose, "densepose": densepose}
         self._models: dict[str, object] = {}
-        self._cache: OrderedDict[tuple, _Analysis] = OrderedDict()
+        self._cache: OrderedDict[tuple, _Results] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.RLock()
 
@@ -93,20 +86,19 @@ class Preprocessor:
                          revision: str | None = None) -> Preprocessor:
         """Models from the checkpoint folder / the Hub, each fetched on first use only."""
         from weightfiles.hub import resolve_files
-        from weightfiles.manifest import Component
 
-        def files(component: Component) -> list[Path]:
-            return resolve_files(component.files, root, revision)
+        def files(analysis: Analysis) -> list[Path]:
+            return resolve_files(analysis.files, root, revision)
 
         def parser():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-            return HumanParser.from_files(*files(Component.PARSING), providers=providers)
+            return HumanParser.from_files(*files(Analysis.PARSING), providers=providers)
 
         def pose():
-            return OpenPoseDetector.from_file(files(Component.OPENPOSE)[0], device)
+            return OpenPoseDetector.from_file(files(Analysis.KEYPOINTS)[0], device)
 
-        def densepose():  # the .pkl, or its local .safetensors conversion (python -m preprocess.densepose convert)
-            return DensePoseRCNN.from_checkpoint(files(Component.DENSEPOSE)[0], device)
+        def densepose():  # the .pkl, or its local .safetensors conversion (preprocess/weights.py)
+            return DensePoseRCNN.from_checkpoint(files(Analysis.DENSEPOSE)[0], device)
 
         return cls(parser, pose, densepose)
 
@@ -116,17 +108,17 @@ class Preprocessor:
                 self._models[name] = self._factories[name]()
             return self._models[name]
 
-    def _part(self, person: Image.Image, key: str, part: Part):
+    def _part(self, person: Image.Image, key: str, part: Analysis):
         """One analysis of a photo, cached by content."""
         with self._lock:
             if (key, part) in self._cache:
                 self._cache.move_to_end((key, part))
                 return self._cache[(key, part)]
-        if part is Part.DENSEPOSE:
+        if part is Analysis.DENSEPOSE:
             result = self._model("densepose")(np.asarray(person))  # at 768×1024
         else:
             small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
-            result = (self._model("parser")(small) if part is Part.PARSING
+            result = (self._model("parser")(small) if part is Analysis.PARSING
                       else self._model("pose")(np.asarray(small)))
         with self._lock:
             self._cache[(key, part)] = result
@@ -134,11 +126,11 @@ class Preprocessor:
                 self._cache.popitem(last=False)
         return result
 
-    def _analyse(self, person: Image.Image, parts: tuple[Part, ...]) -> _Analysis:
+    def _analyse(self, person: Image.Image, parts: tuple[Analysis, ...]) -> _Results:
         """Parsing/keypoints at 384×512 and DensePose at 768×1024, each cached per photo."""
         key = image_key(person)
         got = {part: self._part(person, key, part) for part in parts}
-        return _Analysis(got.get(Part.PARSING), got.get(Part.KEYPOINTS), got.get(Part.DENSEPOSE))
+        return _Results(got.get(Analysis.PARSING), got.get(Analysis.KEYPOINTS), got.get(Analysis.DENSEPOSE))
 
     def person_mask(self, person: ImageSource, model_type: str | TryOnModel, garment_type: str | GarmentType,
                     *, keep_fixed_regions: bool = False) -> PersonMask:
@@ -146,7 +138,7 @@ class Preprocessor:
         variant = enum_option(TryOnModel, model_type, "model type")
         garment_type = enum_option(GarmentType, garment_type, "garment type")
         person_img = fit_to_canvas(load_image(person, name="person image"))
-        a = self._analyse(person_img, (Part.PARSING, Part.KEYPOINTS))
+        a = self._analyse(person_img, (Analysis.PARSING, Analysis.KEYPOINTS))
         mask = agnostic_mask(a.parsing.labels, a.keypoints, garment_type, variant,
                              keep_fixed_regions=keep_fixed_regions)
         mask_img = binarize(Image.fromarray(mask).resize(MODEL_SIZE, Image.Resampling.BICUBIC))
@@ -163,7 +155,7 @@ class Preprocessor:
         if densepose is not None:
             dp_img = load_label_image(densepose, "DensePose image")
         else:
-            dp_img = variant.render_densepose(self._analyse(pm.person, (Part.DENSEPOSE,)).densepose, MODEL_SIZE)
+            dp_img = variant.render_densepose(self._analyse(pm.person, (Analysis.DENSEPOSE,)).densepose, MODEL_SIZE)
         return TryOnInputs(pm.person, garment_img, pm.mask, dp_img, pm.parsing.image, pm.keypoints, pm.pose_image)
 
     def pose(self, reference: ImageSource, target: ImageSource, *,
@@ -174,7 +166,7 @@ class Preprocessor:
         if densepose is not None:
             dp_img = load_label_image(densepose, "DensePose image")
         else:
-            instances = self._analyse(tgt_img, (Part.DENSEPOSE,)).densepose
+            instances = self._analyse(tgt_img, (Analysis.DENSEPOSE,)).densepose
             if not instances:
                 from preprocess.openpose import NoPersonError
 

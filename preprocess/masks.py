@@ -37,8 +37,8 @@ class GarmentType(str, Enum):
 
 
 class TryOnModel(str, Enum):
-    """The two published try-on models, and what each needs from preprocessing: its mask
-    variant (``agnostic_mask``), its DensePose rendering, and its weights file."""
+    """The two published try-on models' preprocessing: the mask variant (``agnostic_mask``) and
+    the DensePose rendering each was trained with (which weights each uses: ``engine.registry``)."""
 
     VITON_HD = "viton_hd"  # VITON-HD data, upper body ("recommended")
     DRESS_CODE = "dress_code"  # DressCode data, upper / lower body / dresses ("experimental")
@@ -46,11 +46,6 @@ class TryOnModel(str, Enum):
     @property
     def label(self) -> str:
         return {"viton_hd": "VITON-HD (recommended)", "dress_code": "DressCode (experimental)"}[self.value]
-
-    @property
-    def weights(self) -> str:
-        """The published checkpoint's stem (``leffa.ModelKind`` value): ``virtual_tryon[_dc].pth``."""
-        return {"viton_hd": "virtual_tryon", "dress_code": "virtual_tryon_dc"}[self.value]
 
     def render_densepose(self, instances: list[DensePoseInstance], size: tuple[int, int]) -> Image.Image:
         """VITON-HD was fed the part-colour segmentation, DressCode the part labels (spec §5)."""

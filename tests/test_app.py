@@ -14,9 +14,13 @@ import torch
 from PIL import Image
 
 from leffa import ModelKind
-from webapp.predict import ModelCache
+from engine.cache import ModelCache
+from engine.service import loader
+from engine.setup import ModelSetup, WeightSource
 from webapp.settings import parse_args
-from webapp.ui import editor_value, mask_from_editor
+from webapp.tryon_tab import editor_value, mask_from_editor
+
+TINY_MODELS = loader(ModelSetup(), WeightSource(tiny=True))  # the tiny models, for ModelCache
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSON = str(ROOT / "examples/person/astronaut.png")
@@ -43,7 +47,7 @@ def submit_tryon(client, steps=STEPS, **overrides):
     """A ``/tryon`` job, its values by parameter name (``overrides`` replace the defaults)."""
     from gradio_client import handle_file
 
-    from webapp.ui import TRYON_PARAMETERS
+    from webapp.tryon_tab import TRYON_PARAMETERS
 
     values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
                                          "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
@@ -244,13 +248,13 @@ def test_editor_round_trip():
 def test_tryon_request_from_values():
     from errors import OptionError, UserError
     from preprocess.masks import GarmentType, TryOnModel
-    from webapp.predict import TINY_LIMITS
-    from webapp.ui import TRYON_PARAMETERS, TryOnRequest
+    from engine.options import TINY_LIMITS
+    from webapp.tryon_tab import TRYON_PARAMETERS, TryOnRequest
 
     values = dict(zip(TRYON_PARAMETERS, [{"path": PERSON}, GARMENT, None, None, None, "dress_code", "lower_body",
                                          5, 1.5, 7.0, False, True, True, True, False, False, *FOCUS_OFF]))
     r = TryOnRequest.from_values(values, TINY_LIMITS)
-    assert (r.person, r.garment, r.mask_upload, r.kind) == (PERSON, GARMENT, None, ModelKind.DRESS_CODE)
+    assert (r.person, r.garment, r.mask_upload, r.entry.name) == (PERSON, GARMENT, None, ModelKind.DRESS_CODE)
     assert (r.model_type, r.garment_type) == (TryOnModel.DRESS_CODE, GarmentType.LOWER_BODY)  # enums, not strings
     assert (r.preprocess_garment, r.keep_fixed) == (True, False)
     o = r.options
@@ -278,8 +282,8 @@ def test_attention_focus_options():
     ``AttentionFocus``; bad values are listed with what they allow."""
     from errors import OptionError
     from leffa import AttentionFocus
-    from webapp.predict import MODEL_LIMITS
-    from webapp.ui import POSE_PARAMETERS, PoseRequest
+    from engine.options import MODEL_LIMITS
+    from webapp.pose_tab import POSE_PARAMETERS, PoseRequest
 
     values = dict(zip(POSE_PARAMETERS, [PERSON, PERSON, None, 30, 2.5, 42, False, False, False, *FOCUS_OFF]))
     assert PoseRequest.from_values(values, MODEL_LIMITS).options.attention_focus is None
@@ -303,8 +307,8 @@ def test_attention_focus_through_the_api(client):
 
 def test_pose_request_needs_a_target():
     from errors import UserError
-    from webapp.predict import MODEL_LIMITS
-    from webapp.ui import POSE_PARAMETERS, PoseRequest
+    from engine.options import MODEL_LIMITS
+    from webapp.pose_tab import POSE_PARAMETERS, PoseRequest
 
     values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True, *FOCUS_OFF]))
     with pytest.raises(UserError, match="target pose"):
@@ -320,14 +324,15 @@ def test_sliders_follow_the_predictors_limits():
     import gradio as gr
 
     from leffa.hub import tiny_model
-    from webapp.predict import MODEL_LIMITS, TINY_LIMITS, OptionLimits, Predictor
+    from engine.options import MODEL_LIMITS, TINY_LIMITS, OptionLimits
+    from engine.service import Engine
     from webapp.ui import create_demo
 
     assert (MODEL_LIMITS.steps_min, MODEL_LIMITS.steps_max, MODEL_LIMITS.steps_default) == (30, 100, 30)
     assert (TINY_LIMITS.steps_min, TINY_LIMITS.steps_max, TINY_LIMITS.steps_default) == (1, 100, 4)
     limits = OptionLimits(steps_min=3, steps_max=9, steps_default=5, guidance_min=1.0, guidance_max=4.0,
                           guidance_default=3.0, seed_default=11)
-    demo = create_demo(Predictor(ModelCache(tiny_model), preprocessor=None, limits=limits))
+    demo = create_demo(Engine(ModelCache(TINY_MODELS), preprocessor=None, limits=limits))
     blocks = list(demo.blocks.values())
     steps = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Steps"]
     guidance = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Guidance scale"]
@@ -356,7 +361,8 @@ def test_tiny_model_leaves_the_global_rng_alone():
 def test_model_cache_drops_least_recently_used():
     loads = []
 
-    def loader(kind):
+    def loader(entry):  # the cache passes the registry entry
+        kind = ModelKind(entry.name)
         loads.append(kind)
         from leffa.hub import tiny_model
 
@@ -376,7 +382,8 @@ def test_model_cache_makes_room_when_out_of_memory():
 
     calls = []
 
-    def loader(kind):
+    def loader(entry):
+        kind = ModelKind(entry.name)
         calls.append(kind)
         if kind is ModelKind.POSE_TRANSFER and len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -439,7 +446,7 @@ def test_warped_reference_follows_the_attention():
 ])
 def test_server_checks_options_against_its_limits(options, message):
     from errors import OptionError
-    from webapp.predict import MODEL_LIMITS, GenerateOptions
+    from engine.options import MODEL_LIMITS, GenerateOptions
 
     assert MODEL_LIMITS.check(GenerateOptions()) == GenerateOptions()  # the defaults pass
     assert MODEL_LIMITS.check(GenerateOptions(seed=None)).seed is None  # "random seed"
@@ -452,10 +459,11 @@ def test_all_model_work_shares_one_slot_and_uploads_expire():
     """Try-on, pose transfer and the mask computation wait for each other (one model at a time on
     the machine, not one per endpoint); Gradio's upload cache is cleaned."""
     from leffa.hub import tiny_model
-    from webapp.predict import Predictor
-    from webapp.ui import MODEL_SLOT, create_demo
+    from engine.service import Engine
+    from webapp.components import MODEL_SLOT
+    from webapp.ui import create_demo
 
-    demo = create_demo(Predictor(ModelCache(tiny_model), preprocessor=None))
+    demo = create_demo(Engine(ModelCache(TINY_MODELS), preprocessor=None))
     fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
     slots = {f.api_name: f.concurrency_id for f in fns if f.api_name in ("tryon", "pose_transfer", "compute_mask")}
     assert set(slots) == {"tryon", "pose_transfer", "compute_mask"}
@@ -474,10 +482,11 @@ def test_generate_reports_its_phases_and_stops_when_asked():
     """Progress names each phase (loading, denoising i/n, decoding) with the request's share done;
     ``should_stop`` is asked after every step and stops the run there."""
     from leffa.hub import tiny_model
-    from leffa.pipeline import GenerationStopped
-    from webapp.predict import TINY_LIMITS, GenerateOptions, Predictor
+    from engine.options import TINY_LIMITS, GenerateOptions
+    from engine.service import Engine
+    from errors import GenerationStopped
 
-    predictor = Predictor(ModelCache(tiny_model), preprocessor=None, limits=TINY_LIMITS)
+    predictor = Engine(ModelCache(TINY_MODELS), preprocessor=None, limits=TINY_LIMITS)
     reports = []
     gen = predictor.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
                              progress=lambda fraction, desc: reports.append((fraction, desc)))
@@ -499,13 +508,13 @@ def test_generate_reports_its_phases_and_stops_when_asked():
                            should_stop=stop_after_two)
     assert len(asked) == 3
     with pytest.raises(GenerationStopped):  # cancelled while preprocessing: nothing is loaded or run
-        Predictor(ModelCache(lambda kind: pytest.fail("loaded")), preprocessor=None).generate(
+        Engine(ModelCache(lambda kind: pytest.fail("loaded")), preprocessor=None).generate(
             ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(), should_stop=lambda: True)
 
 
 def test_nothing_asks_a_direct_call_to_stop():
-    from webapp.predict import never_stop
-    from webapp.ui import stop_requested
+    from engine.progress import never_stop
+    from webapp.components import stop_requested
 
     assert stop_requested() is never_stop  # outside a queued Gradio event
 
@@ -514,8 +523,8 @@ def test_stopped_generation_is_no_error_toast():
     """A generation stopped because no one waits for it leaves no traceback in the server log."""
     import gradio as gr
 
-    from leffa.pipeline import GenerationStopped
-    from webapp.ui import user_errors
+    from errors import GenerationStopped
+    from webapp.components import user_errors
 
     @user_errors
     def stopped():
@@ -527,7 +536,8 @@ def test_stopped_generation_is_no_error_toast():
 
 
 def test_toasts_keep_their_layout_and_long_ones_stay():
-    from webapp.ui import PAGE_CSS, SHORT_MESSAGE, TOAST_SECONDS, toast
+    from webapp.components import SHORT_MESSAGE, TOAST_SECONDS, toast
+    from webapp.ui import PAGE_CSS
 
     short = toast("Upload a person photo first.")
     assert (short.message, short.duration) == ("Upload a person photo first.", TOAST_SECONDS)
@@ -544,7 +554,7 @@ def test_user_errors_become_toasts():
     import gradio as gr
 
     from errors import OptionError
-    from webapp.ui import user_errors
+    from webapp.components import user_errors
 
     @user_errors
     def bad():
@@ -563,16 +573,17 @@ def _blocks(demo, cls):
 
 def _demo(tiny: bool):
     from leffa.hub import tiny_model
-    from webapp.predict import Predictor
+    from engine.service import Engine
     from webapp.ui import create_demo
 
-    return create_demo(Predictor(ModelCache(tiny_model), preprocessor=None, tiny=tiny))
+    return create_demo(Engine(ModelCache(TINY_MODELS), preprocessor=None, source=WeightSource(tiny=tiny)))
 
 
 def test_header_is_general_and_each_tab_has_its_instructions():
     """The header speaks of both tasks and claims the published weights only when they are used;
     each tab explains its own task."""
-    from webapp.ui import POSE_HELP, TRYON_HELP
+    from webapp.pose_tab import POSE_HELP
+    from webapp.tryon_tab import TRYON_HELP
 
     for tiny in (False, True):
         texts = [m.value for m in _blocks(_demo(tiny), "Markdown")]
@@ -601,7 +612,8 @@ def test_stop_buttons_cancel_the_generations_and_seed_shows_after_one():
 def test_clearing_the_mask_keeps_the_photo():
     """'Clear mask' puts the photo back in the editor with an empty layer to paint on (the editor's
     own 'Clear canvas', which drops the photo too, is hidden: checked in the browser test)."""
-    from webapp.ui import PAGE_CSS, photo_without_strokes
+    from webapp.tryon_tab import photo_without_strokes
+    from webapp.ui import PAGE_CSS
 
     demo = _demo(tiny=False)
     (button,) = [b for b in _blocks(demo, "Button") if b.elem_id == "tryon-clear-mask"]
@@ -634,7 +646,7 @@ def test_heatmap_legend_and_clicked_point():
 
 
 def test_attention_and_intermediate_pictures_have_bounded_height():
-    from webapp.ui import ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT
+    from webapp.components import ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT
 
     images = _blocks(_demo(tiny=False), "Image")
     intermediates = [b for b in images if b.label in ("Human parsing", "Keypoints", "Mask used", "DensePose",
@@ -650,8 +662,9 @@ def test_tryon_progress_names_every_phase_in_order():
     """Preprocessing first, not 'Denoising 0 %' (the handler called directly: no queue, never stopped)."""
     from leffa.hub import tiny_model
     from preprocess.standins import standin_preprocessor
-    from webapp.predict import TINY_LIMITS, Predictor
-    from webapp.ui import TRYON_PARAMETERS, tryon
+    from engine.options import TINY_LIMITS
+    from engine.service import Engine
+    from webapp.tryon_tab import TRYON_PARAMETERS, tryon
 
     reports = []
 
@@ -660,7 +673,7 @@ def test_tryon_progress_names_every_phase_in_order():
 
     values = dict(zip(TRYON_PARAMETERS, [PERSON, GARMENT, None, None, None, "viton_hd", "upper_body",
                                          1, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
-    predictor = Predictor(ModelCache(tiny_model), standin_preprocessor(), tiny=True, limits=TINY_LIMITS)
+    predictor = Engine(ModelCache(TINY_MODELS), standin_preprocessor(), source=WeightSource(tiny=True), limits=TINY_LIMITS)
     out = tryon(predictor, progress, **values)
     assert out[0].size == (768, 1024) and out[1] == 42
     descs = [desc for _, desc in reports]
@@ -678,10 +691,10 @@ ALL_TRYON_DC_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip
 def offline_predictor(tmp_path, monkeypatch):
     """The real app's predictor on an empty checkpoint folder, offline; its preprocessor fails the
     test if anything reaches it."""
-    from webapp.predict import build_predictor
+    from webapp.backend import build_engine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    predictor = build_predictor(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]))
+    predictor = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]))
 
     class Untouchable:
         def __getattr__(self, name):
@@ -714,8 +727,8 @@ def test_a_request_names_every_missing_file_before_any_work(offline_predictor):
 
 
 def test_tabs_say_which_weights_will_be_downloaded(offline_predictor, tmp_path):
-    from weightfiles.manifest import WeightSet
-    from webapp.ui import weights_notice
+    from engine.registry import WeightSet
+    from webapp.components import weights_notice
 
     notice = weights_notice(offline_predictor, WeightSet.POSE)
     assert "`densepose/model_final_162be9.pkl`, `pose_transfer.pth` (about 21.2 GB)" in notice
@@ -727,7 +740,7 @@ def test_tabs_say_which_weights_will_be_downloaded(offline_predictor, tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert weights_notice(offline_predictor, WeightSet.POSE) == ""
-    offline_predictor.tiny = True
+    offline_predictor.source = WeightSource(tiny=True)
     assert weights_notice(offline_predictor, WeightSet.TRYON, WeightSet.TRYON_DC) == ""
 
 
@@ -746,11 +759,11 @@ def test_app_reports_its_weights_at_start(tmp_path, monkeypatch, capsys):
 
 
 def test_real_models_are_counted_in_memory_under_the_chosen_preset(tmp_path):
-    """The app's cache holds the real models by memory (webapp.predict.estimated_budget), under --memory."""
+    """The app's cache holds the real models by memory (engine.cache.estimated_budget), under --memory."""
     from leffa import MemoryPreset
-    from webapp.predict import build_predictor
+    from webapp.backend import build_engine
 
-    predictor = build_predictor(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--memory", "low"]))
+    predictor = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--memory", "low"]))
     budget = predictor.models.budget
     assert budget.preset is MemoryPreset.LOW and budget.device == "cpu" and predictor.gpu is None
     assert budget.need(ModelKind.VITON_HD, MemoryPreset.FAST).resident > 7 * 10**9  # float32 on the CPU

@@ -9,17 +9,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"errors", "leffa", "preprocess", "weightfiles", "evaluation", "training", "cli", "webapp", "app"}
+OURS = {"errors", "weightfiles", "runtime", "leffa", "preprocess", "evaluation", "engine", "training", "cli", "webapp",
+        "app"}
+BOTTOM = {"errors", "weightfiles"}
+LIBRARIES = {"leffa", "preprocess", "evaluation"}  # side by side: none imports another
 # package -> the packages of ours it may import (besides itself)
 ALLOWED = {
     "errors": set(),
     "weightfiles": {"errors"},
-    "leffa": {"errors", "weightfiles"},
-    "preprocess": {"errors", "weightfiles"},
-    "evaluation": {"errors", "weightfiles"},
-    "training": {"errors", "leffa", "preprocess", "weightfiles"},
-    "cli": {"errors", "leffa", "preprocess", "evaluation", "training", "weightfiles"},  # leffa infer
-    "webapp": {"errors", "leffa", "preprocess", "weightfiles"},
+    "runtime": BOTTOM,
+    **{library: BOTTOM | {"runtime"} for library in LIBRARIES},
+    "engine": BOTTOM | {"runtime"} | LIBRARIES,  # the one layer that may import every library
+    # applications: the engine and below
+    "training": BOTTOM | {"runtime", "engine"} | LIBRARIES,
+    "cli": BOTTOM | {"runtime", "engine", "training"} | LIBRARIES,  # training: leffa infer
+    "webapp": BOTTOM | {"runtime", "engine"} | LIBRARIES,
 }
 ENTRY_POINTS = {Path("leffa/__main__.py"): {"cli"}}  # ``python -m leffa`` runs the CLI application
 
@@ -45,6 +49,33 @@ def test_imports_point_down(package):
         if bad:
             wrong[str(rel)] = sorted(bad)
     assert not wrong, f"imports against the layering: {wrong}"
+
+
+def test_libraries_import_no_sibling_and_applications_no_other_application():
+    for library in LIBRARIES:
+        assert not ALLOWED[library] & (LIBRARIES | {"engine", "training", "cli", "webapp"}), library
+    assert not ALLOWED["webapp"] & {"cli", "training"} and not ALLOWED["training"] & {"cli", "webapp"}
+
+
+def test_the_bottom_layer_knows_no_model_names():
+    """``weightfiles/`` finds, downloads, checks and reports files: the libraries declare theirs."""
+    from engine.registry import WeightSet
+
+    names = {f.path for f in WeightSet.ALL.files} | {f.repo for f in WeightSet.ALL.files}
+    for f in sorted((ROOT / "weightfiles").rglob("*.py")):
+        text = f.read_text()
+        assert not [name for name in names if name in text], f
+
+
+def test_the_registry_and_the_option_checks_import_no_torch():
+    """What the command line's parser and the app's settings read imports without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, engine.registry, engine.options, engine.weights, cli.main, webapp.settings; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

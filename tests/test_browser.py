@@ -81,7 +81,7 @@ def _close_toasts(page) -> None:
 
 
 def test_tryon_and_attention_heatmap(page, shots):
-    from webapp.ui import ATTENTION_HEIGHT
+    from webapp.components import ATTENTION_HEIGHT
 
     banner = page.locator("#tiny-banner")
     banner.wait_for()
@@ -176,7 +176,7 @@ def test_stop_ends_a_long_generation_quietly(page):
 
 
 def test_pose_transfer(page, shots, tmp_path):
-    from webapp.ui import INTERMEDIATE_HEIGHT
+    from webapp.components import INTERMEDIATE_HEIGHT
 
     page.get_by_role("tab", name="Pose transfer").click()
     _upload(page, "pose-person", ROOT / "examples/person/astronaut.png")

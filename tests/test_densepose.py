@@ -303,11 +303,11 @@ def test_convert_to_safetensors(tmp_path, published, capsys):
 
 def test_preprocessor_uses_the_published_file_or_its_conversion(tmp_path, published, monkeypatch):
     from preprocess.inputs import Preprocessor
+    from preprocess.weights import Analysis
     from weightfiles.hub import missing_files, resolve_files
-    from weightfiles.manifest import Component
 
     def densepose_weights(root):
-        return resolve_files(Component.DENSEPOSE.files, root)[0]
+        return resolve_files(Analysis.DENSEPOSE.files, root)[0]
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path, state = published
@@ -320,7 +320,7 @@ def test_preprocessor_uses_the_published_file_or_its_conversion(tmp_path, publis
     weights.convert(tmp_path / "densepose" / path.name)
     assert densepose_weights(tmp_path) == tmp_path / "densepose" / "model_final_162be9.safetensors"
     (tmp_path / "densepose" / path.name).unlink()  # the conversion alone is enough
-    assert missing_files(Component.DENSEPOSE.files, tmp_path) == []
+    assert missing_files(Analysis.DENSEPOSE.files, tmp_path) == []
     assert densepose_weights(tmp_path) == tmp_path / "densepose" / "model_final_162be9.safetensors"
 
 

@@ -12,9 +12,19 @@ import torch
 from PIL import Image
 
 from cli.main import main
+from engine import registry
+from engine.registry import WeightSet
+from engine.weights import fetch
 from leffa import LeffaModel, MissingWeightsError, ModelKind, load_model
 from tests.conftest import tiny_model
 from weightfiles import hub
+from weightfiles.manifest import paths
+
+PUBLISHED = {f.path: f for f in WeightSet.ALL.files}  # every published file, by its path in the Hub repo
+
+
+def _files(*names: str):
+    return [PUBLISHED[name] for name in names]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,13 +64,13 @@ def test_each_kind_builds_the_model_of_its_published_file(kind, gigabytes):
 
 def test_local_file_is_used(tmp_path, no_download):
     (tmp_path / "virtual_tryon.pth").write_bytes(b"x")
-    assert hub.resolve_files(["virtual_tryon.pth"], tmp_path) == [tmp_path / "virtual_tryon.pth"]
+    assert fetch(_files("virtual_tryon.pth"), tmp_path) == [tmp_path / "virtual_tryon.pth"]
 
 
 def test_checkpoint_dir_from_env(tmp_path, monkeypatch, no_download):
     monkeypatch.setenv("LEFFA_CHECKPOINT_DIR", str(tmp_path))
     (tmp_path / "pose_transfer.pth").write_bytes(b"x")
-    assert hub.resolve_files(["pose_transfer.pth"]) == [tmp_path / "pose_transfer.pth"]
+    assert fetch(_files("pose_transfer.pth")) == [tmp_path / "pose_transfer.pth"]
     monkeypatch.delenv("LEFFA_CHECKPOINT_DIR")
     assert hub.checkpoint_dir() == hub.Path("ckpts")
 
@@ -70,8 +80,7 @@ def test_offline_fails_fast_listing_files(tmp_path, monkeypatch, no_download):
     (tmp_path / "openpose").mkdir()
     (tmp_path / "openpose" / "body_pose_model.pth").write_bytes(b"x")
     with pytest.raises(MissingWeightsError) as info:
-        hub.resolve_files(["virtual_tryon.pth", "openpose/body_pose_model.pth",
-                           "humanparsing/parsing_atr.onnx"], tmp_path)
+        fetch(_files("virtual_tryon.pth", "openpose/body_pose_model.pth", "humanparsing/parsing_atr.onnx"), tmp_path)
     msg = str(info.value)
     assert "virtual_tryon.pth, humanparsing/parsing_atr.onnx" in msg
     assert "body_pose_model" not in msg.split("(")[0]  # present files are not listed
@@ -90,7 +99,7 @@ def test_download_only_missing_files(tmp_path, monkeypatch, online):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     (tmp_path / "virtual_tryon.pth").write_bytes(b"x")
-    paths = hub.resolve_files(["virtual_tryon.pth", "virtual_tryon_dc.pth"], tmp_path, revision="abc123")
+    paths = fetch(_files("virtual_tryon.pth", "virtual_tryon_dc.pth"), tmp_path, revision="abc123")
     assert asked == [("franciszzj/Leffa", "virtual_tryon_dc.pth", "abc123")]
     assert all(p.is_file() for p in paths)
 
@@ -102,8 +111,10 @@ def test_download_failure_is_explained(tmp_path, monkeypatch, online):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    from engine.setup import ModelSetup, WeightSource
+
     with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(about 7.2 GB; download failed: ConnectionError.*leffa download tryon.*hf download"):
-        load_model(ModelKind.VITON_HD, tmp_path)
+        registry.entry(ModelKind.VITON_HD).adapter().load(ModelSetup(), WeightSource(tmp_path))  # as the engine loads
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -193,7 +204,8 @@ def test_cli_auto_preprocessing_needs_weights(tmp_path, monkeypatch, capsys, no_
 
 def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tiny_checkpoint, base_dirs):
     """Without --mask/--densepose the CLI takes them from the shared Preprocessor."""
-    import cli.run as cli_module
+    import engine.weights
+    from preprocess.inputs import Preprocessor
     from preprocess.standins import standin_preprocessor
 
     seen = {}
@@ -209,8 +221,8 @@ def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tin
         return out
 
     pre.tryon = tryon
-    monkeypatch.setattr(cli_module.Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
-    monkeypatch.setattr(cli_module, "resolve_files", lambda files, *a: seen.setdefault("fetched", files))
+    monkeypatch.setattr(Preprocessor, "from_checkpoints", classmethod(lambda cls, *a, **k: pre))
+    monkeypatch.setattr(engine.weights, "fetch", lambda files, *a: seen.setdefault("fetched", paths(files)))
     person = Image.new("RGB", (300, 400), "white")
     person.paste((20, 30, 40), (100, 50, 200, 380))
     person.save(tmp_path / "person.png")
@@ -238,7 +250,7 @@ def test_cli_auto_preprocessing_refuses_other_sizes(tmp_path, capsys):
 
 
 def test_cli_reports_user_errors_and_lets_bugs_raise(tmp_path, tiny_checkpoint, base_dirs, capsys, monkeypatch):
-    import cli.run as cli_module
+    from leffa.pipeline import LeffaPipeline
 
     p = _write_inputs(tmp_path)
     assert main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"], "--steps", "0")) == 2
@@ -250,7 +262,7 @@ def test_cli_reports_user_errors_and_lets_bugs_raise(tmp_path, tiny_checkpoint, 
     def broken(*a, **k):
         raise KeyError("a bug, not a user mistake")
 
-    monkeypatch.setattr(cli_module.LeffaPipeline, "__call__", broken)
+    monkeypatch.setattr(LeffaPipeline, "__call__", broken)
     with pytest.raises(KeyError, match="a bug"):  # not turned into a message: it keeps its traceback
         main(_tryon_args(p, tmp_path / "o.png", tiny_checkpoint, base_dirs["sd15"]))
     assert not (tmp_path / "o.png").exists()
@@ -261,7 +273,7 @@ def test_tryon_model_knows_its_weights_and_densepose_rendering():
     from preprocess.densepose import DensePoseInstance, render_labels, render_segmentation
     from preprocess.masks import TryOnModel
 
-    assert {ModelKind(m.weights) for m in TryOnModel} == {ModelKind.VITON_HD, ModelKind.DRESS_CODE}
+    assert {ModelKind(registry.tryon_entry(m).name) for m in TryOnModel} == {ModelKind.VITON_HD, ModelKind.DRESS_CODE}
     labels = np.array([[0, 3], [7, 24]], np.uint8)
     people = [DensePoseInstance((1, 1, 2, 2), labels, np.zeros((2, 2, 2), np.float32))]
     for model, render in ((TryOnModel.VITON_HD, render_segmentation), (TryOnModel.DRESS_CODE, render_labels)):
@@ -288,7 +300,7 @@ def test_cli_checks_out_before_any_work(tmp_path, capsys, monkeypatch, out, mess
     (tmp_path / "folder").mkdir()
     (tmp_path / "a_file.png").write_bytes(b"x")
     p = _write_inputs(tmp_path)
-    monkeypatch.setattr(cli_module, "_inputs", lambda *a: pytest.fail("read the inputs before checking --out"))
+    monkeypatch.setattr(cli_module, "_read_images", lambda *a: pytest.fail("read the inputs before checking --out"))
     assert main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]),
                  "--out", str(tmp_path / out)]) == 2
     assert message in capsys.readouterr().err
@@ -334,7 +346,7 @@ def test_unreachable_hub_answers_at_once_with_every_missing_file(tmp_path, monke
     (tmp_path / "openpose").mkdir()
     (tmp_path / "openpose" / "body_pose_model.pth").write_bytes(b"x")
     with pytest.raises(MissingWeightsError) as info:
-        hub.resolve_files(ALL_TRYON_FILES, tmp_path)
+        fetch(_files(*ALL_TRYON_FILES), tmp_path)
     msg = str(info.value)
     missing = [f for f in ALL_TRYON_FILES if "openpose" not in f]
     assert f"missing Leffa weights in {tmp_path}: {', '.join(missing)}" in msg
@@ -358,12 +370,13 @@ def test_cli_without_network_names_every_file_the_task_needs(tmp_path):
 
 
 def test_weight_sets_are_what_the_tasks_load():
-    from weightfiles.manifest import Component, WeightSet, files_of
+    from preprocess.weights import Analysis
 
-    assert files_of(WeightSet.TRYON.components) == ALL_TRYON_FILES
-    assert files_of(WeightSet.TRYON_DC.components)[-1] == ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
-    assert files_of(WeightSet.POSE.components) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
-    assert set(files_of(WeightSet.ALL.components)) == {f for c in Component for f in c.files}
+    assert paths(WeightSet.TRYON.files) == ALL_TRYON_FILES
+    assert paths(WeightSet.TRYON_DC.files)[-1] == ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
+    assert paths(WeightSet.POSE.files) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
+    declared = {f.path for a in Analysis for f in a.files} | {kind.checkpoint for kind in ModelKind}
+    assert set(paths(WeightSet.ALL.files)) == declared
     assert [kind.checkpoint for kind in ModelKind] == ["virtual_tryon.pth", "virtual_tryon_dc.pth", "pose_transfer.pth"]
 
 

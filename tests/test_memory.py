@@ -1,5 +1,5 @@
 """Memory presets, speed options, the app's memory-counting model cache and ZeroGPU Spaces
-(runtime/, leffa/memory.py, leffa/speed.py, webapp/predict.py), on tiny models on the CPU; the CUDA checks
+(runtime/, leffa/memory.py, leffa/speed.py, webapp/backend.py, engine/), on tiny models on the CPU; the CUDA checks
 are skipped without a GPU.
 
 Tolerances (images in [0, 1], float32 on the CPU unless said):
@@ -326,8 +326,11 @@ class FakeMemory:
     def __init__(self, total, sizes):
         self.total, self.sizes, self.loaded, self.measured = total, sizes, {}, 0
 
-    def need(self, kind, preset):
-        size = self.sizes[kind]
+    def need(self, model, preset):  # model: a registry entry (from the cache) or a ModelKind
+        from engine.registry import entry
+        from leffa.hub import ModelKind
+
+        size = self.sizes[ModelKind(entry(model).name)]
         return {MemoryPreset.FAST: MemoryNeed(size, size + GB),
                 MemoryPreset.BALANCED: MemoryNeed(0, size + GB // 2)}.get(preset, MemoryNeed(0, size // 2))
 
@@ -337,10 +340,11 @@ class FakeMemory:
 
 
 def _cache(memory, preset=MemoryPreset.FAST, max_models=3):
+    from engine.cache import MemoryBudget, ModelCache
     from leffa.hub import ModelKind, tiny_model as tiny
-    from webapp.predict import MemoryBudget, ModelCache
 
-    def load(kind):
+    def load(entry):  # the cache passes the registry entry
+        kind = ModelKind(entry.name)
         memory.loaded[kind] = memory.need(kind, preset).resident
         return tiny(kind)
 
@@ -419,7 +423,7 @@ def test_cache_keeps_max_models_as_a_bound():
 
 def test_estimated_budget_measures_and_estimates():
     from leffa.hub import ModelKind
-    from webapp.predict import estimated_budget
+    from engine.cache import estimated_budget
 
     budget = estimated_budget(MemoryPreset.LOW, "cpu", torch.float32)
     assert budget.free().device > 0
@@ -430,7 +434,7 @@ def test_estimated_budget_measures_and_estimates():
 
 # -- settings --------------------------------------------------------------------------------------------
 def test_app_settings_for_memory_and_speed(monkeypatch):
-    from webapp.predict import model_setup
+    from webapp.backend import model_setup
     from webapp.settings import parse_args
 
     monkeypatch.setenv("LEFFA_MEMORY", "low")
@@ -484,11 +488,13 @@ class StandInSpaces(types.ModuleType):
 
 def test_on_spaces_generations_run_inside_spaces_gpu(monkeypatch):
     from leffa.hub import ModelKind
-    from webapp.predict import GenerateOptions, GenerationCall, build_predictor
+    from engine.adapters import GenerationCall
+    from engine.options import GenerateOptions
+    from webapp.backend import build_engine
     from webapp.settings import parse_args
 
     spaces = StandInSpaces().install(monkeypatch)
-    predictor = build_predictor(parse_args(["--tiny", "--device", "cpu", "--memory", "balanced"]))
+    predictor = build_engine(parse_args(["--tiny", "--device", "cpu", "--memory", "balanced"]))
     assert predictor.gpu is not None and predictor.gpu.setup.device == "cpu"
     pipe = predictor.models.get(ModelKind.VITON_HD)
     assert pipe.model.placement.device == torch.device("cpu")  # loaded onto the CPU, outside the GPU call
@@ -524,13 +530,13 @@ def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):
 def test_without_spaces_nothing_changes(monkeypatch):
     import app
     import webapp.ui
-    from webapp.predict import build_predictor
+    from webapp.backend import build_engine
     from webapp.settings import parse_args
 
     StandInSpaces(zero_gpu=False).install(monkeypatch)  # installed, but not a ZeroGPU Space
-    assert build_predictor(parse_args(["--tiny"])).gpu is None
+    assert build_engine(parse_args(["--tiny"])).gpu is None
     monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
-    predictor = build_predictor(parse_args(["--tiny"]))
+    predictor = build_engine(parse_args(["--tiny"]))
     assert predictor.gpu is None
     launched = []
     monkeypatch.setattr(webapp.ui, "launch", lambda demo, settings: launched.append(demo))

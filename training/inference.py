@@ -49,23 +49,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from engine import inputs as model_inputs
+from engine import registry
+from engine.options import CLI_NAMES, GenerateOptions
+from engine.registry import ModelEntry, Task
+from engine.service import Engine
+from engine.setup import ModelSetup, WeightSource
 from errors import OptionError, enum_option
 from leffa.attention import AttentionFocus
-from leffa.hub import ModelKind, load_model, tiny_model
-from leffa.image_tensors import image_to_tensor, mask_to_tensor
-from leffa.model import LeffaModel
-from leffa.pipeline import LeffaPipeline
 from preprocess.images import MODEL_SIZE, save_image_atomic
 from preprocess.masks import GarmentType, TryOnModel
+from runtime.devices import resolve_device
+from runtime.image_tensors import image_to_tensor, mask_to_tensor
 from training.datasets import DatasetError, DatasetLayout, LeffaDataset, Sample
-from weightfiles.hub import resolve_files
-from weightfiles.manifest import components_for, files_of
 
 MANIFEST = "leffa_infer.json"
 # settings that do not change the images (a resumed run may change them)
 RUN_ONLY = {"out_dir", "checkpoint_dir", "batch_size", "num_workers", "limit", "device", "dtype"}
-LAYOUT_MODEL = {DatasetLayout.VITON_HD: ModelKind.VITON_HD, DatasetLayout.DRESS_CODE: ModelKind.DRESS_CODE,
-                DatasetLayout.DEEPFASHION: ModelKind.POSE_TRANSFER}
+# each layout's published model: the try-on model trained on it (its preprocessing), or pose transfer
+LAYOUT_VARIANT = {DatasetLayout.VITON_HD: TryOnModel.VITON_HD, DatasetLayout.DRESS_CODE: TryOnModel.DRESS_CODE}
 
 
 class InputSource(str, Enum):
@@ -93,7 +95,7 @@ class InferenceConfig:
     split: str = "test"
     paired: bool = True  # try-on: each person wears its own garment; False: the pairs file's garment
     pairs_file: Path | None = None  # instead of {split}_pairs.txt (see training.datasets)
-    model: ModelKind | None = None  # None: the layout's published model
+    model: str | None = None  # a registry entry's name (engine.registry); None: the layout's published model
     checkpoint: Path | None = None  # an own .pth/.safetensors instead of the published weights
     base_config: Path | None = None  # for checkpoint: {unet,vae,scheduler}/ (default: the model's)
     checkpoint_dir: Path | None = None
@@ -112,33 +114,46 @@ class InferenceConfig:
     num_workers: int = 2  # data-loading workers per process (dataset inputs only)
     limit: int | None = None  # only the first N samples of the list
     device: str = "auto"  # auto: Accelerate's device for the process
-    dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on CPU
+    dtype: torch.dtype | str | None = None  # None: float16 on CUDA, float32 on CPU
 
     def __post_init__(self):
         for name, cls in (("layout", DatasetLayout), ("inputs", InputSource)):
             object.__setattr__(self, name, enum_option(cls, getattr(self, name), name))
         if self.model is not None:
-            object.__setattr__(self, "model", enum_option(ModelKind, self.model, "model"))
+            object.__setattr__(self, "model", registry.entry(self.model).name)
         for name in ("data_root", "out_dir", "pairs_file", "checkpoint", "base_config", "checkpoint_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 
     @property
-    def kind(self) -> ModelKind:
-        return self.model or LAYOUT_MODEL[self.layout]
+    def entry(self) -> ModelEntry:
+        if self.model is not None:
+            return registry.entry(self.model)
+        variant = LAYOUT_VARIANT.get(self.layout)
+        return registry.pose_entry() if variant is None else registry.tryon_entry(variant)
+
+    @property
+    def source(self) -> WeightSource:
+        return WeightSource(self.checkpoint_dir, self.revision, self.tiny, self.checkpoint, self.base_config)
+
+    @property
+    def options(self) -> GenerateOptions:
+        """The generation options (checked against the model's limits by ``Engine.check``)."""
+        return GenerateOptions(self.steps, self.guidance_scale, self.seed, self.ref_acceleration, self.repaint,
+                               False, self.attention_focus, self.guidance_rescale)
 
     def check(self) -> None:
         """``OptionError`` for settings that cannot work together."""
         w, h = self.size
-        if self.steps < 1 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise OptionError("--steps, --batch-size and --limit must be at least 1")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise OptionError("--batch-size and --limit must be at least 1")
         if self.num_workers < 0:
             raise OptionError("--num-workers must be at least 0")
         if w <= 0 or h <= 0 or w % 8 or h % 8:
             raise OptionError(f"width and height must be positive multiples of 8, got {w}x{h}")
         pose_layout = self.layout is DatasetLayout.DEEPFASHION
-        if pose_layout != (self.kind is ModelKind.POSE_TRANSFER):
-            raise OptionError(f"the {self.kind.value} model does not fit the {self.layout.value} layout: "
+        if pose_layout != (self.entry.task is Task.POSE):
+            raise OptionError(f"the {self.entry.name} model does not fit the {self.layout.value} layout: "
                               "pose transfer goes with deepfashion, try-on with viton_hd or dress_code")
         if pose_layout and not self.paired:
             raise OptionError("DeepFashion has one setting (source -> target pairs): drop --unpaired")
@@ -153,7 +168,7 @@ class InferenceConfig:
         # without a focus, as manifests written before the option existed (their runs resume)
         fields = [f.name for f in dataclasses.fields(self)
                   if f.name not in RUN_ONLY and not (f.name == "attention_focus" and self.attention_focus is None)]
-        return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.kind.value}
+        return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.entry.name}
 
 
 @dataclass(frozen=True)
@@ -226,37 +241,14 @@ def _check_manifest(path: Path, settings: dict) -> None:
                           f"folder, or delete {path.name} to keep those images")
 
 
-def _device_dtype(cfg: InferenceConfig, accelerator) -> tuple[torch.device, torch.dtype]:
-    if cfg.device == "auto":
-        device = accelerator.device
-    elif accelerator.num_processes > 1:
+def _setup(cfg: InferenceConfig, accelerator) -> ModelSetup:
+    """Accelerate's device for the process unless ``--device`` names one (one process only)."""
+    if cfg.device != "auto" and accelerator.num_processes > 1:
         raise OptionError("leave --device at auto when launching several processes (each takes its own GPU)")
-    else:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise OptionError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise OptionError(f"--device {cfg.device} asked for, but no CUDA GPU is available")
-    return device, cfg.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-
-
-def _fetch_weights(cfg: InferenceConfig) -> None:
-    """Every published file the run needs, at once: all of them missing are named in one message."""
-    ours, tryon = cfg.inputs is InputSource.PREPROCESS, cfg.kind is not ModelKind.POSE_TRANSFER
-    components = components_for(cfg.kind.component, compute_mask=ours and tryon, compute_densepose=ours)
-    if cfg.checkpoint is not None:
-        components = components[:-1]  # the given file instead of the published model
-    resolve_files(files_of(components), cfg.checkpoint_dir, cfg.revision)
-
-
-def _load_model(cfg: InferenceConfig, device: torch.device, dtype: torch.dtype) -> LeffaModel:
-    if cfg.tiny:
-        return tiny_model(cfg.kind).place(device, dtype)
-    if cfg.checkpoint is not None:
-        base = cfg.base_config or cfg.kind.base
-        return LeffaModel.from_pretrained(base, cfg.checkpoint, device=device, dtype=dtype)
-    return load_model(cfg.kind, cfg.checkpoint_dir, revision=cfg.revision, device=device, dtype=dtype)
+    device = resolve_device(cfg.device, auto=accelerator.device)
+    if isinstance(cfg.dtype, torch.dtype):
+        return ModelSetup(str(device), cfg.dtype)
+    return ModelSetup.resolve(str(device), cfg.dtype)
 
 
 class _Items(Dataset):
@@ -273,43 +265,36 @@ class _Items(Dataset):
 
 
 class _Preprocessed:
-    """A sample's inputs from our preprocessing of its photos (``InputSource.PREPROCESS``)."""
+    """A sample's inputs from our preprocessing of its photos (``InputSource.PREPROCESS``), through
+    the engine's task dispatch (``engine.inputs``)."""
 
-    def __init__(self, cfg: InferenceConfig, samples: list[Sample], device: torch.device):
-        from preprocess.inputs import Preprocessor
-        from preprocess.standins import standin_preprocessor
-
-        self.samples, self.kind, self.layout = samples, cfg.kind, cfg.layout
-        self.pre = (standin_preprocessor() if cfg.tiny
-                    else Preprocessor.from_checkpoints(cfg.checkpoint_dir, str(device), cfg.revision))
+    def __init__(self, cfg: InferenceConfig, samples: list[Sample], engine: Engine):
+        self.samples, self.entry, self.layout = samples, cfg.entry, cfg.layout
+        self.preprocessor = engine.ready_preprocessor
 
     def __call__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i]
-        if self.kind is ModelKind.POSE_TRANSFER:
-            p = self.pre.pose(s.reference, s.target)
+        if self.entry.task is Task.POSE:
+            p = model_inputs.pose_inputs(self.preprocessor, s.reference, s.target)
             src, ref, mask, dense = p.target, p.reference, p.mask, p.densepose
         else:
-            model = {m.weights: m for m in TryOnModel}[self.kind.value]
             garment = (GarmentType(s.target.parent.parent.name) if self.layout is DatasetLayout.DRESS_CODE
                        else GarmentType.UPPER_BODY)
-            t = self.pre.tryon(s.target, s.reference, model, garment)
+            t = model_inputs.tryon_inputs(self.preprocessor, s.target, s.reference, self.entry.mask_variant, garment)
             src, ref, mask, dense = t.person, t.garment, t.mask, t.densepose
         images = {"src_image": src, "ref_image": ref, "densepose": dense}
         return {**{k: image_to_tensor(v, k)[0] for k, v in images.items()}, "mask": mask_to_tensor(mask)[0]}
 
 
-def _generate(cfg: InferenceConfig, pipe: LeffaPipeline, loader: DataLoader, names: list[str],
-              bar: tqdm) -> None:
-    """The pipeline over ``loader``'s batches; each image is written (atomically) once made."""
+def _generate(cfg: InferenceConfig, engine: Engine, options: GenerateOptions, loader: DataLoader,
+              names: list[str], bar: tqdm) -> None:
+    """The model over ``loader``'s batches; each image is written (atomically) once made."""
     for indices, batch in loader:
         indices = indices.tolist()
         seeds = [sample_seed(cfg.seed, Path(names[i]).stem) for i in indices]
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        out = pipe(batch["src_image"], batch["ref_image"], batch["mask"], batch["densepose"],
-                   num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                   guidance_rescale=cfg.guidance_rescale, ref_acceleration=cfg.ref_acceleration,
-                   repaint=cfg.repaint, attention_focus=cfg.attention_focus, generator=generators)  # one generator per sample
-        for i, image in zip(indices, out.images):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]  # one generator per sample
+        images = engine.generate_batch(cfg.entry, batch, options, generators)
+        for i, image in zip(indices, images):
             save_image_atomic(image, cfg.out_dir / names[i])
         bar.update(len(indices))
 
@@ -323,6 +308,9 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     t0 = time.perf_counter()
     cfg.check()
     accelerator = Accelerator()
+    setup = _setup(cfg, accelerator)
+    engine = Engine.create(setup, cfg.source)
+    options = engine.check(cfg.entry, cfg.options, CLI_NAMES)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if not main:
         log = lambda *_: None  # noqa: E731 -- one process reports
@@ -330,9 +318,8 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     samples = data.samples[:cfg.limit]
     names = [output_name(cfg.layout, s) for s in samples]
     _check_names(names)
-    device, dtype = _device_dtype(cfg, accelerator)
     manifest = cfg.out_dir / MANIFEST
-    settings = {**cfg.settings(), "dtype": str(dtype).removeprefix("torch.")}
+    settings = {**cfg.settings(), "dtype": str(setup.dtype).removeprefix("torch.")}
     _check_manifest(manifest, settings)
     accelerator.wait_for_everyone()  # every process has checked before the folder is written to
     if main:
@@ -344,16 +331,15 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     done = len(mine) - len(pending)
     log(f"{len(samples)} samples ({cfg.layout.value}, {'paired' if cfg.paired else 'unpaired'}), "
         f"{world} process(es); this one: {len(pending)} to generate, {done} already there")
-    with accelerator.main_process_first():  # one download of missing weights
-        if not cfg.tiny:
-            _fetch_weights(cfg)
-        model = _load_model(cfg, device, dtype)
     ours = cfg.inputs is InputSource.PREPROCESS
-    load, workers = (_Preprocessed(cfg, samples, device), 0) if ours else (data.__getitem__, cfg.num_workers)
+    with accelerator.main_process_first():  # one download of missing weights
+        engine.fetch(engine.request_files(cfg.entry, cfg.entry.analyses if ours else ()))
+        engine.models.get(cfg.entry)
+    load, workers = (_Preprocessed(cfg, samples, engine), 0) if ours else (data.__getitem__, cfg.num_workers)
     loader = DataLoader(_Items(pending, load), batch_size=cfg.batch_size, num_workers=workers)
     start = time.perf_counter()
     with tqdm(total=len(pending), unit="img", desc=f"process {rank}", disable=not main) as bar:
-        _generate(cfg, LeffaPipeline(model), loader, names, bar)
+        _generate(cfg, engine, options, loader, names, bar)
     stats = ProcessStats(rank, len(pending), done, time.perf_counter() - start)
 
     everyone = tuple(sorted(gather_object([stats]), key=lambda p: p.process))

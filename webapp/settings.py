@@ -6,9 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from leffa.presets import MEMORY_PRESETS
+from runtime.presets import DTYPE_NAMES, MEMORY_PRESETS
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on CUDA, float32 on the CPU
+DTYPES = ("auto", *DTYPE_NAMES)  # auto: float16 on CUDA, float32 on the CPU (runtime.devices)
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class Settings:
     dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16
     queue_size: int = 16  # requests waiting at most; more are refused with a message
     max_models: int = 2  # Leffa models kept loaded at most; the least recently used is dropped first
-    memory: str = "fast"  # memory preset (leffa.memory): fast, balanced, low, low-fp8
-    fuse_qkv: bool = False  # speed options (leffa.speed)
+    memory: str = "fast"  # memory preset (runtime.presets): fast, balanced, low, low-fp8
+    fuse_qkv: bool = False  # speed options (runtime.speed)
     channels_last: bool = False
     compile: bool = False
     max_file_size: str = "20mb"

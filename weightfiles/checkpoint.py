@@ -17,8 +17,8 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-REDOWNLOAD = ("delete it and download it again (`leffa download tryon`, `tryon-dc` or `pose` fetches the "
-              "missing files of a task; `leffa check` lists them)")
+REDOWNLOAD = ("delete it and download it again (`leffa check` lists the missing files of each task; "
+              "`leffa download TASK` fetches them)")
 
 
 def unreadable(path: str | Path, what: str, error: BaseException, expected: str) -> CheckpointError:

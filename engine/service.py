@@ -1,0 +1,193 @@
+"""``Engine``: a request from photos to a generated image, the same for the app, the command line
+and ``leffa infer``: the option checks (the model's limits and what it supports), every weight file
+it needs fetched before any work, the inputs (given, or from the shared preprocessor), the model
+from the cache, and the generation with progress and stop, here or on an on-demand GPU."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from engine import inputs, registry, weights
+from engine.adapters import GenerationCall
+from engine.cache import MemoryBudget, Model, ModelCache, estimated_budget
+from engine.options import API_NAMES, MAX_SEED, GenerateOptions, OptionCheck, OptionLimits, OptionNames
+from engine.progress import DENOISING, Progress, ShouldStop, never_stop, no_progress, step_callback
+from engine.registry import ModelEntry, WeightSet
+from engine.setup import ModelSetup, WeightSource
+from engine.zerogpu import OnDemandGPU
+from errors import GenerationStopped
+from preprocess.images import MODEL_SIZE
+from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor, TryOnInputs
+from preprocess.masks import GarmentType, TryOnModel
+from preprocess.weights import MASK_ANALYSES, analysis_files
+from weightfiles.manifest import HubFile
+
+
+@dataclass
+class Generation:
+    image: Image.Image
+    seed: int
+    steps: int  # denoising steps run
+    reference: Image.Image  # the garment / the kept person: what the attention looks at
+    recorder: Any  # the attention recording (the family's recorder), or None
+
+
+def loader(setup: ModelSetup, source: WeightSource, device: str | None = None):
+    """``ModelCache``'s loader: an entry's model from ``source``, placed as ``setup`` says (on
+    ``device`` instead of the setup's when given: a ZeroGPU Space keeps the models on the CPU)."""
+    return lambda entry: entry.adapter().load(setup, source, device)
+
+
+class Engine:
+    """Everything a front end asks of the models. ``source`` says where the weights come from
+    (``limits_for`` follows it), ``setup`` where they run; ``preprocessor`` (default: built on first
+    need from the source: the stand-ins for the tiny models) turns photos into inputs; ``limits``,
+    when given, replaces every entry's option limits; ``gpu``: on a Space with on-demand GPUs, runs
+    each generation on one (else it runs here).
+
+    Before a request preprocesses anything, every published file it needs is fetched at once, so a
+    missing one is reported with all the others."""
+
+    def __init__(self, models: ModelCache, preprocessor: Preprocessor | None = None,
+                 source: WeightSource = WeightSource(), setup: ModelSetup = ModelSetup(),
+                 limits: OptionLimits | None = None, gpu: OnDemandGPU | None = None):
+        self.models, self.preprocessor, self.source, self.setup = models, preprocessor, source, setup
+        self.limits, self.gpu = limits, gpu
+
+    @classmethod
+    def create(cls, setup: ModelSetup, source: WeightSource, max_models: int = 1, budget: bool = False,
+               on_demand=None) -> Engine:
+        """An engine whose cache loads from ``source`` and keeps up to ``max_models`` (with ``budget``:
+        only as many as fit in memory, real models only). ``on_demand``: the ``spaces`` package on a
+        ZeroGPU Space (``engine.zerogpu.on_demand_gpus``): the models and the preprocessing stay on
+        the CPU and each generation runs inside ``spaces.GPU``."""
+        rest = "cpu" if on_demand is not None else setup.device  # where the models rest
+        memory: MemoryBudget | None = None
+        if budget and not source.tiny:
+            memory = estimated_budget(setup.memory, rest, setup.dtype, setup.speed.fuse_qkv)
+        models = ModelCache(loader(setup, source, rest), max_models, memory)
+        gpu = OnDemandGPU(on_demand, setup, models) if on_demand is not None else None
+        engine = cls(models, None, source, setup, gpu=gpu)
+        engine.preprocessor = engine.make_preprocessor(rest)
+        return engine
+
+    def make_preprocessor(self, device: str) -> Preprocessor:
+        """The preprocessor of this source: the stand-ins for the tiny models, else the published
+        analysis models (each loaded on first use)."""
+        if self.source.tiny:
+            from preprocess.standins import standin_preprocessor
+
+            return standin_preprocessor()
+        return Preprocessor.from_checkpoints(self.source.checkpoint_dir, str(device), self.source.revision)
+
+    def ready_preprocessor(self) -> Preprocessor:
+        """The preprocessor, made now if there is none yet."""
+        if self.preprocessor is None:
+            self.preprocessor = self.make_preprocessor(self.setup.device)
+        return self.preprocessor
+
+    @property
+    def tiny(self) -> bool:
+        return self.source.tiny
+
+    # -- options --------------------------------------------------------------------------------
+    def limits_for(self, model: Model) -> OptionLimits:
+        return self.limits or self.source.limits(registry.entry(model))
+
+    def check(self, model: Model, options: GenerateOptions, names: OptionNames = API_NAMES) -> GenerateOptions:
+        """``options`` checked against the model's limits and what it supports (one ``OptionError``
+        lists every problem, each option named by ``names``)."""
+        entry = registry.entry(model)
+        with OptionCheck() as check:
+            checked = self.limits_for(entry).checked(options, check, names)
+            supports = entry.supports
+            for asked, supported, name in ((options.repaint, supports.repaint, names.repaint),
+                                           (options.ref_acceleration, supports.ref_acceleration, names.ref_acceleration),
+                                           (options.record_attention, supports.attention_recording, names.record),
+                                           (options.attention_focus is not None, supports.attention_focus, names.focus)):
+                if asked is True and not supported:
+                    check.unsupported(name, f"the {entry.name} model does not support it")
+        return checked
+
+    # -- weights ----------------------------------------------------------------------------------
+    def request_files(self, entry: ModelEntry, analyses) -> list[HubFile]:
+        """The published files a request of ``entry`` computing ``analyses`` needs."""
+        return entry.files_for(analyses, own_checkpoint=not self.source.published)
+
+    def fetch(self, files: Sequence[HubFile]) -> None:
+        """``files``, downloaded if missing (``MissingWeightsError`` names every one that cannot be);
+        nothing with the tiny models."""
+        if not self.tiny:
+            weights.fetch(files, self.source.checkpoint_dir, self.source.revision)
+
+    def missing_weights(self, weight_set: WeightSet) -> list[HubFile]:
+        """The files of ``weight_set`` not on this machine yet (none with the tiny models)."""
+        return [] if self.tiny else weights.missing(weight_set, self.source.checkpoint_dir)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def person_mask(self, person: ImageSource, model_type: TryOnModel, garment_type: GarmentType,
+                    keep_fixed_regions: bool = False) -> PersonMask:
+        """The automatic try-on mask of a person photo (the app's mask editor)."""
+        self.fetch(analysis_files(MASK_ANALYSES))
+        return self.ready_preprocessor().person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed_regions)
+
+    def tryon_inputs(self, person: ImageSource, garment: ImageSource, model_type: TryOnModel | str,
+                     garment_type: GarmentType | str, preprocess_garment: bool = False,
+                     keep_fixed_regions: bool = False, densepose: ImageSource | None = None,
+                     mask: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
+        """A try-on's inputs (``engine.inputs.tryon_inputs``), every file they and the model need
+        fetched first."""
+        variant = TryOnModel(model_type)
+        analyses = inputs.tryon_analyses(mask is not None, densepose is not None)
+        inputs.check_size(analyses, size)  # before any download
+        self.fetch(self.request_files(registry.tryon_entry(variant), analyses))
+        return inputs.tryon_inputs(self.ready_preprocessor, person, garment, variant, GarmentType(garment_type),
+                                   preprocess_garment, keep_fixed_regions, mask, densepose, size)
+
+    def pose_inputs(self, person: ImageSource, target: ImageSource | None, densepose: ImageSource | None = None,
+                    size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
+        """A pose transfer's inputs (``engine.inputs.pose_inputs``), every file fetched first."""
+        analyses = inputs.pose_analyses(densepose is not None)
+        inputs.check_size(analyses, size)  # before any download
+        self.fetch(self.request_files(registry.pose_entry(), analyses))
+        return inputs.pose_inputs(self.ready_preprocessor, person, target, densepose, size)
+
+    # -- generating -------------------------------------------------------------------------------
+    def preload(self, models: Sequence[Model] = ("virtual_tryon",)) -> None:
+        """Load ``models`` now (on a Space with on-demand GPUs: at start, onto the CPU)."""
+        for model in models:
+            self.models.get(model)
+
+    def generate(self, model: Model, src: Image.Image, ref: Image.Image, mask: Image.Image,
+                 densepose: Image.Image, options: GenerateOptions, progress: Progress = no_progress,
+                 should_stop: ShouldStop = never_stop, names: OptionNames = API_NAMES) -> Generation:
+        """Load the model if needed, denoise and decode, reporting each phase to ``progress``.
+        ``should_stop`` is asked before the model is loaded and after every denoising step: once it
+        says True, ``GenerationStopped`` is raised (the request was cancelled or its client left)."""
+        entry = registry.entry(model)
+        options = self.check(entry, options, names)
+        if should_stop():
+            raise GenerationStopped("stopped before generating")
+        loaded = self.models.get(entry, progress)
+        seed = random.randint(0, MAX_SEED) if options.seed is None else options.seed
+        call = GenerationCall(entry.name, src, ref, mask, densepose, options, seed)
+        if self.gpu is None:
+            progress(DENOISING, f"Denoising step 0/{options.steps}")
+            image, recorder = entry.adapter().generate(loaded, call, step_callback(progress, should_stop))
+        else:
+            progress(DENOISING, f"Denoising {options.steps} steps on a GPU")
+            image, recorder = self.gpu(call)
+        return Generation(image, seed, options.steps, ref, recorder)
+
+    def generate_batch(self, model: Model, batch: dict[str, torch.Tensor], options: GenerateOptions,
+                       generators: Sequence[torch.Generator]) -> list[Image.Image]:
+        """A batch of input tensors, one generator per sample (``leffa infer``); ``options`` checked
+        beforehand (``check``)."""
+        entry = registry.entry(model)
+        return entry.adapter().generate_batch(self.models.get(entry), batch, options, generators)

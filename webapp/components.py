@@ -1,0 +1,287 @@
+"""What the app's tabs share: the option components and the result column, the generation
+wiring (one model slot, Stop), the attention panel, uploads, weight notices, and the error toasts.
+
+The event handlers are module-level functions that take the engine explicitly (bound with
+``functools.partial``); the generation endpoints receive their values by parameter name and pack
+them into a request first, which checks every value (the events run with ``preprocess=False``: API
+callers' values arrive as sent)."""
+
+from __future__ import annotations
+
+import functools
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from engine.options import OptionLimits
+from engine.progress import Progress, ShouldStop, never_stop
+from engine.registry import Task, WeightSet, for_task
+from engine.service import Engine, Generation
+from errors import GenerationStopped, UserError
+from runtime.memory import free_accelerator_memory
+from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
+from weightfiles.manifest import download_size
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+# every event that runs a model (preprocessing or generation) shares one slot: one at a time in all
+MODEL_SLOT = "model"
+# displayed heights (pixels) of the attention pictures and the intermediate results
+ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT = 380, 300
+# an error toast goes after this many seconds, unless it has more characters than this (or several
+# lines): then it stays until closed
+TOAST_SECONDS, SHORT_MESSAGE = 10, 100
+def weights_notice(engine: Engine, weight_set: WeightSet, also: WeightSet | None = None) -> str:
+    """A tab's notice while weights it needs are not on the server yet (empty once they are):
+    which, and how much is downloaded on first use. ``also``: a choice on the tab that needs
+    more (the DressCode model on the try-on tab)."""
+    missing = engine.missing_weights(weight_set)
+    extra = [f for f in engine.missing_weights(also) if f not in missing] if also is not None else []
+    if not missing and not extra:
+        return ""
+    lines = []
+    if missing:
+        lines.append(f"⏬ Not on this server yet: {', '.join(f'`{f}`' for f in missing)} (about "
+                     f"{download_size(missing)}). They are downloaded on first use, "
+                     "so the first generation takes longer.")
+    if extra:
+        lines.append(f"The {also.value} model ({', '.join(f'`{f}`' for f in extra)}, about "
+                     f"{download_size(extra)}) is downloaded when first chosen.")
+    return "> " + "\n> ".join(lines)
+
+
+def tab_limits(engine: Engine, task: Task) -> OptionLimits:
+    """The option ranges a tab offers and its endpoint accepts: its task's models' (the same for
+    each model of a task from one weight source; ``Engine.generate`` checks the chosen one's too)."""
+    return engine.limits_for(for_task(task)[0])
+
+
+def notice_tab(notice: str, elem_id: str) -> None:
+    """The weights notice on a tab, only when there is one (no empty component on the page)."""
+    if notice:
+        gr.Markdown(notice, elem_id=elem_id)
+
+
+def toast(message: str) -> gr.Error:
+    """A message for the page: shown as written (HTML characters escaped; line breaks kept by
+    ``PAGE_CSS``); a long one stays until closed."""
+    duration = None if len(message) > SHORT_MESSAGE or "\n" in message else TOAST_SECONDS
+    return gr.Error(html.escape(message, quote=False), duration=duration, print_exception=False)
+
+
+def user_errors(fn):
+    """Turn the failures a user can act on into error toasts; the app keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            free_accelerator_memory()
+            raise toast("Out of GPU memory. Try again with fewer steps or without attention recording; "
+                        "the server keeps running.") from None
+        except GenerationStopped:  # Stop pressed or the client gone: no one waits for this answer
+            raise gr.Error("Stopped.", print_exception=False) from None
+        except UserError as e:  # anything else is a bug: Gradio shows an error and logs the traceback
+            raise toast(str(e)) from None
+
+    return wrapper
+
+
+def upload_path(payload, what: str) -> str | None:
+    """The cached file of an upload (events run with preprocess=False, so that our own loader,
+    not Gradio's, reads every upload and reports bad files clearly)."""
+    if payload is None:
+        return None
+    path = payload.get("path") if isinstance(payload, dict) else payload
+    if not isinstance(path, str) or not path:
+        raise UserError(f"The {what} did not arrive completely; upload it again.")
+    return path
+
+
+def need(payload, what: str) -> str:
+    path = upload_path(payload, what)
+    if path is None:
+        raise UserError(f"Upload {what} first.")
+    return path
+
+
+def examples(folder: str) -> list[str]:
+    return sorted(str(p) for p in (EXAMPLES / folder).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+
+
+# The endpoints' parameters, in their order (the API's; README documents it): each tab's builder
+# wires its components to these names, and the handler receives them by name.
+GENERATION_PARAMETERS = ("steps", "guidance", "seed", "random_seed", "ref_acceleration")
+# the experimental attention focus: last, so that the parameters before keep their positions
+FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
+# -- handlers: module-level, the engine bound with functools.partial -------------------------------
+# The generation handlers get their values as keywords (the events' ``inputs_kwargs``; the API keeps
+# these names and order). ``progress`` stays the one positional parameter: Gradio injects gr.Progress
+# only into a positional slot.
+def reporter(progress) -> Progress:
+    return lambda fraction, desc: progress(fraction, desc=desc)
+
+
+def stop_requested() -> ShouldStop:
+    """Whether Gradio still waits for the running event's answer, to ask between denoising steps.
+
+    A synchronous handler runs in a worker thread that nothing stops: when Stop is pressed (or an
+    API client cancels), ``/cancel`` cancels the event's task, which drops the event from the queue's
+    ``event_ids_to_events`` and frees its concurrency slot at once; when the client disconnects, the
+    queue marks the event not ``alive``. Either way the thread goes on unless it checks this. Gradio's
+    own ``gr.Progress`` finds the running event the same way (``LocalContext``). Outside a queued
+    event (a direct call) nothing asks to stop."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+    if event is None:
+        return never_stop
+    return lambda: not event.alive or queue.event_ids_to_events.get(event_id) is not event
+
+
+def attention_outputs(gen: Generation):
+    """(state, layer-group dropdown, step dropdown) after a generation. The steps are listed
+    1-based as the progress counts them ("2/4": after the second of four steps); their values are
+    the recorder's 0-based step indices."""
+    if gen.recorder is None:
+        return None, gr.update(choices=[], value=None), gr.update(choices=[], value=None)
+    groups = list(layer_groups(gen.recorder))
+    steps = [(f"{step + 1}/{gen.steps}", step) for step in gen.recorder.steps()]
+    return gen, gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
+
+
+def _recorded(state: Generation | None) -> Generation:
+    if state is None or state.recorder is None:
+        raise UserError("Turn on 'Record attention maps' in the advanced options and generate first.")
+    return state
+
+
+@user_errors
+def show_attention(state: Generation | None, group, step, evt: gr.SelectData):
+    """The clicked point marked on a copy of the result, and the heatmap (with its colour legend)
+    of where it looked in the reference."""
+    state = _recorded(state)
+    x, y = evt.index
+    w, h = state.image.size
+    point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
+    heat = heatmap_overlay(state.recorder, int(step), layer_groups(state.recorder)[group], point, state.reference)
+    return mark_point(state.image, point), with_colour_legend(heat)
+
+
+@user_errors
+def warp(state: Generation | None, group, step):
+    """The reference warped by the attention flow."""
+    state = _recorded(state)
+    return warped_reference(state.recorder, int(step), layer_groups(state.recorder)[group], state.reference)
+
+
+FOCUS_HELP = ("Divides the attention logits over the garment (or the kept person) by τ in the finest layers, "
+              "at inference, without retraining. Off by default: on our toy it did not replace the Leffa loss "
+              "(see the README's *Attention focus*).")
+
+
+# -- layout: shared parts, one builder per tab, the demo --------------------------------------------
+def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr.components.Component]:
+    """The generation option components, by endpoint parameter name; ranges from ``limits``."""
+    c = {"steps": gr.Slider(limits.steps_min, limits.steps_max, value=limits.steps_default, step=1, label="Steps"),
+         "guidance": gr.Slider(limits.guidance_min, limits.guidance_max, value=limits.guidance_default, step=0.1,
+                               label="Guidance scale")}
+    with gr.Row():
+        c["seed"] = gr.Number(limits.seed_default, precision=0, minimum=0, maximum=limits.seed_max, label="Seed")
+        c["random_seed"] = gr.Checkbox(False, label="Random seed")
+    c["ref_acceleration"] = gr.Checkbox(False, label="Reference acceleration (~30% faster, may slightly reduce quality)")
+    if with_repaint:
+        c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
+    c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
+    with gr.Accordion("Experimental: attention focus", open=False):
+        c["focus"] = gr.Slider(limits.focus_min, limits.focus_max, value=1.0, step=0.05,
+                               label="Focus temperature τ (1 = off; < 1 sharpens)", info=FOCUS_HELP)
+        c["focus_levels"] = gr.Slider(1, limits.focus_levels_max, value=1, step=1,
+                                      label="Token-grid levels focused, from the finest")
+        with gr.Row():
+            c["focus_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="From (fraction of the steps)")
+            c["focus_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Until")
+    return c
+
+
+@dataclass(frozen=True)
+class ResultColumn:
+    """The result of a tab and what runs it."""
+
+    image: gr.Image
+    seed_used: gr.Number  # hidden until a generation has reported its seed
+    run: gr.Button
+    stop: gr.Button
+
+
+def input_row(prefix: str, *uploads_spec: tuple[str, str, str]) -> tuple[list[gr.Image], ResultColumn]:
+    """Uploads with their example galleries, and the result column.
+
+    ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
+    uploads = []
+    with gr.Row():
+        for label, folder, key in uploads_spec:
+            with gr.Column():
+                image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}")
+                gr.Examples(examples(folder), inputs=image, label=f"Examples: {folder}")
+                uploads.append(image)
+        with gr.Column():
+            result = gr.Image(label="Result (click a point: attention maps below)", type="pil", interactive=False,
+                              height=420, elem_id=f"{prefix}-result", format="png")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+            seed_used = gr.Number(label="Seed used", interactive=False, precision=0, visible=False,
+                                  elem_id=f"{prefix}-seed")
+    return uploads, ResultColumn(result, seed_used, run, stop)
+
+
+def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.components.Component], outputs: list,
+                    api_name: str) -> None:
+    """``column.run`` runs ``handler`` (in the one model slot); ``column.stop`` cancels it (the
+    handler stops at its next denoising step); the seed shows once one is reported."""
+    event = column.run.click(handler, inputs_kwargs=inputs, outputs=[column.image, column.seed_used, *outputs],
+                             api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
+    event.success(_reveal, None, column.seed_used, queue=False, api_visibility="private")
+    column.stop.click(None, cancels=[event])
+
+
+def _reveal():
+    return gr.update(visible=True)
+
+
+def attention_panel(result: gr.Image, state, what: str):
+    """The attention-map accordion under a result; returns its (layer group, step) dropdowns.
+    Clicking the result, or its copy here, marks the point on the copy and shows its heatmap."""
+    with gr.Accordion("Attention maps", open=False):
+        gr.Markdown(f"Click a point on the result: the heatmap shows where it looked in the {what} "
+                    "(averaged over the heads and the layers of one token grid; colours from low to high "
+                    "as the scale under it).")
+        with gr.Row():
+            group = gr.Dropdown(label="Layer group (token grid)", choices=[], interactive=True)
+            step = gr.Dropdown(label="After denoising step", choices=[], interactive=True)
+        with gr.Row():
+            point = gr.Image(label="The point (click to choose another)", interactive=False, type="pil",
+                             height=ATTENTION_HEIGHT, elem_id=f"point-{what}")
+            heat = gr.Image(label=f"Where the point looked in the {what}", interactive=False, type="pil",
+                            height=ATTENTION_HEIGHT, elem_id=f"heatmap-{what}")
+            warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil",
+                              height=ATTENTION_HEIGHT, elem_id=f"warped-{what}")
+        warp_button = gr.Button(f"Warp the {what} by the attention flow", elem_id=f"warp-{what}")
+    for clickable in (result, point):
+        clickable.select(show_attention, [state, group, step], [point, heat], api_visibility="private")
+    warp_button.click(warp, [state, group, step], warped, api_visibility="private")
+    return group, step
+
+
+def intermediate(label: str, elem_id: str | None = None) -> gr.Image:
+    return gr.Image(label=label, interactive=False, type="pil", format="png", height=INTERMEDIATE_HEIGHT,
+                    elem_id=elem_id)
+
+

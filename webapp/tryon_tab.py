@@ -1,0 +1,181 @@
+"""The virtual try-on tab: person + garment, the mask editor, and the ``/tryon`` endpoint."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from engine import registry
+from engine.options import GenerateOptions, OptionCheck, OptionLimits
+from engine.registry import ModelEntry, Task, WeightSet
+from engine.service import Engine
+from errors import UserError
+from preprocess.images import fit_label_image, fit_to_canvas, load_image, load_label_image
+from preprocess.masks import GarmentType, TryOnModel
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, attention_outputs,
+                               attention_panel, generation_options, input_row, intermediate, need, notice_tab,
+                               reporter, stop_requested, tab_limits, upload_path, user_errors, weights_notice,
+                               wire_generation)
+
+MASK_COLOUR = (255, 0, 255)
+TRYON_HELP = """Upload a person and a garment, check the mask (paint to add, erase to remove), then **Generate**.
+To see where a point of the result looked in the garment, tick *Record attention maps* (advanced options)
+before generating, then click the result."""
+def editor_value(person: Image.Image, mask: Image.Image) -> dict:
+    """The mask as a paintable layer over the person."""
+    layer = np.zeros((mask.height, mask.width, 4), np.uint8)
+    on = np.asarray(mask) > 0
+    layer[on] = (*MASK_COLOUR, 160)
+    return {"background": person, "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
+
+
+def mask_from_editor(value) -> Image.Image | None:
+    """The union of the painted layers (None when the editor holds no layer)."""
+    if not value or not value.get("layers"):  # Gradio checked its shape (EditorData) before the handler
+        return None
+    painted = None
+    for layer in value["layers"]:
+        if layer is None:
+            continue
+        if not isinstance(layer, Image.Image):
+            layer = upload_path(layer, "mask layer")
+        alpha = np.asarray(load_image(layer, name="mask layer", keep_alpha=True).convert("RGBA"))[:, :, 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None:
+        return None
+    if not painted.any():
+        raise UserError("The mask is empty: paint the region to replace, or press 'Recompute mask'.")
+    mask = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+    return fit_label_image(mask)
+
+
+@dataclass(frozen=True)
+class TryOnRequest:
+    """One ``/tryon`` request: the uploads as cached files, the choices and the generation options."""
+
+    person: str
+    garment: str
+    editor: dict | None  # the mask editor's value: the painted layers over the person
+    mask_upload: str | None  # an uploaded mask: overrides the editor
+    densepose_upload: str | None  # an uploaded DensePose image: replaces the computed one
+    model_type: TryOnModel
+    garment_type: GarmentType
+    preprocess_garment: bool  # the garment is a PNG cut-out
+    keep_fixed: bool  # never mask other clothes, shoes and hands
+    options: GenerateOptions
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> TryOnRequest:
+        """From the event's values by parameter name (``TRYON_PARAMETERS``): a missing or
+        incomplete upload is a message; so is every option of a wrong type or out of ``limits``."""
+        uploads = (need(values["person"], "a person photo"), need(values["garment"], "a garment photo"),
+                   values["editor"] or None, upload_path(values["mask_upload"], "mask"),
+                   upload_path(values["densepose_upload"], "DensePose image"))
+        with OptionCheck() as check:
+            choices = (check.choice("model_type", TryOnModel, values["model_type"]),
+                       check.choice("garment_type", GarmentType, values["garment_type"]),
+                       check.flag("preprocess_garment", values["preprocess_garment"]),
+                       check.flag("keep_fixed", values["keep_fixed"]))
+            options = limits.options(values, check)
+        return cls(*uploads, *choices, options)
+
+    @property
+    def entry(self) -> ModelEntry:
+        return registry.tryon_entry(self.model_type)
+
+
+TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
+                    *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record",
+                    *FOCUS_PARAMETERS)
+
+
+@user_errors
+def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed):
+    """The automatic mask, in the editor, with the parsing and keypoints it came from."""
+    person = upload_path(person, "person photo")
+    if person is None:
+        return None, None, None
+    with OptionCheck() as check:
+        choices = (check.choice("model_type", TryOnModel, model_type),
+                   check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed))
+    model_type, garment_type, keep_fixed = choices
+    pm = engine.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
+    return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
+
+
+@user_errors
+def photo_without_strokes(person):
+    """The mask editor with its strokes cleared: the person photo as the automatic mask showed
+    it, with an empty layer to paint on."""
+    person = upload_path(person, "person photo")
+    if person is None:
+        return None
+    photo = fit_to_canvas(load_image(person, name="person image"))
+    return editor_value(photo, Image.new("L", photo.size))
+
+
+@user_errors
+def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
+    """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``."""
+    request = TryOnRequest.from_values(values, tab_limits(engine, Task.TRYON))  # before the slow part
+    should_stop = stop_requested()
+    progress(0.0, desc="Preprocessing the photos")
+    inputs = engine.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
+                                    request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
+    if request.mask_upload is not None:
+        mask = load_label_image(request.mask_upload, "uploaded mask", binary=True)
+    else:
+        mask = mask_from_editor(request.editor) or inputs.mask
+    gen = engine.generate(request.entry, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
+                             reporter(progress), should_stop)
+    return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose, *attention_outputs(gen))
+
+
+def build_tryon_tab(engine: Engine) -> None:
+    with gr.Tab("Virtual try-on", id="tryon"):
+        gr.Markdown(TRYON_HELP)
+        notice_tab(weights_notice(engine, WeightSet.TRYON, WeightSet.TRYON_DC), "tryon-weights")
+        state = gr.State(None)
+        c = {}
+        (c["person"], c["garment"]), column = input_row(
+            "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
+        with gr.Accordion("Mask and DensePose", open=True), gr.Row():
+            c["editor"] = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
+                                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(),
+                                         sources=(), transforms=(), height=520, elem_id="tryon-mask-editor")
+            with gr.Column():
+                with gr.Row():
+                    recompute = gr.Button("Recompute mask")
+                    clear = gr.Button("Clear mask (keep the photo)", elem_id="tryon-clear-mask")
+                c["mask_upload"] = gr.Image(label="…or upload a mask (white = replace); overrides the editor",
+                                            type="filepath")
+                c["densepose_upload"] = gr.Image(label="DensePose image (optional: replaces the computed one)",
+                                                 type="filepath")
+        with gr.Accordion("Advanced options", open=False):
+            c["model_type"] = gr.Radio(
+                [(m.label, m.value) for m in TryOnModel], value=TryOnModel.VITON_HD.value, label="Model type")
+            c["garment_type"] = gr.Radio(
+                [(g.label, g.value) for g in GarmentType], value=GarmentType.UPPER_BODY.value, label="Garment type")
+            c["preprocess_garment"] = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
+            c["keep_fixed"] = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
+            c.update(generation_options(tab_limits(engine, Task.TRYON), with_repaint=True))
+        with gr.Accordion("Intermediate results", open=False), gr.Row():
+            parsing, keypoints = intermediate("Human parsing"), intermediate("Keypoints")
+            mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
+        group, step = attention_panel(column.image, state, "garment")
+
+    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed")]
+    mask_handler = functools.partial(compute_mask, engine)  # one handler: one concurrency group
+    for trigger in [*(component.change for component in mask_inputs), recompute.click]:
+        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints], api_name="compute_mask",
+                api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
+    clear.click(photo_without_strokes, c["person"], c["editor"], api_visibility="private", preprocess=False)
+    wire_generation(column, functools.partial(tryon, engine), {name: c[name] for name in TRYON_PARAMETERS},
+                    [parsing, keypoints, mask_used, densepose, state, group, step], "tryon")
+
+
