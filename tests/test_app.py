@@ -319,8 +319,8 @@ def test_pose_request_needs_a_target():
         PoseRequest.from_values({**values, "densepose_upload": PERSON, "random_seed": "yes"}, MODEL_LIMITS)
 
 
-def test_sliders_follow_the_predictors_limits():
-    """The UI reads the option ranges from the predictor (data), for both tabs."""
+def test_sliders_follow_the_engines_limits():
+    """The UI reads the option ranges from the engine (data), for both tabs."""
     import gradio as gr
 
     from leffa.hub import tiny_model
@@ -341,7 +341,7 @@ def test_sliders_follow_the_predictors_limits():
     assert all((s.minimum, s.maximum, s.value) == (3, 9, 5) for s in steps)
     assert all((g.minimum, g.maximum, g.value) == (1.0, 4.0, 3.0) for g in guidance)
     assert all(n.value == 11 and n.maximum == limits.seed_max for n in seeds)
-    assert not any(getattr(b, "elem_id", None) == "tiny-banner" for b in blocks)  # not the --tiny predictor
+    assert not any(getattr(b, "elem_id", None) == "tiny-banner" for b in blocks)  # not the --tiny engine
 
 
 def test_tiny_model_leaves_the_global_rng_alone():
@@ -486,9 +486,9 @@ def test_generate_reports_its_phases_and_stops_when_asked():
     from engine.service import Engine
     from errors import GenerationStopped
 
-    predictor = Engine(ModelCache(TINY_MODELS), preprocessor=None, limits=TINY_LIMITS)
+    engine = Engine(ModelCache(TINY_MODELS), preprocessor=None, limits=TINY_LIMITS)
     reports = []
-    gen = predictor.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
+    gen = engine.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
                              progress=lambda fraction, desc: reports.append((fraction, desc)))
     assert gen.steps == 3 and gen.image.size == (48, 64)
     descs = [desc for _, desc in reports]
@@ -504,7 +504,7 @@ def test_generate_reports_its_phases_and_stops_when_asked():
         return len(asked) > 2  # asked before loading, then after each step: stop after the second step
 
     with pytest.raises(GenerationStopped, match="stopped after step 2 of 50"):
-        predictor.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=50),
+        engine.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=50),
                            should_stop=stop_after_two)
     assert len(asked) == 3
     with pytest.raises(GenerationStopped):  # cancelled while preprocessing: nothing is loaded or run
@@ -673,8 +673,8 @@ def test_tryon_progress_names_every_phase_in_order():
 
     values = dict(zip(TRYON_PARAMETERS, [PERSON, GARMENT, None, None, None, "viton_hd", "upper_body",
                                          1, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
-    predictor = Engine(ModelCache(TINY_MODELS), standin_preprocessor(), source=WeightSource(tiny=True), limits=TINY_LIMITS)
-    out = tryon(predictor, progress, **values)
+    engine = Engine(ModelCache(TINY_MODELS), standin_preprocessor(), source=WeightSource(tiny=True), limits=TINY_LIMITS)
+    out = tryon(engine, progress, **values)
     assert out[0].size == (768, 1024) and out[1] == 42
     descs = [desc for _, desc in reports]
     assert descs[0] == "Preprocessing the photos" and descs[1].startswith("Loading the virtual_tryon model")
@@ -688,60 +688,60 @@ ALL_TRYON_DC_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip
 
 
 @pytest.fixture
-def offline_predictor(tmp_path, monkeypatch):
-    """The real app's predictor on an empty checkpoint folder, offline; its preprocessor fails the
+def offline_engine(tmp_path, monkeypatch):
+    """The real app's engine on an empty checkpoint folder, offline; its preprocessor fails the
     test if anything reaches it."""
     from webapp.backend import build_engine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    predictor = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]))
+    engine = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu"]))
 
     class Untouchable:
         def __getattr__(self, name):
             pytest.fail(f"preprocessing ({name}) started before the weights were there")
 
-    predictor.preprocessor = Untouchable()
-    return predictor
+    engine.preprocessor = Untouchable()
+    return engine
 
 
 def _missing_in(error) -> list[str]:
     return str(error.value).split(": ", 1)[1].split(" (about")[0].split(", ")
 
 
-def test_a_request_names_every_missing_file_before_any_work(offline_predictor):
+def test_a_request_names_every_missing_file_before_any_work(offline_engine):
     from preprocess.masks import GarmentType, TryOnModel
     from weightfiles.hub import MissingWeightsError
 
     with pytest.raises(MissingWeightsError) as info:
-        offline_predictor.tryon_inputs(PERSON, GARMENT, TryOnModel.DRESS_CODE, GarmentType.DRESSES)
+        offline_engine.tryon_inputs(PERSON, GARMENT, TryOnModel.DRESS_CODE, GarmentType.DRESSES)
     assert _missing_in(info) == ALL_TRYON_DC_FILES and "leffa download tryon-dc" in str(info.value)
     with pytest.raises(MissingWeightsError) as info:
-        offline_predictor.pose_inputs(PERSON, PERSON)
+        offline_engine.pose_inputs(PERSON, PERSON)
     assert _missing_in(info) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
     with pytest.raises(MissingWeightsError) as info:  # an uploaded DensePose image: no DensePose model needed
-        offline_predictor.pose_inputs(PERSON, PERSON, densepose=PERSON)
+        offline_engine.pose_inputs(PERSON, PERSON, densepose=PERSON)
     assert _missing_in(info) == ["pose_transfer.pth"]
     with pytest.raises(MissingWeightsError) as info:  # the mask alone: the parsers and OpenPose
-        offline_predictor.person_mask(PERSON, TryOnModel.VITON_HD, GarmentType.UPPER_BODY)
+        offline_engine.person_mask(PERSON, TryOnModel.VITON_HD, GarmentType.UPPER_BODY)
     assert _missing_in(info) == ALL_TRYON_DC_FILES[:3]
 
 
-def test_tabs_say_which_weights_will_be_downloaded(offline_predictor, tmp_path):
+def test_tabs_say_which_weights_will_be_downloaded(offline_engine, tmp_path):
     from engine.registry import WeightSet
     from webapp.components import weights_notice
 
-    notice = weights_notice(offline_predictor, WeightSet.POSE)
+    notice = weights_notice(offline_engine, WeightSet.POSE)
     assert "`densepose/model_final_162be9.pkl`, `pose_transfer.pth` (about 21.2 GB)" in notice
     assert "downloaded on first use" in notice
-    tryon_notice = weights_notice(offline_predictor, WeightSet.TRYON, WeightSet.TRYON_DC)
+    tryon_notice = weights_notice(offline_engine, WeightSet.TRYON, WeightSet.TRYON_DC)
     assert "`virtual_tryon.pth` (about 8.2 GB)" in tryon_notice
     assert "The tryon-dc model (`virtual_tryon_dc.pth`, about 7.2 GB) is downloaded when first chosen" in tryon_notice
     for name in ("densepose/model_final_162be9.pkl", "pose_transfer.pth"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    assert weights_notice(offline_predictor, WeightSet.POSE) == ""
-    offline_predictor.source = WeightSource(tiny=True)
-    assert weights_notice(offline_predictor, WeightSet.TRYON, WeightSet.TRYON_DC) == ""
+    assert weights_notice(offline_engine, WeightSet.POSE) == ""
+    offline_engine.source = WeightSource(tiny=True)
+    assert weights_notice(offline_engine, WeightSet.TRYON, WeightSet.TRYON_DC) == ""
 
 
 def test_app_reports_its_weights_at_start(tmp_path, monkeypatch, capsys):
@@ -763,7 +763,7 @@ def test_real_models_are_counted_in_memory_under_the_chosen_preset(tmp_path):
     from leffa import MemoryPreset
     from webapp.backend import build_engine
 
-    predictor = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--memory", "low"]))
-    budget = predictor.models.budget
-    assert budget.preset is MemoryPreset.LOW and budget.device == "cpu" and predictor.gpu is None
+    engine = build_engine(parse_args(["--checkpoint-dir", str(tmp_path), "--device", "cpu", "--memory", "low"]))
+    budget = engine.models.budget
+    assert budget.preset is MemoryPreset.LOW and budget.device == "cpu" and engine.gpu is None
     assert budget.need(ModelKind.VITON_HD, MemoryPreset.FAST).resident > 7 * 10**9  # float32 on the CPU

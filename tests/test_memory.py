@@ -494,9 +494,9 @@ def test_on_spaces_generations_run_inside_spaces_gpu(monkeypatch):
     from webapp.settings import parse_args
 
     spaces = StandInSpaces().install(monkeypatch)
-    predictor = build_engine(parse_args(["--tiny", "--device", "cpu", "--memory", "balanced"]))
-    assert predictor.gpu is not None and predictor.gpu.setup.device == "cpu"
-    pipe = predictor.models.get(ModelKind.VITON_HD)
+    engine = build_engine(parse_args(["--tiny", "--device", "cpu", "--memory", "balanced"]))
+    assert engine.gpu is not None and engine.gpu.setup.device == "cpu"
+    pipe = engine.models.get(ModelKind.VITON_HD)
     assert pipe.model.placement.device == torch.device("cpu")  # loaded onto the CPU, outside the GPU call
     assert pipe.model.placement.memory is MemoryPreset.BALANCED  # the tiny app follows --memory too
     placed = []
@@ -505,13 +505,13 @@ def test_on_spaces_generations_run_inside_spaces_gpu(monkeypatch):
         (str(device), len(spaces.calls))), real_place(device, *a, **k))[1])
     images = [Image.new("RGB", (48, 64), "gray"), Image.new("RGB", (48, 64), "red"), Image.new("L", (48, 64), 255),
               Image.new("RGB", (48, 64), "blue")]
-    gen = predictor.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3, record_attention=True))
+    gen = engine.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3, record_attention=True))
     assert gen.image.size == (48, 64) and gen.recorder.steps() == [1, 2]  # the recording came back too
     call = GenerationCall(ModelKind.VITON_HD, *images, GenerateOptions(steps=3), 42)
-    assert spaces.calls == [("enter", predictor.gpu.seconds(call)), ("exit",)]
+    assert spaces.calls == [("enter", engine.gpu.seconds(call)), ("exit",)]
     assert placed == [("cpu", 1), ("cpu", 1)]  # onto the setup's device inside the call, back to the CPU after
     call30 = GenerationCall(ModelKind.POSE_TRANSFER, *images, GenerateOptions(steps=30), 42)
-    assert predictor.gpu.seconds(call30) == math.ceil(20 + 30 * 0.5 * 1.5)  # SDXL, balanced
+    assert engine.gpu.seconds(call30) == math.ceil(20 + 30 * 0.5 * 1.5)  # SDXL, balanced
 
 
 def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):
@@ -521,7 +521,7 @@ def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):
 
     launched = []
     monkeypatch.setattr(webapp.ui, "launch", lambda demo, settings: launched.append(demo))
-    monkeypatch.setattr(webapp.ui, "create_demo", lambda predictor: predictor)
+    monkeypatch.setattr(webapp.ui, "create_demo", lambda engine: engine)
     StandInSpaces().install(monkeypatch)
     app.main(["--tiny", "--device", "cpu"])
     assert launched[0].models.loaded() == [ModelKind.VITON_HD]
@@ -536,11 +536,11 @@ def test_without_spaces_nothing_changes(monkeypatch):
     StandInSpaces(zero_gpu=False).install(monkeypatch)  # installed, but not a ZeroGPU Space
     assert build_engine(parse_args(["--tiny"])).gpu is None
     monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
-    predictor = build_engine(parse_args(["--tiny"]))
-    assert predictor.gpu is None
+    engine = build_engine(parse_args(["--tiny"]))
+    assert engine.gpu is None
     launched = []
     monkeypatch.setattr(webapp.ui, "launch", lambda demo, settings: launched.append(demo))
-    monkeypatch.setattr(webapp.ui, "create_demo", lambda predictor: predictor)
+    monkeypatch.setattr(webapp.ui, "create_demo", lambda engine: engine)
     app.main(["--tiny"])
     assert launched[0].models.loaded() == []  # loaded on first use, as before
 

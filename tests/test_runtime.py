@@ -3,7 +3,6 @@ placement driven by the phases a model declares, on a small model that is not Le
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 
@@ -16,33 +15,12 @@ from runtime.placement import Phase, Placement, enter_phase, idle_after, place_m
 from runtime.presets import DTYPE_NAMES, MemoryPreset
 from tests.conftest import ROOT
 
-# what runtime/ may not import: the model libraries and everything above them
-ABOVE = {"leffa", "preprocess", "evaluation", "webapp", "cli", "training", "engine", "app", "benchmarks",
-         "experiments", "tests"}
+def test_runtime_sits_below_every_library():
+    """Its allowed imports (tests/test_architecture.py checks every import against them): the bottom only."""
+    from tests.test_architecture import ALLOWED, LIBRARIES
 
-
-def imported_packages(path) -> set[str]:
-    """The top-level packages ``path`` imports anywhere (inside functions too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found
-
-
-def test_runtime_imports_nothing_above_it():
-    files = sorted((ROOT / "runtime").rglob("*.py"))
-    assert files
-    wrong = {str(f.relative_to(ROOT)): sorted(imported_packages(f) & ABOVE) for f in files}
-    assert not {f: bad for f, bad in wrong.items() if bad}, f"runtime/ imports above its layer: {wrong}"
-
-
-def test_the_import_check_sees_imports_inside_functions(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text("import torch\n\ndef g():\n    from leffa.model import LeffaModel\n    import training.trainer\n")
-    assert imported_packages(f) & ABOVE == {"leffa", "training"}
+    assert ALLOWED["runtime"] == {"errors", "weightfiles"}
+    assert all("runtime" in ALLOWED[library] for library in LIBRARIES)
 
 
 def test_presets_are_read_without_torch():

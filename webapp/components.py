@@ -34,6 +34,8 @@ ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT = 380, 300
 # an error toast goes after this many seconds, unless it has more characters than this (or several
 # lines): then it stays until closed
 TOAST_SECONDS, SHORT_MESSAGE = 10, 100
+
+
 def weights_notice(engine: Engine, weight_set: WeightSet, also: WeightSet | None = None) -> str:
     """A tab's notice while weights it needs are not on the server yet (empty once they are):
     which, and how much is downloaded on first use. ``also``: a choice on the tab that needs
@@ -118,6 +120,8 @@ def examples(folder: str) -> list[str]:
 GENERATION_PARAMETERS = ("steps", "guidance", "seed", "random_seed", "ref_acceleration")
 # the experimental attention focus: last, so that the parameters before keep their positions
 FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
+
+
 # -- handlers: module-level, the engine bound with functools.partial -------------------------------
 # The generation handlers get their values as keywords (the events' ``inputs_kwargs``; the API keeps
 # these names and order). ``progress`` stays the one positional parameter: Gradio injects gr.Progress
@@ -283,5 +287,3 @@ def attention_panel(result: gr.Image, state, what: str):
 def intermediate(label: str, elem_id: str | None = None) -> gr.Image:
     return gr.Image(label=label, interactive=False, type="pil", format="png", height=INTERMEDIATE_HEIGHT,
                     elem_id=elem_id)
-
-

@@ -53,8 +53,6 @@ class PoseRequest:
 POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS)
 
 
-
-
 @user_errors
 def pose_transfer(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
     """``/pose_transfer``: ``values`` are named by ``POSE_PARAMETERS``."""
@@ -87,5 +85,3 @@ def build_pose_tab(engine: Engine) -> None:
         group, step = attention_panel(column.image, state, "person")
     wire_generation(column, functools.partial(pose_transfer, engine),
                     {name: c[name] for name in POSE_PARAMETERS}, [densepose, state, group, step], "pose_transfer")
-
-

@@ -26,6 +26,8 @@ MASK_COLOUR = (255, 0, 255)
 TRYON_HELP = """Upload a person and a garment, check the mask (paint to add, erase to remove), then **Generate**.
 To see where a point of the result looked in the garment, tick *Record attention maps* (advanced options)
 before generating, then click the result."""
+
+
 def editor_value(person: Image.Image, mask: Image.Image) -> dict:
     """The mask as a paintable layer over the person."""
     layer = np.zeros((mask.height, mask.width, 4), np.uint8)
@@ -177,5 +179,3 @@ def build_tryon_tab(engine: Engine) -> None:
     clear.click(photo_without_strokes, c["person"], c["editor"], api_visibility="private", preprocess=False)
     wire_generation(column, functools.partial(tryon, engine), {name: c[name] for name in TRYON_PARAMETERS},
                     [parsing, keypoints, mask_used, densepose, state, group, step], "tryon")
-
-

@@ -27,13 +27,15 @@ PUBLISHED_WEIGHTS = " with the authors' published weights."
 TINY_BANNER = """> ⚠️ **Offline demo mode (`--tiny`)**: a tiny **untrained** model with random weights and
 > stand-in preprocessing, not the published weights. Everything runs, but the pictures are noise. Start without
 > `--tiny` for the real models."""
+
+
 def header(tiny: bool) -> str:
     """The page's title and what it is; the published weights only where they are used."""
     return TITLE + ("." if tiny else PUBLISHED_WEIGHTS)
 
 
 def create_demo(engine: Engine) -> gr.Blocks:
-    """The app: a tab per task; option ranges from ``engine.limits``."""
+    """The app: a tab per task; option ranges from the registry entries' limits (``engine.limits_for``)."""
     with gr.Blocks(title="Leffa: virtual try-on and pose transfer", delete_cache=UPLOAD_CACHE_LIFETIME) as demo:
         gr.Markdown(header(engine.tiny))
         if engine.tiny:
