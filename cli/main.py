@@ -18,6 +18,7 @@ from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
 from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
 from runtime.presets import DTYPE_NAMES, MEMORY_PRESETS
+from training.layouts import DatasetLayout
 from weightfiles.hub import ENV_CHECKPOINT_DIR
 
 
@@ -38,8 +39,7 @@ EVAL = "eval"  # metrics of a generated split (evaluation/)
 # tests/test_evaluation.py checks that they match)
 LPIPS_NETS = ("squeeze", "alex")
 SSIM_BORDERS = ("reflect", "valid")
-# the values of training.datasets.DatasetLayout (it imports torch; tests/test_infer.py checks that they match)
-LAYOUTS = ("viton_hd", "dress_code", "deepfashion")
+LAYOUTS = tuple(layout.value for layout in DatasetLayout)
 MODELS = MODEL_NAMES  # the registry's models (engine.registry)
 
 

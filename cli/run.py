@@ -11,7 +11,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine import registry
-from engine.options import CLI_NAMES, GenerateOptions
+from engine import options as engine_options
+from engine.options import CLI_NAMES, GenerateOptions, OptionCheck
 from engine.progress import DECODING, DENOISING
 from engine.registry import Task
 from engine.service import Engine
@@ -34,9 +35,9 @@ def attention_focus(args):
         if given:
             raise OptionError(f"{', '.join(given)}: only with --attention-focus TAU (the focus is off without it)")
         return None
-    from leffa.attention import AttentionFocus
-
-    return AttentionFocus(args.attention_focus, args.focus_levels, args.focus_steps, args.focus_own_keys)
+    with OptionCheck() as check:
+        return engine_options.attention_focus(check, args.attention_focus, args.focus_levels, args.focus_steps,
+                                              args.focus_own_keys, CLI_NAMES)
 
 
 def weight_source(args) -> WeightSource:

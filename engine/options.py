@@ -103,11 +103,26 @@ class OptionNames:
     repaint: str = "repaint"
     record: str = "record"
     focus: str = "focus"
+    focus_steps: str = "focus_start and focus_end"
 
 
 API_NAMES = OptionNames()
 CLI_NAMES = OptionNames("--steps", "--guidance-scale", "--guidance-rescale", "--seed", "--ref-acceleration",
-                        "--repaint", "--record", "--attention-focus")
+                        "--repaint", "--record", "--attention-focus", "--focus-steps")
+
+
+def attention_focus(check: OptionCheck, temperature: float, levels: int = 1, steps: tuple[float, float] = (0.0, 1.0),
+                    own_keys: bool = False, names: OptionNames = API_NAMES) -> AttentionFocus | None:
+    """The experimental attention focus (``leffa.attention.AttentionFocus``, which checks the values)
+    as the app and the command line ask for it; a bad value goes into ``check``, its steps named by
+    ``names``."""
+    from leffa.attention import AttentionFocus
+
+    try:
+        return AttentionFocus(temperature, levels, steps, own_keys)
+    except OptionError as e:
+        check.problems.append(str(e).replace("attention focus steps", names.focus_steps))
+        return None
 
 
 @dataclass(frozen=True)
@@ -148,20 +163,15 @@ class OptionLimits:
         return checked
 
     def _focus(self, values: Mapping[str, Any], check: OptionCheck) -> AttentionFocus | None:
-        """The experimental attention focus, None when ``focus`` is 1 (which changes nothing)."""
+        """The experimental attention focus within the sliders' ranges, None when ``focus`` is 1
+        (which changes nothing)."""
         temperature = check.number("focus", values["focus"], self.focus_min, self.focus_max)
         levels = check.integer("focus_levels", values["focus_levels"], 1, self.focus_levels_max)
         steps = (check.number("focus_start", values["focus_start"], 0.0, 1.0),
                  check.number("focus_end", values["focus_end"], 0.0, 1.0))
         if check.problems or temperature == 1.0:
             return None
-        from leffa.attention import AttentionFocus
-
-        try:
-            return AttentionFocus(temperature, levels, steps)
-        except OptionError as e:  # the steps' order
-            check.problems.append(str(e).replace("attention focus steps", "focus_start and focus_end"))
-            return None
+        return attention_focus(check, temperature, levels, steps, names=API_NAMES)
 
     def checked(self, options: GenerateOptions, check: OptionCheck, names: OptionNames = API_NAMES) -> GenerateOptions:
         """``options`` checked into ``check`` (see ``check``)."""

@@ -37,7 +37,6 @@ ignored), as the try-on papers' paired test sets are built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -47,14 +46,9 @@ from torch.utils.data import Dataset
 from errors import UserError
 from preprocess.images import fit_to_canvas, load_image, load_label_image
 from runtime.image_tensors import image_to_tensor, mask_to_tensor
+from training.layouts import DatasetLayout
 
 DRESS_CODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
-
-
-class DatasetLayout(str, Enum):
-    VITON_HD = "viton_hd"
-    DRESS_CODE = "dress_code"
-    DEEPFASHION = "deepfashion"
 
 
 class DatasetError(UserError, ValueError):
