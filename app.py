@@ -9,6 +9,7 @@ On a Hugging Face Space with on-demand GPUs (ZeroGPU), the
 try-on model is loaded onto the CPU at start and each generation runs inside ``spaces.GPU``.
 """
 
+from errors import UserError
 from webapp.settings import parse_args
 
 
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     from webapp.backend import build_engine
     from webapp.ui import create_demo, launch
 
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except UserError as e:  # a setting that cannot work here, e.g. --device cuda without a GPU
+        raise SystemExit(f"error: {e}") from None
     if engine.gpu is not None:  # ZeroGPU: the GPU is lent per call; models wait on the CPU
         engine.preload()
     launch(create_demo(engine), settings)

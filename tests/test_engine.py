@@ -226,3 +226,11 @@ def test_device_and_dtype_resolve_in_one_place():
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(OptionError, match="--dtype must be auto or one of float32, float16, bfloat16"):
         resolve_dtype("float64", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_app_refuses_a_device_it_does_not_have_with_a_message():
+    import app
+
+    with pytest.raises(SystemExit, match="error: --device cuda:3 asked for, but no CUDA GPU is available"):
+        app.main(["--tiny", "--device", "cuda:3"])

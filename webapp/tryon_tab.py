@@ -128,13 +128,13 @@ def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
     should_stop = stop_requested()
     progress(0.0, desc="Preprocessing the photos")
     inputs = engine.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
-                                    request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
+                                 request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
     if request.mask_upload is not None:
         mask = load_label_image(request.mask_upload, "uploaded mask", binary=True)
     else:
         mask = mask_from_editor(request.editor) or inputs.mask
     gen = engine.generate(request.entry, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
-                             reporter(progress), should_stop)
+                          reporter(progress), should_stop)
     return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose, *attention_outputs(gen))
 
 
