@@ -227,7 +227,11 @@ def _eval_command(args) -> int:
 
 def _infer_command(args) -> int:
     from cli.run import attention_focus
+    from engine.options import OptionCheck
     from training.inference import InferenceConfig, InputSource, infer
+
+    with OptionCheck() as check:
+        focus = attention_focus(args, check)
 
     infer(InferenceConfig(
         data_root=args.dataset, layout=args.layout, out_dir=args.out, split=args.split,
@@ -235,7 +239,7 @@ def _infer_command(args) -> int:
         base_config=args.base_config, checkpoint_dir=args.checkpoint_dir, revision=args.revision, tiny=args.tiny,
         inputs=InputSource.PREPROCESS if args.preprocess else InputSource.DATASET, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-        ref_acceleration=args.ref_acceleration, repaint=args.repaint, attention_focus=attention_focus(args),
+        ref_acceleration=args.ref_acceleration, repaint=args.repaint, attention_focus=focus,
         seed=args.seed, size=args.size,
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, device=args.device,
         dtype=None if args.dtype == "auto" else args.dtype))

@@ -25,29 +25,30 @@ IMAGE_ARGS = {"person": "person image", "garment": "garment image", "target": "t
               "mask": "mask", "densepose": "DensePose image"}  # argument -> its name in messages
 
 
-def attention_focus(args):
-    """The experimental focus from ``--attention-focus TAU`` and its companions (checked: a bad
-    value, or a companion without TAU, is an ``OptionError``)."""
+def attention_focus(args, check: OptionCheck):
+    """The experimental focus from ``--attention-focus TAU`` and its companions; a bad value, or a
+    companion without TAU, goes into ``check``. The command line takes every focus the library
+    takes (``leffa.attention.AttentionFocus``: more levels than a model has = every layer); the
+    app's sliders offer a part of that (``OptionLimits.focus_*``)."""
     if args.attention_focus is None:
         given = [flag for flag, on in (("--focus-levels", args.focus_levels != 1),
                                        ("--focus-steps", args.focus_steps != (0.0, 1.0)),
                                        ("--focus-own-keys", args.focus_own_keys)) if on]
         if given:
-            raise OptionError(f"{', '.join(given)}: only with --attention-focus TAU (the focus is off without it)")
+            check.problems.append(f"{', '.join(given)}: only with --attention-focus TAU (the focus is off without it)")
         return None
-    with OptionCheck() as check:
-        return engine_options.attention_focus(check, args.attention_focus, args.focus_levels, args.focus_steps,
-                                              args.focus_own_keys, CLI_NAMES)
+    return engine_options.attention_focus(check, args.attention_focus, args.focus_levels, args.focus_steps,
+                                          args.focus_own_keys, CLI_NAMES)
 
 
 def weight_source(args) -> WeightSource:
     return WeightSource(args.checkpoint_dir, args.revision, args.tiny, args.checkpoint, args.base_config)
 
 
-def options(args) -> GenerateOptions:
-    """The generation options as given (``Engine.check`` checks them)."""
+def options(args, check: OptionCheck) -> GenerateOptions:
+    """The generation options as given (the focus checked into ``check``; ``Engine.checked`` checks the rest)."""
     return GenerateOptions(args.steps, args.guidance_scale, args.seed, args.ref_acceleration,
-                           getattr(args, "repaint", False), False, attention_focus(args), args.guidance_rescale)
+                           getattr(args, "repaint", False), False, attention_focus(args, check), args.guidance_rescale)
 
 
 def _read_images(args) -> dict[str, Image.Image | None]:
@@ -77,7 +78,8 @@ def run(args) -> Path:
     setup = ModelSetup.resolve(args.device, args.dtype, args.memory,
                                SpeedOptions(args.fuse_qkv, args.channels_last, args.compile))
     engine = Engine.create(setup, weight_source(args))
-    checked = engine.check(entry, options(args), CLI_NAMES)
+    with OptionCheck() as check:  # every bad option in one message
+        checked = engine.checked(entry, options(args, check), check, CLI_NAMES)
     images = _read_images(args)  # inputs first: fail before any download or slow load
     if task is Task.TRYON:
         t = engine.tryon_inputs(images["person"], images["garment"], args.model_type, args.garment_type,

@@ -5,67 +5,81 @@ shared ``Preprocessor``. The app, the command line and ``leffa infer --preproces
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from errors import OptionError
 from preprocess.images import MODEL_SIZE, WHITE, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.inputs import ImageSource, PoseInputs, Preprocessor, TryOnInputs
-from preprocess.masks import GarmentType, TryOnModel
+from preprocess.masks import GarmentType
 from preprocess.weights import MASK_ANALYSES, Analysis
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.registry import ModelEntry
 
 PreprocessorFactory = Callable[[], Preprocessor]  # built on first need: a request with every input given needs none
 
 
-def tryon_analyses(mask_given: bool, densepose_given: bool) -> tuple[Analysis, ...]:
-    """What a try-on computes from the person photo: nothing when its mask and DensePose image are
-    both given; else the mask (``Preprocessor.tryon`` always makes it; a given mask replaces it
-    afterwards) and the DensePose image unless given."""
-    if mask_given and densepose_given:
-        return ()
-    return MASK_ANALYSES + (() if densepose_given else (Analysis.DENSEPOSE,))
+def tryon_analyses(entry: ModelEntry, mask_given: bool, densepose_given: bool) -> tuple[Analysis, ...]:
+    """What a try-on with ``entry`` computes from the person photo: the entry's analyses, less the
+    DensePose image when it is given; and nothing at all when the mask is given too (else the mask
+    is computed anyway, ``Preprocessor.tryon`` always makes it, and the given one replaces it)."""
+    needed = tuple(a for a in entry.analyses if not (a is Analysis.DENSEPOSE and densepose_given))
+    return () if mask_given and set(needed) <= set(MASK_ANALYSES) else needed
 
 
-def pose_analyses(densepose_given: bool) -> tuple[Analysis, ...]:
-    """What a pose transfer computes: the target photo's DensePose, unless its image is given."""
-    return () if densepose_given else (Analysis.DENSEPOSE,)
+def pose_analyses(entry: ModelEntry, densepose_given: bool) -> tuple[Analysis, ...]:
+    """What a pose transfer with ``entry`` computes: its analyses of the target photo, less the
+    DensePose image when it is given."""
+    return tuple(a for a in entry.analyses if not (a is Analysis.DENSEPOSE and densepose_given))
 
 
 def check_size(analyses: tuple[Analysis, ...], size: tuple[int, int]) -> None:
     """Our preprocessing works at the models' size only."""
     if analyses and tuple(size) != MODEL_SIZE:
-        raise OptionError("automatic preprocessing works at 768x1024: give the mask and DensePose image "
-                          "(and for pose transfer the DensePose image), or generate at 768x1024")
+        raise OptionError("automatic preprocessing works at 768x1024: give the mask and DensePose image yourself "
+                          "(--mask, --densepose; for pose transfer --densepose), or generate at 768x1024 (drop --size)")
 
 
-def tryon_inputs(preprocessor: PreprocessorFactory, person: ImageSource, garment: ImageSource,
-                 variant: TryOnModel, garment_type: GarmentType, cut_out: bool = False,
-                 keep_fixed_regions: bool = False, mask: ImageSource | None = None,
-                 densepose: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
-    """The try-on's inputs at ``size``: ``mask`` and ``densepose``, when given, replace the computed ones."""
-    analyses = tryon_analyses(mask is not None, densepose is not None)
+def check_pose_target(target, densepose) -> None:
+    if target is None and densepose is None:
+        raise OptionError("a pose transfer needs the photo of a person in the target pose, or its DensePose image")
+
+
+def tryon_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource, garment: ImageSource,
+                 garment_type: GarmentType, cut_out: bool = False, keep_fixed_regions: bool = False, *,
+                 mask: ImageSource | None = None, densepose: ImageSource | None = None,
+                 size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
+    """The inputs of a try-on with ``entry`` at ``size``: ``mask`` and ``densepose``, when given,
+    replace the computed ones."""
+    analyses = tryon_analyses(entry, mask is not None, densepose is not None)
     check_size(analyses, size)
     if not analyses:
         return TryOnInputs(fit_to_canvas(load_image(person, name="person image"), size),
                            load_garment(garment, size, cut_out=cut_out),
                            load_label_image(mask, "mask", size, binary=True),
                            load_label_image(densepose, "DensePose image", size))
-    inputs = preprocessor().tryon(person, garment, variant, garment_type, cut_out, densepose=densepose,
+    inputs = preprocessor().tryon(person, garment, entry.mask_variant, garment_type, cut_out, densepose=densepose,
                                   keep_fixed_regions=keep_fixed_regions)
     if mask is not None:
         inputs.mask = load_label_image(mask, "mask", size, binary=True)
     return inputs
 
 
-def pose_inputs(preprocessor: PreprocessorFactory, person: ImageSource, target: ImageSource | None,
-                densepose: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
-    """The pose transfer's inputs at ``size``: the target pose from ``densepose`` when given (then
-    the target photo is not needed: the mask covers the whole picture, so the model never sees its
-    pixels, and a white picture stands in), else from the ``target`` photo's DensePose."""
-    if densepose is not None:
-        return PoseInputs(fit_to_canvas(load_image(person, name="person image"), size), Image.new("RGB", size, WHITE),
-                          Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))
-    check_size(pose_analyses(False), size)
-    if target is None:
-        raise ValueError("a pose transfer needs the target-pose photo or its DensePose image")
-    return preprocessor().pose(person, target)
+def pose_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource,
+                target: ImageSource | None, *, densepose: ImageSource | None = None,
+                size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
+    """The inputs of a pose transfer with ``entry`` at ``size``: the target pose from ``densepose``
+    when given, else from the ``target`` photo's DensePose. With a DensePose image the target photo
+    is optional: the mask covers the whole picture, so the model never sees its pixels (a white
+    picture stands in)."""
+    check_pose_target(target, densepose)
+    analyses = pose_analyses(entry, densepose is not None)
+    check_size(analyses, size)
+    if analyses:
+        return preprocessor().pose(person, target)
+    source = (Image.new("RGB", size, WHITE) if target is None
+              else fit_to_canvas(load_image(target, name="target-pose image"), size))
+    return PoseInputs(fit_to_canvas(load_image(person, name="person image"), size), source,
+                      Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))

@@ -139,13 +139,18 @@ def for_task(task: Task) -> tuple[ModelEntry, ...]:
     return tuple(e for e in ENTRIES if e.task is task)
 
 
+def default_for(task: Task) -> ModelEntry:
+    """The model a task runs unless another is chosen: its first entry."""
+    return for_task(task)[0]
+
+
 def tryon_entry(variant: TryOnModel | str) -> ModelEntry:
-    """The try-on model trained with the ``variant`` preprocessing (the app's and CLI's model type)."""
+    """The try-on model trained with the ``variant`` preprocessing (the app's and CLI's model type):
+    the first entry with that variant."""
     variant = TryOnModel(variant)
-    (found,) = (e for e in for_task(Task.TRYON) if e.mask_variant is variant)
-    return found
+    return next(e for e in for_task(Task.TRYON) if e.mask_variant is variant)
 
 
 def pose_entry() -> ModelEntry:
-    (found,) = for_task(Task.POSE)
-    return found
+    """The pose-transfer model (the first pose entry)."""
+    return default_for(Task.POSE)

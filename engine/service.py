@@ -46,8 +46,8 @@ def loader(setup: ModelSetup, source: WeightSource, device: str | None = None):
 
 class Engine:
     """Everything a front end asks of the models. ``source`` says where the weights come from
-    (``limits_for`` follows it), ``setup`` where they run; ``preprocessor`` (default: built on first
-    need from the source: the stand-ins for the tiny models) turns photos into inputs; ``limits``,
+    (``limits_for`` follows it), ``setup`` where they run; ``preprocessor`` (default: the source's,
+    ``make_preprocessor``) turns photos into inputs; ``limits``,
     when given, replaces every entry's option limits; ``gpu``: on a Space with on-demand GPUs, runs
     each generation on one (else it runs here).
 
@@ -57,8 +57,8 @@ class Engine:
     def __init__(self, models: ModelCache, preprocessor: Preprocessor | None = None,
                  source: WeightSource = WeightSource(), setup: ModelSetup = ModelSetup(),
                  limits: OptionLimits | None = None, gpu: OnDemandGPU | None = None):
-        self.models, self.preprocessor, self.source, self.setup = models, preprocessor, source, setup
-        self.limits, self.gpu = limits, gpu
+        self.models, self.source, self.setup, self.limits, self.gpu = models, source, setup, limits, gpu
+        self.preprocessor = preprocessor if preprocessor is not None else self.make_preprocessor(source, setup.device)
 
     @classmethod
     def create(cls, setup: ModelSetup, source: WeightSource, max_models: int = 1, budget: bool = False,
@@ -73,24 +73,18 @@ class Engine:
             memory = estimated_budget(setup.memory, rest, setup.dtype, setup.speed.fuse_qkv)
         models = ModelCache(loader(setup, source, rest), max_models, memory)
         gpu = OnDemandGPU(on_demand, setup, models) if on_demand is not None else None
-        engine = cls(models, None, source, setup, gpu=gpu)
-        engine.preprocessor = engine.make_preprocessor(rest)
-        return engine
+        preprocessor = cls.make_preprocessor(source, rest)
+        return cls(models, preprocessor, source, setup, gpu=gpu)
 
-    def make_preprocessor(self, device: str) -> Preprocessor:
-        """The preprocessor of this source: the stand-ins for the tiny models, else the published
-        analysis models (each loaded on first use)."""
-        if self.source.tiny:
+    @staticmethod
+    def make_preprocessor(source: WeightSource, device: str) -> Preprocessor:
+        """The preprocessor of ``source`` on ``device``: the stand-ins for the tiny models, else the
+        published analysis models (each loaded on first use, so making it costs nothing)."""
+        if source.tiny:
             from preprocess.standins import standin_preprocessor
 
             return standin_preprocessor()
-        return Preprocessor.from_checkpoints(self.source.checkpoint_dir, str(device), self.source.revision)
-
-    def ready_preprocessor(self) -> Preprocessor:
-        """The preprocessor, made now if there is none yet."""
-        if self.preprocessor is None:
-            self.preprocessor = self.make_preprocessor(self.setup.device)
-        return self.preprocessor
+        return Preprocessor.from_checkpoints(source.checkpoint_dir, str(device), source.revision)
 
     @property
     def tiny(self) -> bool:
@@ -103,16 +97,22 @@ class Engine:
     def check(self, model: Model, options: GenerateOptions, names: OptionNames = API_NAMES) -> GenerateOptions:
         """``options`` checked against the model's limits and what it supports (one ``OptionError``
         lists every problem, each option named by ``names``)."""
-        entry = registry.entry(model)
         with OptionCheck() as check:
-            checked = self.limits_for(entry).checked(options, check, names)
-            supports = entry.supports
-            for asked, supported, name in ((options.repaint, supports.repaint, names.repaint),
-                                           (options.ref_acceleration, supports.ref_acceleration, names.ref_acceleration),
-                                           (options.record_attention, supports.attention_recording, names.record),
-                                           (options.attention_focus is not None, supports.attention_focus, names.focus)):
-                if asked is True and not supported:
-                    check.unsupported(name, f"the {entry.name} model does not support it")
+            return self.checked(model, options, check, names)
+
+    def checked(self, model: Model, options: GenerateOptions, check: OptionCheck,
+                names: OptionNames = API_NAMES) -> GenerateOptions:
+        """``check`` as ``check`` does, its problems added to ``check`` (a caller's own, to list them
+        with the problems of its other values)."""
+        entry = registry.entry(model)
+        checked = self.limits_for(entry).checked(options, check, names)
+        supports = entry.supports
+        for asked, supported, name in ((options.repaint, supports.repaint, names.repaint),
+                                       (options.ref_acceleration, supports.ref_acceleration, names.ref_acceleration),
+                                       (options.record_attention, supports.attention_recording, names.record),
+                                       (options.attention_focus is not None, supports.attention_focus, names.focus)):
+            if asked is True and not supported:
+                check.unsupported(name, f"the {entry.name} model does not support it")
         return checked
 
     # -- weights ----------------------------------------------------------------------------------
@@ -135,33 +135,38 @@ class Engine:
                     keep_fixed_regions: bool = False) -> PersonMask:
         """The automatic try-on mask of a person photo (the app's mask editor)."""
         self.fetch(analysis_files(MASK_ANALYSES))
-        return self.ready_preprocessor().person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed_regions)
+        return self.preprocessor.person_mask(person, model_type, garment_type,
+                                              keep_fixed_regions=keep_fixed_regions)
 
     def tryon_inputs(self, person: ImageSource, garment: ImageSource, model_type: TryOnModel | str,
                      garment_type: GarmentType | str, preprocess_garment: bool = False,
-                     keep_fixed_regions: bool = False, densepose: ImageSource | None = None,
+                     keep_fixed_regions: bool = False, *, densepose: ImageSource | None = None,
                      mask: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
         """A try-on's inputs (``engine.inputs.tryon_inputs``), every file they and the model need
-        fetched first."""
-        variant = TryOnModel(model_type)
-        analyses = inputs.tryon_analyses(mask is not None, densepose is not None)
-        inputs.check_size(analyses, size)  # before any download
-        self.fetch(self.request_files(registry.tryon_entry(variant), analyses))
-        return inputs.tryon_inputs(self.ready_preprocessor, person, garment, variant, GarmentType(garment_type),
-                                   preprocess_garment, keep_fixed_regions, mask, densepose, size)
+        fetched first (after the checks that need no file)."""
+        entry = registry.tryon_entry(model_type)
+        analyses = inputs.tryon_analyses(entry, mask is not None, densepose is not None)
+        inputs.check_size(analyses, size)
+        self.fetch(self.request_files(entry, analyses))
+        return inputs.tryon_inputs(lambda: self.preprocessor, entry, person, garment, GarmentType(garment_type),
+                                   preprocess_garment, keep_fixed_regions, mask=mask, densepose=densepose, size=size)
 
     def pose_inputs(self, person: ImageSource, target: ImageSource | None, densepose: ImageSource | None = None,
                     size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
-        """A pose transfer's inputs (``engine.inputs.pose_inputs``), every file fetched first."""
-        analyses = inputs.pose_analyses(densepose is not None)
-        inputs.check_size(analyses, size)  # before any download
-        self.fetch(self.request_files(registry.pose_entry(), analyses))
-        return inputs.pose_inputs(self.ready_preprocessor, person, target, densepose, size)
+        """A pose transfer's inputs (``engine.inputs.pose_inputs``), every file fetched first (after
+        the checks that need no file)."""
+        entry = registry.pose_entry()
+        inputs.check_pose_target(target, densepose)
+        analyses = inputs.pose_analyses(entry, densepose is not None)
+        inputs.check_size(analyses, size)
+        self.fetch(self.request_files(entry, analyses))
+        return inputs.pose_inputs(lambda: self.preprocessor, entry, person, target, densepose=densepose, size=size)
 
     # -- generating -------------------------------------------------------------------------------
-    def preload(self, models: Sequence[Model] = ("virtual_tryon",)) -> None:
-        """Load ``models`` now (on a Space with on-demand GPUs: at start, onto the CPU)."""
-        for model in models:
+    def preload(self, models: Sequence[Model] | None = None) -> None:
+        """Load ``models`` (default: the try-on task's default model) now (on a Space with on-demand
+        GPUs: at start, onto the CPU)."""
+        for model in models or (registry.default_for(registry.Task.TRYON),):
             self.models.get(model)
 
     def generate(self, model: Model, src: Image.Image, ref: Image.Image, mask: Image.Image,

@@ -22,7 +22,6 @@ _EXPORTS = {
     "ModelKind": "leffa.hub",
     "SpeedOptions": "runtime.speed",
     "load_model": "leffa.hub",
-    "resolve_files": "weightfiles.hub",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -32,13 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from leffa.model import LeffaModel
 
-__all__ = ["SpeedOptions", "apply_speed_options", "compile_unet", "fuse_qkv", "self_attention_modules"]
-
-
-def self_attention_modules(model: LeffaModel) -> Iterator[nn.Module]:
-    """The ``attn1`` modules of both UNets (those with our processors that read ``to_qkv``)."""
-    for unet in (model.unet, model.reference_unet):
-        yield from speed.self_attention_layers(unet)
+__all__ = ["SpeedOptions", "apply_speed_options", "compile_unet", "fuse_qkv"]
 
 
 def fuse_qkv(model: LeffaModel) -> None:

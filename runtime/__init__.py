@@ -1,4 +1,4 @@
-"""The runtime library shared by the model families (Leffa, MCLD): memory presets and placement
+"""The runtime library shared by the model families (``leffa/`` and the ones to come): memory presets and placement
 of a model's modules by the phases it declares, memory figures, speed options, and images as
 tensors. It knows no model's module names; each family declares its own (``leffa.memory``).
 

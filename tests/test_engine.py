@@ -19,7 +19,7 @@ from engine.options import CHECKPOINT_LIMITS, CLI_NAMES, MODEL_LIMITS, TINY_LIMI
 from engine.registry import ENTRIES, MODEL_NAMES, Supports, Task, WeightSet
 from engine.service import Engine
 from engine.setup import ModelSetup, WeightSource
-from errors import OptionError
+from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
 from preprocess.weights import Analysis
 from tests.conftest import viton_tree
@@ -81,10 +81,13 @@ def test_infer_refuses_what_the_app_refuses(tmp_path, capsys):
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_out_is_written_to_for_real_before_any_work(tmp_path, capsys, monkeypatch):
-    """``--out /proc/o.png`` passes the folder checks (it exists, and root may write anywhere) but no
-    file can be made there: the early check tries it, before the images are read."""
+    """``--out /proc/o.png`` passes the folder checks (it exists; root may write anywhere, and here
+    ``os.access`` says yes to everyone) but no file can be made there: the early check tries it,
+    before the images are read."""
     import cli.run
+    import preprocess.images
 
+    monkeypatch.setattr(preprocess.images.os, "access", lambda *a: True)
     monkeypatch.setattr(cli.run, "_read_images", lambda *a: pytest.fail("read the inputs before checking --out"))
     assert main(["tryon", "--tiny", "--person", PERSON, "--garment", GARMENT, "--out", "/proc/o.png"]) == 2
     err = capsys.readouterr().err
@@ -156,25 +159,39 @@ def test_every_entry_is_complete():
 
 # -- one input dispatch --------------------------------------------------------------------------------
 def test_what_is_given_is_not_computed():
+    """The entry's analyses, less what was given (a given mask alone still runs the mask's analyses:
+    ``Preprocessor.tryon`` makes the mask whenever it runs)."""
+    tryon, pose = registry.tryon_entry(TryOnModel.VITON_HD), registry.pose_entry()
     mask = (Analysis.PARSING, Analysis.KEYPOINTS)
-    assert inputs.tryon_analyses(mask_given=False, densepose_given=False) == (*mask, Analysis.DENSEPOSE)
-    assert inputs.tryon_analyses(mask_given=True, densepose_given=False) == (*mask, Analysis.DENSEPOSE)
-    assert inputs.tryon_analyses(mask_given=False, densepose_given=True) == mask
-    assert inputs.tryon_analyses(mask_given=True, densepose_given=True) == ()
-    assert inputs.pose_analyses(densepose_given=True) == () and inputs.pose_analyses(False) == (Analysis.DENSEPOSE,)
+    assert inputs.tryon_analyses(tryon, mask_given=False, densepose_given=False) == (*mask, Analysis.DENSEPOSE)
+    assert inputs.tryon_analyses(tryon, mask_given=True, densepose_given=False) == (*mask, Analysis.DENSEPOSE)
+    assert inputs.tryon_analyses(tryon, mask_given=False, densepose_given=True) == mask
+    assert inputs.tryon_analyses(tryon, mask_given=True, densepose_given=True) == ()
+    assert inputs.pose_analyses(pose, densepose_given=True) == ()
+    assert inputs.pose_analyses(pose, densepose_given=False) == (Analysis.DENSEPOSE,)
+    # an entry that needs another analysis gets it (the registry decides, not the task)
+    other = dataclasses.replace(pose, analyses=(Analysis.KEYPOINTS, Analysis.DENSEPOSE))
+    assert inputs.pose_analyses(other, densepose_given=True) == (Analysis.KEYPOINTS,)
 
 
 def test_given_inputs_need_no_preprocessor(tmp_path):
     none = lambda: pytest.fail("the preprocessor was asked for")  # noqa: E731
     person, garment, dense = (_picture(tmp_path / f"{n}.png", seed=i) for i, n in enumerate("pgd"))
     Image.new("L", (48, 64), 255).save(tmp_path / "m.png")
-    t = inputs.tryon_inputs(none, person, garment, TryOnModel.VITON_HD, GarmentType.UPPER_BODY,
-                            mask=tmp_path / "m.png", densepose=dense, size=(48, 64))
+    tryon, pose = registry.tryon_entry(TryOnModel.VITON_HD), registry.pose_entry()
+    t = inputs.tryon_inputs(none, tryon, person, garment, GarmentType.UPPER_BODY, mask=tmp_path / "m.png",
+                            densepose=dense, size=(48, 64))
     assert t.person.size == t.mask.size == (48, 64) and t.parsing is None
-    p = inputs.pose_inputs(none, person, None, densepose=dense, size=(48, 64))
+    p = inputs.pose_inputs(none, pose, person, None, densepose=dense, size=(48, 64))
     assert np.asarray(p.mask).min() == 255 and p.reference.size == (48, 64)
+    assert np.asarray(p.target).min() == 255  # no target photo: white (the mask hides it all)
+    (tmp_path / "broken.png").write_bytes(b"not an image")  # a given target photo is still read
+    with pytest.raises(UserError, match="target-pose image"):
+        inputs.pose_inputs(none, pose, person, tmp_path / "broken.png", densepose=dense, size=(48, 64))
     with pytest.raises(OptionError, match="works at 768x1024"):
-        inputs.pose_inputs(none, person, person, size=(48, 64))
+        inputs.pose_inputs(none, pose, person, person, size=(48, 64))
+    with pytest.raises(OptionError, match="needs the photo of a person in the target pose, or its DensePose"):
+        inputs.pose_inputs(none, pose, person, None)
 
 
 # -- every family through the same path ----------------------------------------------------------------
@@ -229,8 +246,10 @@ def test_device_and_dtype_resolve_in_one_place():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_the_app_refuses_a_device_it_does_not_have_with_a_message():
+def test_the_app_refuses_a_device_it_does_not_have_with_a_message(monkeypatch):
     import app
+    import webapp.ui
 
+    monkeypatch.setattr(webapp.ui, "launch", lambda *a: pytest.fail("the app started"))
     with pytest.raises(SystemExit, match="error: --device cuda:3 asked for, but no CUDA GPU is available"):
         app.main(["--tiny", "--device", "cuda:3"])

@@ -117,6 +117,15 @@ def test_download_failure_is_explained(tmp_path, monkeypatch, online):
         registry.entry(ModelKind.VITON_HD).adapter().load(ModelSetup(), WeightSource(tmp_path))  # as the engine loads
 
 
+def test_the_python_api_names_the_missing_file_and_how_to_get_it(tmp_path, monkeypatch):
+    """``leffa.load_model`` (the library, without the applications): the file, its size and the
+    ``hf download`` command (the ``leffa download`` command is the applications', added by the engine)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(about 7.2 GB; HF_HUB_OFFLINE is set\)"
+                                                  r".*hf download franciszzj/Leffa virtual_tryon.pth"):
+        load_model(ModelKind.VITON_HD, tmp_path)
+
+
 # -- CLI ------------------------------------------------------------------------------------
 def _write_inputs(tmp_path, size=(48, 64)):
     rng = np.random.default_rng(0)

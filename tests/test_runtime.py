@@ -132,5 +132,15 @@ def test_low_moves_the_modules_not_grouped_by_phase(memory):
     assert model.denoiser[0].weight.dtype == torch.float32  # float8 only for grouped modules
 
 
-def test_free_accelerator_memory_runs_anywhere():
+def test_free_accelerator_memory_collects_and_empties_the_cuda_cache_only_with_cuda(monkeypatch):
+    import runtime.memory
+
+    calls = []
+    monkeypatch.setattr(runtime.memory.gc, "collect", lambda: calls.append("collect") or 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     free_accelerator_memory()
+    assert calls == ["collect"]  # safe on a machine without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    free_accelerator_memory()
+    assert calls == ["collect", "collect", "empty_cache"]

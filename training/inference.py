@@ -270,17 +270,17 @@ class _Preprocessed:
 
     def __init__(self, cfg: InferenceConfig, samples: list[Sample], engine: Engine):
         self.samples, self.entry, self.layout = samples, cfg.entry, cfg.layout
-        self.preprocessor = engine.ready_preprocessor
+        self.preprocessor = lambda: engine.preprocessor
 
     def __call__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i]
         if self.entry.task is Task.POSE:
-            p = model_inputs.pose_inputs(self.preprocessor, s.reference, s.target)
+            p = model_inputs.pose_inputs(self.preprocessor, self.entry, s.reference, s.target)
             src, ref, mask, dense = p.target, p.reference, p.mask, p.densepose
         else:
             garment = (GarmentType(s.target.parent.parent.name) if self.layout is DatasetLayout.DRESS_CODE
                        else GarmentType.UPPER_BODY)
-            t = model_inputs.tryon_inputs(self.preprocessor, s.target, s.reference, self.entry.mask_variant, garment)
+            t = model_inputs.tryon_inputs(self.preprocessor, self.entry, s.target, s.reference, garment)
             src, ref, mask, dense = t.person, t.garment, t.mask, t.densepose
         images = {"src_image": src, "ref_image": ref, "densepose": dense}
         return {**{k: image_to_tensor(v, k)[0] for k, v in images.items()}, "mask": mask_to_tensor(mask)[0]}

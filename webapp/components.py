@@ -18,7 +18,7 @@ import torch
 
 from engine.options import OptionLimits
 from engine.progress import Progress, ShouldStop, never_stop
-from engine.registry import Task, WeightSet, for_task
+from engine.registry import Task, WeightSet, default_for, for_task
 from engine.service import Engine, Generation
 from errors import GenerationStopped, UserError
 from runtime.memory import free_accelerator_memory
@@ -36,29 +36,34 @@ ATTENTION_HEIGHT, INTERMEDIATE_HEIGHT = 380, 300
 TOAST_SECONDS, SHORT_MESSAGE = 10, 100
 
 
-def weights_notice(engine: Engine, weight_set: WeightSet, also: WeightSet | None = None) -> str:
+def weights_notice(engine: Engine, weight_set: WeightSet, *also: WeightSet) -> str:
     """A tab's notice while weights it needs are not on the server yet (empty once they are):
-    which, and how much is downloaded on first use. ``also``: a choice on the tab that needs
-    more (the DressCode model on the try-on tab)."""
+    which, and how much is downloaded on first use. ``also``: the other choices on the tab that
+    need more (the DressCode model on the try-on tab)."""
     missing = engine.missing_weights(weight_set)
-    extra = [f for f in engine.missing_weights(also) if f not in missing] if also is not None else []
-    if not missing and not extra:
-        return ""
     lines = []
     if missing:
         lines.append(f"⏬ Not on this server yet: {', '.join(f'`{f}`' for f in missing)} (about "
                      f"{download_size(missing)}). They are downloaded on first use, "
                      "so the first generation takes longer.")
-    if extra:
-        lines.append(f"The {also.value} model ({', '.join(f'`{f}`' for f in extra)}, about "
-                     f"{download_size(extra)}) is downloaded when first chosen.")
-    return "> " + "\n> ".join(lines)
+    for other in also:
+        extra = [f for f in engine.missing_weights(other) if f not in missing]
+        if extra:
+            lines.append(f"The {other.value} model ({', '.join(f'`{f}`' for f in extra)}, about "
+                         f"{download_size(extra)}) is downloaded when first chosen.")
+    return "> " + "\n> ".join(lines) if lines else ""
+
+
+def task_notice(engine: Engine, task: Task) -> str:
+    """``weights_notice`` for a tab: its task's default model's files, then the other models'."""
+    default, *others = for_task(task)
+    return weights_notice(engine, default.weight_set, *(e.weight_set for e in others))
 
 
 def tab_limits(engine: Engine, task: Task) -> OptionLimits:
-    """The option ranges a tab offers and its endpoint accepts: its task's models' (the same for
-    each model of a task from one weight source; ``Engine.generate`` checks the chosen one's too)."""
-    return engine.limits_for(for_task(task)[0])
+    """The option ranges a tab offers and its endpoint accepts: its task's default model's
+    (``Engine.generate`` checks the chosen model's own too)."""
+    return engine.limits_for(default_for(task))
 
 
 def notice_tab(notice: str, elem_id: str) -> None:

@@ -11,13 +11,13 @@ import gradio as gr
 
 from engine import registry
 from engine.options import GenerateOptions, OptionCheck, OptionLimits
-from engine.registry import Task, WeightSet
+from engine.registry import Task
 from engine.service import Engine
 from errors import UserError
 from preprocess.openpose import NoPersonError
 from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, attention_outputs, attention_panel,
                                generation_options, input_row, intermediate, need, notice_tab, reporter,
-                               stop_requested, tab_limits, upload_path, user_errors, weights_notice, wire_generation)
+                               stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
 
 POSE_HELP = """Upload the person to keep and a person in the target pose (or, in the advanced options, the
 target's DensePose IUV image), then **Generate**. To see where a point of the result looked in the person,
@@ -71,7 +71,7 @@ def pose_transfer(engine: Engine, progress=gr.Progress(track_tqdm=True), **value
 def build_pose_tab(engine: Engine) -> None:
     with gr.Tab("Pose transfer", id="pose"):
         gr.Markdown(POSE_HELP)
-        notice_tab(weights_notice(engine, WeightSet.POSE), "pose-weights")
+        notice_tab(task_notice(engine, Task.POSE), "pose-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["target"]), column = input_row(

@@ -12,14 +12,14 @@ from PIL import Image
 
 from engine import registry
 from engine.options import GenerateOptions, OptionCheck, OptionLimits
-from engine.registry import ModelEntry, Task, WeightSet
+from engine.registry import ModelEntry, Task
 from engine.service import Engine
 from errors import UserError
 from preprocess.images import fit_label_image, fit_to_canvas, load_image, load_label_image
 from preprocess.masks import GarmentType, TryOnModel
 from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, attention_outputs,
                                attention_panel, generation_options, input_row, intermediate, need, notice_tab,
-                               reporter, stop_requested, tab_limits, upload_path, user_errors, weights_notice,
+                               reporter, stop_requested, tab_limits, task_notice, upload_path, user_errors,
                                wire_generation)
 
 MASK_COLOUR = (255, 0, 255)
@@ -141,7 +141,7 @@ def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
 def build_tryon_tab(engine: Engine) -> None:
     with gr.Tab("Virtual try-on", id="tryon"):
         gr.Markdown(TRYON_HELP)
-        notice_tab(weights_notice(engine, WeightSet.TRYON, WeightSet.TRYON_DC), "tryon-weights")
+        notice_tab(task_notice(engine, Task.TRYON), "tryon-weights")
         state = gr.State(None)
         c = {}
         (c["person"], c["garment"]), column = input_row(
@@ -160,7 +160,8 @@ def build_tryon_tab(engine: Engine) -> None:
                                                  type="filepath")
         with gr.Accordion("Advanced options", open=False):
             c["model_type"] = gr.Radio(
-                [(m.label, m.value) for m in TryOnModel], value=TryOnModel.VITON_HD.value, label="Model type")
+                [(e.mask_variant.label, e.mask_variant.value) for e in registry.for_task(Task.TRYON)],
+                value=registry.default_for(Task.TRYON).mask_variant.value, label="Model type")
             c["garment_type"] = gr.Radio(
                 [(g.label, g.value) for g in GarmentType], value=GarmentType.UPPER_BODY.value, label="Garment type")
             c["preprocess_garment"] = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
