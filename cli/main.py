@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine.options import ResultView
 from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
 from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-fixed-regions", action="store_true",
                    help="VITON-HD masks: never mask other clothes, shoes, hands (fixes full-body photos)")
     t.add_argument("--repaint", action="store_true", help="keep the person's pixels outside the mask")
+    t.add_argument("--result", choices=[v.value for v in ResultView], default=ResultView.PHOTO.value,
+                   help="photo (default): your photo at its own size and resolution, the garment blended in; framed: "
+                        "the model's 768x1024 picture framed around the person; canvas: the model's picture of the whole "
+                        "photo fitted onto 768x1024 (as the original app)")
     t.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     p = sub.add_parser(Task.POSE.value, parents=[common, placing], help="pose transfer")
@@ -140,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photo of a person in the target pose (its DensePose is computed)")
     p.add_argument("--densepose", type=Path, default=None,
                    help="DensePose IUV rendering of the target-pose person, instead of --target")
+    p.add_argument("--result", choices=[ResultView.FRAMED.value, ResultView.CANVAS.value],
+                   default=ResultView.FRAMED.value,
+                   help="framed (default): both photos framed around their people; canvas: each photo fitted whole "
+                        "onto 768x1024 (as the original app)")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     _infer_parser(sub, common)

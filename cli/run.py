@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from engine import registry
 from engine import options as engine_options
-from engine.options import CLI_NAMES, GenerateOptions, OptionCheck
+from engine.options import CLI_NAMES, GenerateOptions, OptionCheck, ResultView
 from engine.progress import DECODING, DENOISING
 from engine.registry import Task
 from engine.service import Engine
@@ -81,18 +81,22 @@ def run(args) -> Path:
     with OptionCheck() as check:  # every bad option in one message
         checked = engine.checked(entry, options(args, check), check, CLI_NAMES)
     images = _read_images(args)  # inputs first: fail before any download or slow load
+    view = ResultView(args.result)
     if task is Task.TRYON:
         t = engine.tryon_inputs(images["person"], images["garment"], args.model_type, args.garment_type,
                                 args.preprocess_garment, args.keep_fixed_regions, densepose=images["densepose"],
-                                mask=images["mask"], size=args.size)
-        inputs = (t.person, t.garment, t.mask, t.densepose)
+                                mask=images["mask"], size=args.size, view=view)
+        inputs, framings = (t.person, t.garment, t.mask, t.densepose), (t.framing,)
     else:
-        p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size)
-        inputs = (p.target, p.reference, p.mask, p.densepose)
+        p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size, view)
+        inputs, framings = (p.target, p.reference, p.mask, p.densepose), (p.reference_framing, p.target_framing)
+    for framing in framings:
+        if framing is not None and framing.people > 1:
+            print(f"{framing.people} people in the photo: framed the largest", file=sys.stderr)
     t0 = time.perf_counter()
     engine.models.get(entry)
     print(f"loaded {entry.name} on {setup.device} ({setup.dtype}, --memory {setup.memory.value}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with tqdm(total=checked.steps, desc="denoising", unit="step") as bar:
         gen = engine.generate(entry, *inputs, checked, progress=_bar_progress(bar, checked.steps), names=CLI_NAMES)
-    return save_image_atomic(gen.image, args.out)
+    return save_image_atomic(engine.answer(gen.image, framings[0], inputs[2], view), args.out)

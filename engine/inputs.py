@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from engine.options import ResultView
 from errors import OptionError
+from preprocess.framing import Framing, canvas_box, crop_to_model, frame_person
 from preprocess.images import MODEL_SIZE, WHITE, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.inputs import ImageSource, PoseInputs, Preprocessor, TryOnInputs
 from preprocess.masks import GarmentType
@@ -50,36 +52,65 @@ def check_pose_target(target, densepose) -> None:
 def tryon_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource, garment: ImageSource,
                  garment_type: GarmentType, cut_out: bool = False, keep_fixed_regions: bool = False, *,
                  mask: ImageSource | None = None, densepose: ImageSource | None = None,
-                 size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
+                 size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS) -> TryOnInputs:
     """The inputs of a try-on with ``entry`` at ``size``: ``mask`` and ``densepose``, when given,
-    replace the computed ones."""
+    replace the computed ones. With a ``view`` around the person the photo is framed around its
+    largest person first (``preprocess.framing``), unless a mask or DensePose image is given (they
+    were made for the whole photo: then it is fitted whole, as on the canvas); ``framing`` tells
+    what of the photo the model saw (kept for the photo view)."""
     analyses = tryon_analyses(entry, mask is not None, densepose is not None)
     check_size(analyses, size)
+    around_person = view.around_person and mask is None and densepose is None
+    photo = load_image(person, name="person image") if around_person or view is ResultView.PHOTO else person
+    framing = None
+    if around_person:
+        framing = frame_person(photo, preprocessor().people, "person photo")
+        photo_in = crop_to_model(photo, framing.box, size)
+    else:
+        photo_in = photo
     if not analyses:
-        return TryOnInputs(fit_to_canvas(load_image(person, name="person image"), size),
-                           load_garment(garment, size, cut_out=cut_out),
-                           load_label_image(mask, "mask", size, binary=True),
-                           load_label_image(densepose, "DensePose image", size))
-    inputs = preprocessor().tryon(person, garment, entry.mask_variant, garment_type, cut_out, densepose=densepose,
-                                  keep_fixed_regions=keep_fixed_regions)
-    if mask is not None:
-        inputs.mask = load_label_image(mask, "mask", size, binary=True)
+        inputs = TryOnInputs(fit_to_canvas(load_image(photo_in, name="person image"), size),
+                             load_garment(garment, size, cut_out=cut_out),
+                             load_label_image(mask, "mask", size, binary=True),
+                             load_label_image(densepose, "DensePose image", size))
+    else:
+        inputs = preprocessor().tryon(photo_in, garment, entry.mask_variant, garment_type, cut_out,
+                                      densepose=densepose, keep_fixed_regions=keep_fixed_regions)
+        if mask is not None:
+            inputs.mask = load_label_image(mask, "mask", size, binary=True)
+    if framing is None and view is ResultView.PHOTO:
+        framing = Framing(photo, canvas_box(photo.size, size))
+    inputs.framing = framing
     return inputs
 
 
 def pose_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource,
                 target: ImageSource | None, *, densepose: ImageSource | None = None,
-                size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
+                size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS) -> PoseInputs:
     """The inputs of a pose transfer with ``entry`` at ``size``: the target pose from ``densepose``
     when given, else from the ``target`` photo's DensePose. With a DensePose image the target photo
     is optional: the mask covers the whole picture, so the model never sees its pixels (a white
-    picture stands in)."""
+    picture stands in). With a ``view`` around the person both photos are framed around their
+    people first (the answer is the model's picture: the person's pose changes, so there is no
+    photo to paste it back into)."""
     check_pose_target(target, densepose)
+    if view is ResultView.PHOTO:
+        raise OptionError("pose transfer answers with the model's picture: ask for the framed or the canvas result")
     analyses = pose_analyses(entry, densepose is not None)
     check_size(analyses, size)
-    if analyses:
+    if not analyses:
+        source = (Image.new("RGB", size, WHITE) if target is None
+                  else fit_to_canvas(load_image(target, name="target-pose image"), size))
+        return PoseInputs(fit_to_canvas(load_image(person, name="person image"), size), source,
+                          Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))
+    if not view.around_person:
         return preprocessor().pose(person, target)
-    source = (Image.new("RGB", size, WHITE) if target is None
-              else fit_to_canvas(load_image(target, name="target-pose image"), size))
-    return PoseInputs(fit_to_canvas(load_image(person, name="person image"), size), source,
-                      Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))
+    pre = preprocessor()
+    framings = []
+    for source, what in ((person, "person photo"), (target, "target-pose photo")):
+        photo = load_image(source, name=what.replace("photo", "image"))
+        framings.append(frame_person(photo, pre.people, what))
+    reference, target_framed = (crop_to_model(f.photo, f.box, size) for f in framings)
+    inputs = pre.pose(reference, target_framed)
+    inputs.reference_framing, inputs.target_framing = framings
+    return inputs

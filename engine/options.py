@@ -78,6 +78,19 @@ class OptionCheck:
         self.problems.append(f"{name}: {what}")
 
 
+class ResultView(str, Enum):
+    """What a request answers with (``--result``, the app's "Result"). Datasets (``leffa infer``) are
+    framed already: they keep the canvas."""
+
+    PHOTO = "photo"  # try-on: the photo itself at full resolution, the garment blended in (framed around the person)
+    FRAMED = "framed"  # the model's 768x1024 picture of the photo framed around its person
+    CANVAS = "canvas"  # the model's picture of the whole photo fitted onto the canvas (as the original app)
+
+    @property
+    def around_person(self) -> bool:
+        return self is not ResultView.CANVAS
+
+
 @dataclass
 class GenerateOptions:
     steps: int = 30

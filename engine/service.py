@@ -16,12 +16,13 @@ from PIL import Image
 from engine import inputs, registry, weights
 from engine.adapters import GenerationCall
 from engine.cache import MemoryBudget, Model, ModelCache, estimated_budget
-from engine.options import API_NAMES, MAX_SEED, GenerateOptions, OptionCheck, OptionLimits, OptionNames
+from engine.options import API_NAMES, MAX_SEED, GenerateOptions, OptionCheck, OptionLimits, OptionNames, ResultView
 from engine.progress import DENOISING, Progress, ShouldStop, never_stop, no_progress, step_callback
 from engine.registry import ModelEntry, WeightSet
 from engine.setup import ModelSetup, WeightSource
 from engine.zerogpu import OnDemandGPU
 from errors import GenerationStopped
+from preprocess.framing import Framing, paste_back
 from preprocess.images import MODEL_SIZE
 from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor, TryOnInputs
 from preprocess.masks import GarmentType, TryOnModel
@@ -141,7 +142,8 @@ class Engine:
     def tryon_inputs(self, person: ImageSource, garment: ImageSource, model_type: TryOnModel | str,
                      garment_type: GarmentType | str, preprocess_garment: bool = False,
                      keep_fixed_regions: bool = False, *, densepose: ImageSource | None = None,
-                     mask: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE) -> TryOnInputs:
+                     mask: ImageSource | None = None, size: tuple[int, int] = MODEL_SIZE,
+                     view: ResultView = ResultView.CANVAS) -> TryOnInputs:
         """A try-on's inputs (``engine.inputs.tryon_inputs``), every file they and the model need
         fetched first (after the checks that need no file)."""
         entry = registry.tryon_entry(model_type)
@@ -149,10 +151,11 @@ class Engine:
         inputs.check_size(analyses, size)
         self.fetch(self.request_files(entry, analyses))
         return inputs.tryon_inputs(lambda: self.preprocessor, entry, person, garment, GarmentType(garment_type),
-                                   preprocess_garment, keep_fixed_regions, mask=mask, densepose=densepose, size=size)
+                                   preprocess_garment, keep_fixed_regions, mask=mask, densepose=densepose, size=size,
+                                   view=view)
 
     def pose_inputs(self, person: ImageSource, target: ImageSource | None, densepose: ImageSource | None = None,
-                    size: tuple[int, int] = MODEL_SIZE) -> PoseInputs:
+                    size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS) -> PoseInputs:
         """A pose transfer's inputs (``engine.inputs.pose_inputs``), every file fetched first (after
         the checks that need no file)."""
         entry = registry.pose_entry()
@@ -160,7 +163,17 @@ class Engine:
         analyses = inputs.pose_analyses(entry, densepose is not None)
         inputs.check_size(analyses, size)
         self.fetch(self.request_files(entry, analyses))
-        return inputs.pose_inputs(lambda: self.preprocessor, entry, person, target, densepose=densepose, size=size)
+        return inputs.pose_inputs(lambda: self.preprocessor, entry, person, target, densepose=densepose, size=size,
+                                  view=view)
+
+    @staticmethod
+    def answer(image: Image.Image, framing: Framing | None, mask: Image.Image, view: ResultView) -> Image.Image:
+        """What a request answers with: in the photo view, the generated ``image`` blended back into
+        the photo at full resolution through the ``mask`` the model used (``preprocess.framing``);
+        else the model's picture itself."""
+        if view is ResultView.PHOTO and framing is not None:
+            return paste_back(framing.photo, image, framing.box, mask)
+        return image
 
     # -- generating -------------------------------------------------------------------------------
     def preload(self, models: Sequence[Model] | None = None) -> None:

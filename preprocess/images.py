@@ -250,6 +250,16 @@ def load_image(source: str | Path | bytes | BinaryIO | Image.Image, *, name: str
     return _to_rgb(img)
 
 
+def canvas_placement(image_size: tuple[int, int], size: tuple[int, int] = MODEL_SIZE
+                     ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where ``fit_to_canvas`` puts an image of ``image_size`` on a canvas of ``size``: its new size
+    and its top-left corner, both (x, y)."""
+    (iw, ih), (w, h) = image_size, size
+    scale = min(w / iw, h / ih)
+    new = (max(1, round(iw * scale)), max(1, round(ih * scale)))
+    return new, ((w - new[0]) // 2, (h - new[1]) // 2)
+
+
 def fit_to_canvas(img: Image.Image, size: tuple[int, int] = MODEL_SIZE, *,
                   fill: tuple[int, int, int] = WHITE,
                   resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
@@ -257,12 +267,10 @@ def fit_to_canvas(img: Image.Image, size: tuple[int, int] = MODEL_SIZE, *,
 
     Masks and DensePose images use ``fill=BLACK`` and ``NEAREST`` so labels stay labels.
     """
-    w, h = size
-    scale = min(w / img.width, h / img.height)
-    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    new, corner = canvas_placement(img.size, size)
     resized = img.resize(new, resample) if new != img.size else img
     canvas = Image.new(img.mode, size, fill if img.mode == "RGB" else fill[0])
-    canvas.paste(resized, ((w - new[0]) // 2, (h - new[1]) // 2))
+    canvas.paste(resized, corner)
     return canvas
 
 

@@ -8,6 +8,7 @@ never redoes preprocessing.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from PIL import Image
 
 from errors import enum_option
 from preprocess.densepose import DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv
-from preprocess.images import MODEL_SIZE, binarize, fit_to_canvas, load_garment, load_image, load_label_image
+from preprocess.framing import Box, Framing
+from preprocess.images import (MODEL_SIZE, binarize, canvas_placement, fit_to_canvas, load_garment, load_image,
+                               load_label_image)
 from preprocess.masks import GarmentType, TryOnModel, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
 from preprocess.parsing import HumanParser, Parsing
@@ -40,6 +43,7 @@ class TryOnInputs:
     parsing: Image.Image | None = None  # 384×512 colour label map
     keypoints: np.ndarray | None = None  # (18, 2) in pixels of the 384×512 person, (0, 0) = missing
     pose_image: Image.Image | None = None  # keypoints drawn on the 384×512 person
+    framing: Framing | None = None  # the photo and the box of it that ``person`` shows (None: not kept)
 
 
 @dataclass
@@ -48,6 +52,9 @@ class PoseInputs:
     target: Image.Image  # the target-pose person: src_image (only its DensePose is used)
     mask: Image.Image  # all 255
     densepose: Image.Image  # IUV rendering of the target
+    # the boxes the model saw of the two photos, when framed around their people
+    reference_framing: Framing | None = None
+    target_framing: Framing | None = None
 
 
 @dataclass
@@ -131,6 +138,19 @@ class Preprocessor:
         key = image_key(person)
         got = {part: self._part(person, key, part) for part in parts}
         return _Results(got.get(Analysis.PARSING), got.get(Analysis.KEYPOINTS), got.get(Analysis.DENSEPOSE))
+
+    def people(self, photo: Image.Image) -> list[Box]:
+        """The people in ``photo``, as boxes in its pixels: DensePose's detections on a first
+        low-resolution look (the photo fitted onto the canvas; cached like every analysis)."""
+        look = fit_to_canvas(photo)
+        (nw, nh), (cx, cy) = canvas_placement(photo.size)
+        sx, sy = photo.width / nw, photo.height / nh
+        boxes = []
+        for instance in self._analyse(look, (Analysis.DENSEPOSE,)).densepose:
+            x, y, w, h = instance.box
+            boxes.append(Box(max(0, math.floor((x - cx) * sx)), max(0, math.floor((y - cy) * sy)),
+                             min(photo.width, math.ceil((x + w - cx) * sx)), min(photo.height, math.ceil((y + h - cy) * sy))))
+        return [b for b in boxes if b.width > 0 and b.height > 0]
 
     def person_mask(self, person: ImageSource, model_type: str | TryOnModel, garment_type: str | GarmentType,
                     *, keep_fixed_regions: bool = False) -> PersonMask:

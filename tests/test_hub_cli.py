@@ -239,7 +239,7 @@ def test_cli_auto_preprocessing_uses_the_preprocessor(tmp_path, monkeypatch, tin
     out = tmp_path / "o.png"
     assert main(["tryon", "--person", str(tmp_path / "person.png"), "--garment", str(tmp_path / "garment.png"),
                  "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--base-config", str(base_dirs["sd15"]),
-                 "--steps", "1", "--model-type", "dress_code", "--garment-type", "dresses"]) == 0
+                 "--steps", "1", "--model-type", "dress_code", "--garment-type", "dresses", "--result", "canvas"]) == 0
     assert seen["args"][2:4] == ("dress_code", "dresses")
     assert seen["fetched"] == ALL_TRYON_FILES[:-1]  # the preprocessing models, not the published try-on model
     assert Image.open(out).size == (48, 64)
@@ -330,7 +330,8 @@ def test_cli_tiny_runs_offline(tmp_path, capsys, monkeypatch, no_download):
     p = _write_inputs(tmp_path)
     out = tmp_path / "tiny.png"
     for task in (["tryon", "--garment", str(p["garment"])], ["pose", "--target", str(p["person"])]):
-        assert main([*task, "--tiny", "--person", str(p["person"]), "--out", str(out), "--steps", "1"]) == 0
+        assert main([*task, "--tiny", "--person", str(p["person"]), "--out", str(out), "--steps", "1",
+                     "--result", "canvas"]) == 0
         assert Image.open(out).size == (768, 1024)
     assert not (tmp_path / "empty").exists()  # nothing was downloaded or looked up
 
@@ -458,7 +459,7 @@ def test_cli_names_a_corrupt_weight_file(tmp_path, monkeypatch, capsys, no_downl
         (tmp_path / "ckpts" / name).write_bytes(b"")
     p = _write_inputs(tmp_path)
     code = main(["tryon", "--person", str(p["person"]), "--garment", str(p["garment"]), "--out",
-                 str(tmp_path / "o.png"), "--checkpoint-dir", str(tmp_path / "ckpts")])
+                 str(tmp_path / "o.png"), "--checkpoint-dir", str(tmp_path / "ckpts"), "--result", "canvas"])
     err = capsys.readouterr().err
     assert code == 2 and "parsing_atr.onnx: cannot read the human-parsing model" in err
     assert "Traceback" not in err and "delete it and download it again" in err
