@@ -49,6 +49,13 @@ def check_pose_target(target, densepose) -> None:
         raise OptionError("a pose transfer needs the photo of a person in the target pose, or its DensePose image")
 
 
+def framed_person(preprocessor: PreprocessorFactory, photo: Image.Image, size: tuple[int, int] = MODEL_SIZE,
+                  what: str = "person photo") -> tuple[Image.Image, Framing]:
+    """The model's picture of ``photo`` framed around its largest person, and the framing."""
+    framing = frame_person(photo, preprocessor().people, what)
+    return crop_to_model(photo, framing.box, size), framing
+
+
 def tryon_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource, garment: ImageSource,
                  garment_type: GarmentType, cut_out: bool = False, keep_fixed_regions: bool = False, *,
                  mask: ImageSource | None = None, densepose: ImageSource | None = None,
@@ -62,12 +69,7 @@ def tryon_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: I
     check_size(analyses, size)
     around_person = view.around_person and mask is None and densepose is None
     photo = load_image(person, name="person image") if around_person or view is ResultView.PHOTO else person
-    framing = None
-    if around_person:
-        framing = frame_person(photo, preprocessor().people, "person photo")
-        photo_in = crop_to_model(photo, framing.box, size)
-    else:
-        photo_in = photo
+    photo_in, framing = framed_person(preprocessor, photo, size) if around_person else (photo, None)
     if not analyses:
         inputs = TryOnInputs(fit_to_canvas(load_image(photo_in, name="person image"), size),
                              load_garment(garment, size, cut_out=cut_out),
@@ -105,12 +107,9 @@ def pose_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: Im
                           Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))
     if not view.around_person:
         return preprocessor().pose(person, target)
-    pre = preprocessor()
-    framings = []
-    for source, what in ((person, "person photo"), (target, "target-pose photo")):
-        photo = load_image(source, name=what.replace("photo", "image"))
-        framings.append(frame_person(photo, pre.people, what))
-    reference, target_framed = (crop_to_model(f.photo, f.box, size) for f in framings)
-    inputs = pre.pose(reference, target_framed)
-    inputs.reference_framing, inputs.target_framing = framings
+    (reference, reference_framing), (target_in, target_framing) = (
+        framed_person(preprocessor, load_image(source, name=what.replace("photo", "image")), size, what)
+        for source, what in ((person, "person photo"), (target, "target-pose photo")))
+    inputs = preprocessor().pose(reference, target_in)
+    inputs.reference_framing, inputs.target_framing = reference_framing, target_framing
     return inputs

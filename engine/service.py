@@ -23,10 +23,10 @@ from engine.setup import ModelSetup, WeightSource
 from engine.zerogpu import OnDemandGPU
 from errors import GenerationStopped
 from preprocess.framing import Framing, paste_back
-from preprocess.images import MODEL_SIZE
+from preprocess.images import MODEL_SIZE, load_image
 from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor, TryOnInputs
 from preprocess.masks import GarmentType, TryOnModel
-from preprocess.weights import MASK_ANALYSES, analysis_files
+from preprocess.weights import MASK_ANALYSES, Analysis, analysis_files
 from weightfiles.manifest import HubFile
 
 
@@ -133,11 +133,16 @@ class Engine:
 
     # -- inputs -----------------------------------------------------------------------------------
     def person_mask(self, person: ImageSource, model_type: TryOnModel, garment_type: GarmentType,
-                    keep_fixed_regions: bool = False) -> PersonMask:
-        """The automatic try-on mask of a person photo (the app's mask editor)."""
-        self.fetch(analysis_files(MASK_ANALYSES))
-        return self.preprocessor.person_mask(person, model_type, garment_type,
-                                              keep_fixed_regions=keep_fixed_regions)
+                    keep_fixed_regions: bool = False, view: ResultView = ResultView.CANVAS) -> PersonMask:
+        """The automatic try-on mask of a person photo (the app's mask editor), of the picture the
+        model will see: framed around the person for a ``view`` around the person (``framing``)."""
+        self.fetch(analysis_files(MASK_ANALYSES + ((Analysis.DENSEPOSE,) if view.around_person else ())))
+        framing = None
+        if view.around_person:
+            person, framing = inputs.framed_person(lambda: self.preprocessor, load_image(person, name="person image"))
+        mask = self.preprocessor.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed_regions)
+        mask.framing = framing
+        return mask
 
     def tryon_inputs(self, person: ImageSource, garment: ImageSource, model_type: TryOnModel | str,
                      garment_type: GarmentType | str, preprocess_garment: bool = False,

@@ -64,6 +64,7 @@ class PersonMask:
     parsing: Parsing
     keypoints: np.ndarray  # (18, 2) in pixels of the 384×512 person
     pose_image: Image.Image  # keypoints drawn on the 384×512 person
+    framing: Framing | None = None  # the photo and the box of it that ``person`` shows (None: not kept)
 
 
 @dataclass
@@ -145,8 +146,14 @@ class Preprocessor:
         look = fit_to_canvas(photo)
         (nw, nh), (cx, cy) = canvas_placement(photo.size)
         sx, sy = photo.width / nw, photo.height / nh
+        from preprocess.openpose import NoPersonError
+
+        try:
+            instances = self._analyse(look, (Analysis.DENSEPOSE,)).densepose
+        except NoPersonError:  # a backend that says so itself (the stand-ins): nobody is an answer here
+            return []
         boxes = []
-        for instance in self._analyse(look, (Analysis.DENSEPOSE,)).densepose:
+        for instance in instances:
             x, y, w, h = instance.box
             boxes.append(Box(max(0, math.floor((x - cx) * sx)), max(0, math.floor((y - cy) * sy)),
                              min(photo.width, math.ceil((x + w - cx) * sx)), min(photo.height, math.ceil((y + h - cy) * sy))))

@@ -36,11 +36,12 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
-def tryon(client, person=PERSON, garment=GARMENT, editor=None, seed=42, record=False):
+def tryon(client, person=PERSON, garment=GARMENT, editor=None, seed=42, record=False, result="canvas"):
+    """A ``/tryon`` call; the 768x1024 canvas result unless ``result`` asks for another."""
     from gradio_client import handle_file
 
     return client.predict(handle_file(person), handle_file(garment), editor, None, None, "viton_hd", "upper_body",
-                          STEPS, 2.5, seed, False, False, False, False, False, record, api_name="/tryon")
+                          STEPS, 2.5, seed, False, False, False, False, False, record, result=result, api_name="/tryon")
 
 
 def submit_tryon(client, steps=STEPS, **overrides):
@@ -50,7 +51,8 @@ def submit_tryon(client, steps=STEPS, **overrides):
     from webapp.tryon_tab import TRYON_PARAMETERS
 
     values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
-                                         "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
+                                         "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF,
+                                         "canvas"]))
     values.update(overrides)
     return client.submit(*values.values(), api_name="/tryon")
 
@@ -65,6 +67,26 @@ def test_tryon_endpoint(client):
     mask = np.asarray(Image.open(out[4]))
     assert mask.shape[:2] == (1024, 768) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
     assert Image.open(out[5]).size == (768, 1024)  # DensePose from the stand-in backend
+
+
+def test_tryon_answers_with_the_photo_by_default(client, tmp_path):
+    """The default result: the person's own photo at its size (here landscape), changed only around
+    the garment; the framed picture on request; the box the model saw among the intermediates."""
+    from gradio_client import handle_file
+
+    from tests.test_framing import figure
+
+    photo = figure((1500, 1000), (900, 150, 1150, 950))
+    photo.save(tmp_path / "landscape.png")
+    out = client.predict(handle_file(str(tmp_path / "landscape.png")), handle_file(GARMENT), None, None, None,
+                         "viton_hd", "upper_body", STEPS, 2.5, 42, False, False, False, False, False, False,
+                         api_name="/tryon")
+    result = pixels(out[0])
+    assert result.shape == (1000, 1500, 3)
+    assert np.array_equal(result[:, :600], np.asarray(photo)[:, :600])  # far from the person: the photo itself
+    assert Image.open(out[-1]).size[0] > Image.open(out[-1]).size[1]  # the framing preview: the landscape photo
+    framed = tryon(client, person=str(tmp_path / "landscape.png"), result="framed")
+    assert Image.open(framed[0]).size == (768, 1024)
 
 
 def test_same_seed_same_image(client):
@@ -153,10 +175,24 @@ def test_api_refuses_nan_sent_as_raw_json(app_url):
     with open(PERSON, "rb") as f:
         (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
     photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
-    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0]}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed"]}}'
     event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
     answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
+
+
+def test_what_gradio_itself_refuses_reaches_a_raw_client_with_a_message(app_url):
+    """Too few parameters, or a file path that was not uploaded: a message, not ``{"error": null}``."""
+    import httpx
+
+    api = app_url + "gradio_api"
+    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 14, got: 4)"),
+                          ('[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, null, null, 30, 2.5, 42, '
+                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed"]', "/etc/hostname")):
+        event = httpx.post(f"{api}/call/pose_transfer", content=f'{{"data": {data}}}',
+                           headers={"content-type": "application/json"})
+        answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
+        assert "event: error" in answer and '"error": null' not in answer and message in answer, answer
 
 
 LONG_STEPS = 100  # the --tiny maximum: more than a minute on this CPU, unless it stops
@@ -217,9 +253,9 @@ def test_endpoint_parameters_are_the_documented_ones(client):
     focus = ["focus", "focus_levels", "focus_start", "focus_end"]
     assert names["/tryon"] == ["person", "garment", "editor", "mask_upload", "densepose_upload", "model_type",
                                "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
-                               "repaint", "preprocess_garment", "keep_fixed", "record", *focus]
+                               "repaint", "preprocess_garment", "keep_fixed", "record", *focus, "result"]
     assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
-                                       "random_seed", "ref_acceleration", "record", *focus]
+                                       "random_seed", "ref_acceleration", "record", *focus, "result"]
 
 
 def test_attention_recording_reports_groups_and_steps(client):
@@ -672,7 +708,7 @@ def test_tryon_progress_names_every_phase_in_order():
         reports.append((fraction, desc))
 
     values = dict(zip(TRYON_PARAMETERS, [PERSON, GARMENT, None, None, None, "viton_hd", "upper_body",
-                                         1, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF]))
+                                         1, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF, "canvas"]))
     engine = Engine(ModelCache(TINY_MODELS), standin_preprocessor(), source=WeightSource(tiny=True), limits=TINY_LIMITS)
     out = tryon(engine, progress, **values)
     assert out[0].size == (768, 1024) and out[1] == 42

@@ -190,7 +190,7 @@ def test_pose_transfer(page, shots, tmp_path):
     # two lines, as written; the remedy is on this tab; it stays until closed (no timer)
     lines = message.inner_text().splitlines()
     assert len(lines) == 2 and lines[0].startswith("no person detected")
-    assert "'Advanced options' on this tab" in lines[1]
+    assert "under the photos on this tab" in lines[1]  # where its DensePose upload is
     assert message.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
     assert page.locator(".toast-body .timer").count() == 0
     _close_toasts(page)
@@ -202,7 +202,7 @@ def test_pose_transfer(page, shots, tmp_path):
     assert result.get_attribute("src")
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.element_handle())
     assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [768, 1024]  # the generated picture
-    _open(page, "Intermediate results")
+    # the intermediate results open by themselves after a generation (no collapsed panel to find)
     densepose = page.locator("#pose-densepose img").first
     densepose.wait_for()
     assert densepose.bounding_box()["height"] <= INTERMEDIATE_HEIGHT  # not a 1000-pixel-tall picture

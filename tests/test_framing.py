@@ -194,3 +194,31 @@ def test_bad_photos_are_clear_messages(engine, tmp_path):
     with pytest.raises(UserError, match="is too large .*the limit is 50 MP"):
         engine.tryon_inputs(big, GARMENT, TryOnModel.VITON_HD, GarmentType.UPPER_BODY, view=ResultView.PHOTO)
     assert registry.default_for(Task.TRYON).task is Task.TRYON
+
+
+# -- the app's parts --------------------------------------------------------------------------------------
+def test_a_click_on_the_photo_maps_through_the_box_the_model_saw():
+    from engine.service import Generation
+    from webapp.components import Shown
+
+    gen = Generation(Image.new("RGB", MODEL_SIZE), 0, 1, Image.new("RGB", MODEL_SIZE), None)
+    shown = Shown(gen, Box(1000, 500, 1768, 1524))  # the photo is shown; the model saw this box of it
+    assert shown.point(1384, 1012, on_result=True) == (0.5, 0.5)
+    assert shown.point(0, 0, on_result=True) == (0.0, 0.0)  # outside the box: its nearest edge
+    assert shown.point(384, 512, on_result=False) == (0.5, 0.5)  # on the model's picture itself
+    assert Shown(gen).point(384, 512, on_result=True) == (0.5, 0.5)  # the model's picture is shown
+
+
+def test_the_progress_says_how_long_is_left_once_steps_have_run():
+    from webapp.components import reporter
+
+    seen, now = [], [0.0]
+    report = reporter(lambda fraction, desc: seen.append(desc), clock=lambda: now[0])
+    report(0.0, "Preprocessing the photos")
+    for step in range(4):
+        report(0.1 + step / 10, f"Denoising step {step}/30")
+        now[0] += 2.0  # two seconds a step
+    report(0.95, "Decoding the image")
+    assert seen[:2] == ["Preprocessing the photos", "Denoising step 0/30"]
+    assert seen[2] == "Denoising step 1/30 (about 58 s left)"
+    assert seen[4] == "Denoising step 3/30 (about 54 s left)" and seen[-1] == "Decoding the image"

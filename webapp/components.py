@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import html
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from engine.options import OptionLimits
 from engine.progress import Progress, ShouldStop, never_stop
@@ -22,6 +25,7 @@ from engine.registry import Task, WeightSet, default_for, for_task
 from engine.service import Engine, Generation
 from errors import GenerationStopped, UserError
 from runtime.memory import free_accelerator_memory
+from preprocess.framing import Box, Framing, box_drawn
 from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
 from weightfiles.manifest import download_size
 
@@ -100,7 +104,8 @@ def user_errors(fn):
 
 def upload_path(payload, what: str) -> str | None:
     """The cached file of an upload (events run with preprocess=False, so that our own loader,
-    not Gradio's, reads every upload and reports bad files clearly)."""
+    not Gradio's, reads every upload and reports bad files clearly); ``what`` names it ("person
+    photo")."""
     if payload is None:
         return None
     path = payload.get("path") if isinstance(payload, dict) else payload
@@ -110,9 +115,10 @@ def upload_path(payload, what: str) -> str | None:
 
 
 def need(payload, what: str) -> str:
+    """``upload_path`` of an upload the request cannot do without."""
     path = upload_path(payload, what)
     if path is None:
-        raise UserError(f"Upload {what} first.")
+        raise UserError(f"Upload {'an' if what[0] in 'aeiou' else 'a'} {what} first.")
     return path
 
 
@@ -131,8 +137,33 @@ FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
 # The generation handlers get their values as keywords (the events' ``inputs_kwargs``; the API keeps
 # these names and order). ``progress`` stays the one positional parameter: Gradio injects gr.Progress
 # only into a positional slot.
-def reporter(progress) -> Progress:
-    return lambda fraction, desc: progress(fraction, desc=desc)
+def reporter(progress, clock=time.monotonic) -> Progress:
+    """The engine's progress on Gradio's bar; once steps have run, the denoising phase says about
+    how long is left (from the time per step so far)."""
+    started: dict[str, float] = {}
+
+    def report(fraction: float, desc: str) -> None:
+        step = STEP.fullmatch(desc)
+        if step:
+            done, total = int(step[1]), int(step[2])
+            now = clock()
+            first = started.setdefault("at", now), started.setdefault("from", done)
+            if done > first[1]:
+                left = (now - first[0]) / (done - first[1]) * (total - done)
+                desc = f"{desc} (about {_duration(left)} left)"
+        progress(fraction, desc=desc)
+
+    return report
+
+
+STEP = re.compile(r"Denoising step (\d+)/(\d+)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def stop_requested() -> ShouldStop:
@@ -154,7 +185,25 @@ def stop_requested() -> ShouldStop:
     return lambda: not event.alive or queue.event_ids_to_events.get(event_id) is not event
 
 
-def attention_outputs(gen: Generation):
+@dataclass(frozen=True)
+class Shown:
+    """A tab's result, for the attention panel: the ``generation`` and, when the result shown is the
+    person's photo, the ``box`` of it that the model's picture is (a click maps through it)."""
+
+    generation: Generation
+    box: Box | None = None
+
+    def point(self, x: float, y: float, on_result: bool) -> tuple[float, float]:
+        """A click at pixel (x, y), as a point of the model's picture in [0, 1]²."""
+        if on_result and self.box is not None:
+            fx, fy = (x - self.box.x0) / self.box.width, (y - self.box.y0) / self.box.height
+        else:
+            w, h = self.generation.image.size
+            fx, fy = x / w, y / h
+        return min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)
+
+
+def attention_outputs(gen: Generation, shown_box: Box | None = None):
     """(state, layer-group dropdown, step dropdown) after a generation. The steps are listed
     1-based as the progress counts them ("2/4": after the second of four steps); their values are
     the recorder's 0-based step indices."""
@@ -162,32 +211,58 @@ def attention_outputs(gen: Generation):
         return None, gr.update(choices=[], value=None), gr.update(choices=[], value=None)
     groups = list(layer_groups(gen.recorder))
     steps = [(f"{step + 1}/{gen.steps}", step) for step in gen.recorder.steps()]
-    return gen, gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
+    return Shown(gen, shown_box), gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
 
 
-def _recorded(state: Generation | None) -> Generation:
-    if state is None or state.recorder is None:
+def _recorded(state: Shown | None) -> Shown:
+    if state is None or state.generation.recorder is None:
         raise UserError("Turn on 'Record attention maps' in the advanced options and generate first.")
     return state
 
 
 @user_errors
-def show_attention(state: Generation | None, group, step, evt: gr.SelectData):
-    """The clicked point marked on a copy of the result, and the heatmap (with its colour legend)
-    of where it looked in the reference."""
+def show_attention(state: Shown | None, group, step, evt: gr.SelectData, on_result: bool = False):
+    """The clicked point marked on a copy of the model's picture, and the heatmap (with its colour
+    legend) of where it looked in the reference. ``on_result``: the click was on the tab's result
+    (the photo, when that is what it shows), not on the copy."""
     state = _recorded(state)
-    x, y = evt.index
-    w, h = state.image.size
-    point = (min(max(x / w, 0.0), 1.0), min(max(y / h, 0.0), 1.0))
-    heat = heatmap_overlay(state.recorder, int(step), layer_groups(state.recorder)[group], point, state.reference)
-    return mark_point(state.image, point), with_colour_legend(heat)
+    gen = state.generation
+    point = state.point(*evt.index, on_result)
+    heat = heatmap_overlay(gen.recorder, int(step), layer_groups(gen.recorder)[group], point, gen.reference)
+    return mark_point(gen.image, point), with_colour_legend(heat)
+
+
+def show_attention_on_result(state: Shown | None, group, step, evt: gr.SelectData):
+    """``show_attention`` for a click on the tab's result (the photo, when that is what it shows)."""
+    return show_attention(state, group, step, evt, on_result=True)
 
 
 @user_errors
-def warp(state: Generation | None, group, step):
+def warp(state: Shown | None, group, step):
     """The reference warped by the attention flow."""
-    state = _recorded(state)
-    return warped_reference(state.recorder, int(step), layer_groups(state.recorder)[group], state.reference)
+    gen = _recorded(state).generation
+    return warped_reference(gen.recorder, int(step), layer_groups(gen.recorder)[group], gen.reference)
+
+
+def framing_preview(*framings: Framing | None) -> Image.Image | None:
+    """The photos with the boxes the model saw of them, side by side (None when none was framed
+    around a person)."""
+    shown = [box_drawn(f.photo, f.box, longest=INTERMEDIATE_HEIGHT * 2) for f in framings if f is not None and f.people]
+    if not shown:
+        return None
+    side = Image.new("RGB", (sum(p.width for p in shown) + 8 * (len(shown) - 1), max(p.height for p in shown)), "white")
+    x = 0
+    for picture in shown:
+        side.paste(picture, (x, 0))
+        x += picture.width + 8
+    return side
+
+
+def say_who_was_framed(*framings: Framing | None) -> None:
+    """A notice when a photo holds several people (the largest is the one the model sees)."""
+    for framing in framings:
+        if framing is not None and framing.people > 1:
+            gr.Info(f"{framing.people} people in the photo: the largest is the one framed (see Intermediate results).")
 
 
 FOCUS_HELP = ("Divides the attention logits over the garment (or the kept person) by τ in the finest layers, "
@@ -245,24 +320,41 @@ def input_row(prefix: str, *uploads_spec: tuple[str, str, str]) -> tuple[list[gr
                               height=420, elem_id=f"{prefix}-result", format="png")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate", scale=3)
-                stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop", scale=1)
+                stop = gr.Button("Stop", variant="secondary", interactive=False, elem_id=f"{prefix}-stop", scale=1)
             seed_used = gr.Number(label="Seed used", interactive=False, precision=0, visible=False,
                                   elem_id=f"{prefix}-seed")
     return uploads, ResultColumn(result, seed_used, run, stop)
 
 
 def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.components.Component], outputs: list,
-                    api_name: str) -> None:
-    """``column.run`` runs ``handler`` (in the one model slot); ``column.stop`` cancels it (the
-    handler stops at its next denoising step); the seed shows once one is reported."""
+                    api_name: str, intermediates: gr.Accordion) -> None:
+    """``column.run`` runs ``handler`` (in the one model slot); ``column.stop``, quiet until then,
+    cancels it (the handler stops at its next denoising step); the seed shows and the
+    ``intermediates`` open once a generation succeeds; a refused one leaves no error mark on the result."""
+    column.run.click(_stop_ready, None, column.stop, queue=False, api_visibility="private")
     event = column.run.click(handler, inputs_kwargs=inputs, outputs=[column.image, column.seed_used, *outputs],
                              api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
-    event.success(_reveal, None, column.seed_used, queue=False, api_visibility="private")
-    column.stop.click(None, cancels=[event])
+    event.success(_reveal, None, [column.seed_used, intermediates], queue=False, api_visibility="private")
+    event.failure(_unchanged, None, column.image, queue=False, api_visibility="private")
+    event.then(_stop_quiet, None, column.stop, queue=False, api_visibility="private")
+    column.stop.click(_stop_quiet, None, column.stop, cancels=[event], queue=False, api_visibility="private")
 
 
 def _reveal():
-    return gr.update(visible=True)
+    return gr.update(visible=True), gr.update(open=True)
+
+
+def _unchanged():
+    """The result as it was (its error status cleared once the message has been shown)."""
+    return gr.update()
+
+
+def _stop_ready():
+    return gr.update(interactive=True, variant="stop")
+
+
+def _stop_quiet():
+    return gr.update(interactive=False, variant="secondary")
 
 
 def attention_panel(result: gr.Image, state, what: str):
@@ -283,8 +375,8 @@ def attention_panel(result: gr.Image, state, what: str):
             warped = gr.Image(label=f"The {what} warped by the attention flow", interactive=False, type="pil",
                               height=ATTENTION_HEIGHT, elem_id=f"warped-{what}")
         warp_button = gr.Button(f"Warp the {what} by the attention flow", elem_id=f"warp-{what}")
-    for clickable in (result, point):
-        clickable.select(show_attention, [state, group, step], [point, heat], api_visibility="private")
+    result.select(show_attention_on_result, [state, group, step], [point, heat], api_visibility="private")
+    point.select(show_attention, [state, group, step], [point, heat], api_visibility="private")
     warp_button.click(warp, [state, group, step], warped, api_visibility="private")
     return group, step
 

@@ -10,21 +10,24 @@ from typing import Any
 import gradio as gr
 
 from engine import registry
-from engine.options import GenerateOptions, OptionCheck, OptionLimits
+from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultView
 from engine.registry import Task
 from engine.service import Engine
 from errors import UserError
 from preprocess.openpose import NoPersonError
-from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, attention_outputs, attention_panel,
-                               generation_options, input_row, intermediate, need, notice_tab, reporter,
-                               stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, attention_outputs,
+                               attention_panel, framing_preview, generation_options, input_row, intermediate, need,
+                               notice_tab, reporter, say_who_was_framed, stop_requested, tab_limits, task_notice,
+                               upload_path, user_errors, wire_generation)
 
-POSE_HELP = """Upload the person to keep and a person in the target pose (or, in the advanced options, the
-target's DensePose IUV image), then **Generate**. To see where a point of the result looked in the person,
-tick *Record attention maps* (advanced options) before generating, then click the result."""
+POSE_HELP = """Upload the person to keep and a person in the target pose (or, under the photos, the target's
+DensePose IUV image), then **Generate**. To see where a point of the result looked in the person, tick
+*Record attention maps* (advanced options) before generating, then click the result."""
 # what to do when DensePose finds nobody in the target photo: this tab's own upload field
 POSE_DENSEPOSE_HINT = ("Use a photo of one person in the target pose, or upload its DensePose IUV image under "
-                       "'Advanced options' on this tab.")
+                       "the photos on this tab.")
+RESULT_CHOICES = [("The model's 768×1024 picture, both photos framed around their people", ResultView.FRAMED.value),
+                  ("Each photo fitted whole onto 768×1024 (as the original app)", ResultView.CANVAS.value)]
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,24 @@ class PoseRequest:
     target: str | None
     densepose_upload: str | None
     options: GenerateOptions
+    view: ResultView  # framed (default) or canvas
 
     @classmethod
     def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> PoseRequest:
         """From the event's values by parameter name (``POSE_PARAMETERS``), checked as ``TryOnRequest``'s."""
-        person = need(values["person"], "a photo of the person to keep")
+        person = need(values["person"], "photo of the person to keep")
         target = upload_path(values["target"], "target-pose photo")
         densepose_upload = upload_path(values["densepose_upload"], "DensePose image")
         if target is None and densepose_upload is None:
             raise UserError("Upload a photo in the target pose (or its DensePose image) first.")
         with OptionCheck() as check:
             options = limits.options(values, check)
-        return cls(person, target, densepose_upload, options)
+            view = check.choice("result", ResultView, values.get("result", ResultView.FRAMED.value))  # appended last
+        return cls(person, target, densepose_upload, options, view)
 
 
-POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS)
+POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS,
+                   "result")
 
 
 @user_errors
@@ -60,12 +66,17 @@ def pose_transfer(engine: Engine, progress=gr.Progress(track_tqdm=True), **value
     should_stop = stop_requested()
     progress(0.0, desc="Preprocessing the photos")
     try:  # with a DensePose image the target photo is not needed (engine.inputs.pose_inputs)
-        inputs = engine.pose_inputs(request.person, request.target, densepose=request.densepose_upload)
-    except NoPersonError as e:  # only the target photo is analysed (by DensePose)
+        inputs = engine.pose_inputs(request.person, request.target, densepose=request.densepose_upload,
+                                    view=request.view)
+    except NoPersonError as e:
+        if "target" not in str(e):  # the person to keep: no DensePose image replaces that photo
+            raise
         raise NoPersonError(f"{str(e).rstrip('.')}.\n{POSE_DENSEPOSE_HINT}") from None
+    say_who_was_framed(inputs.reference_framing, inputs.target_framing)
     gen = engine.generate(registry.pose_entry(), inputs.target, inputs.reference, inputs.mask, inputs.densepose,
                           request.options, reporter(progress), should_stop)
-    return (gen.image, gen.seed, inputs.densepose, *attention_outputs(gen))
+    return (gen.image, gen.seed, inputs.densepose, *attention_outputs(gen),
+            framing_preview(inputs.reference_framing, inputs.target_framing))
 
 
 def build_pose_tab(engine: Engine) -> None:
@@ -76,12 +87,15 @@ def build_pose_tab(engine: Engine) -> None:
         c = {}
         (c["person"], c["target"]), column = input_row(
             "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
+        c["densepose_upload"] = gr.Image(label="…or the target pose as a DensePose IUV image (optional: replaces "
+                                               "the target photo's)", type="filepath", height=INTERMEDIATE_HEIGHT,
+                                         elem_id="pose-densepose-upload")
         with gr.Accordion("Advanced options", open=False):
-            c["densepose_upload"] = gr.Image(label="DensePose IUV image of the target pose (optional: replaces the "
-                                                   "computed one)", type="filepath")
+            c["result"] = gr.Radio(RESULT_CHOICES, value=ResultView.FRAMED.value, label="Result")
             c.update(generation_options(tab_limits(engine, Task.POSE), with_repaint=False))
-        with gr.Accordion("Intermediate results", open=False):
+        with gr.Accordion("Intermediate results", open=False) as intermediates, gr.Row():
             densepose = intermediate("DensePose IUV of the target", "pose-densepose")
+            framing = intermediate("Framing: the boxes of the two photos the model sees", "pose-framing")
         group, step = attention_panel(column.image, state, "person")
-    wire_generation(column, functools.partial(pose_transfer, engine),
-                    {name: c[name] for name in POSE_PARAMETERS}, [densepose, state, group, step], "pose_transfer")
+    wire_generation(column, functools.partial(pose_transfer, engine), {name: c[name] for name in POSE_PARAMETERS},
+                    [densepose, state, group, step, framing], "pose_transfer", intermediates)

@@ -11,16 +11,16 @@ import numpy as np
 from PIL import Image
 
 from engine import registry
-from engine.options import GenerateOptions, OptionCheck, OptionLimits
+from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultView
 from engine.registry import ModelEntry, Task
 from engine.service import Engine
 from errors import UserError
 from preprocess.images import fit_label_image, fit_to_canvas, load_image, load_label_image
 from preprocess.masks import GarmentType, TryOnModel
 from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, attention_outputs,
-                               attention_panel, generation_options, input_row, intermediate, need, notice_tab,
-                               reporter, stop_requested, tab_limits, task_notice, upload_path, user_errors,
-                               wire_generation)
+                               attention_panel, framing_preview, generation_options, input_row, intermediate, need,
+                               notice_tab, reporter, say_who_was_framed, stop_requested, tab_limits, task_notice,
+                               upload_path, user_errors, wire_generation)
 
 MASK_COLOUR = (255, 0, 255)
 TRYON_HELP = """Upload a person and a garment, check the mask (paint to add, erase to remove), then **Generate**.
@@ -70,12 +70,13 @@ class TryOnRequest:
     preprocess_garment: bool  # the garment is a PNG cut-out
     keep_fixed: bool  # never mask other clothes, shoes and hands
     options: GenerateOptions
+    view: ResultView  # the photo (default), the framed picture, or the canvas
 
     @classmethod
     def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> TryOnRequest:
         """From the event's values by parameter name (``TRYON_PARAMETERS``): a missing or
         incomplete upload is a message; so is every option of a wrong type or out of ``limits``."""
-        uploads = (need(values["person"], "a person photo"), need(values["garment"], "a garment photo"),
+        uploads = (need(values["person"], "person photo"), need(values["garment"], "garment photo"),
                    values["editor"] or None, upload_path(values["mask_upload"], "mask"),
                    upload_path(values["densepose_upload"], "DensePose image"))
         with OptionCheck() as check:
@@ -84,7 +85,8 @@ class TryOnRequest:
                        check.flag("preprocess_garment", values["preprocess_garment"]),
                        check.flag("keep_fixed", values["keep_fixed"]))
             options = limits.options(values, check)
-        return cls(*uploads, *choices, options)
+            view = check.choice("result", ResultView, values.get("result", ResultView.PHOTO.value))  # appended last
+        return cls(*uploads, *choices, options, view)
 
     @property
     def entry(self) -> ModelEntry:
@@ -93,31 +95,39 @@ class TryOnRequest:
 
 TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
                     *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record",
-                    *FOCUS_PARAMETERS)
+                    *FOCUS_PARAMETERS, "result")
+RESULT_CHOICES = [("Your photo, at its own size (the garment blended in)", ResultView.PHOTO.value),
+                  ("The model's 768×1024 picture, framed around the person", ResultView.FRAMED.value),
+                  ("The whole photo fitted onto 768×1024 (as the original app)", ResultView.CANVAS.value)]
 
 
 @user_errors
-def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed):
-    """The automatic mask, in the editor, with the parsing and keypoints it came from."""
+def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed, result):
+    """The automatic mask of what the model will see (the photo framed around the person, for the
+    photo and framed results), in the editor, which shows once there is a person; with the parsing
+    and keypoints it came from, and the box chosen on the photo."""
     person = upload_path(person, "person photo")
     if person is None:
-        return None, None, None
+        return gr.update(value=None), None, None, None, gr.update(visible=False)
     with OptionCheck() as check:
         choices = (check.choice("model_type", TryOnModel, model_type),
-                   check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed))
-    model_type, garment_type, keep_fixed = choices
-    pm = engine.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed)
-    return editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image
+                   check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed),
+                   check.choice("result", ResultView, result))
+    model_type, garment_type, keep_fixed, view = choices
+    pm = engine.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed, view=view)
+    return (editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image, framing_preview(pm.framing),
+            gr.update(visible=True))
 
 
 @user_errors
-def photo_without_strokes(person):
-    """The mask editor with its strokes cleared: the person photo as the automatic mask showed
-    it, with an empty layer to paint on."""
+def photo_without_strokes(person, editor=None):
+    """The mask editor with its strokes cleared: the picture it shows (the person photo as the
+    automatic mask showed it: framed, or fitted whole), with an empty layer to paint on."""
     person = upload_path(person, "person photo")
     if person is None:
         return None
-    photo = fit_to_canvas(load_image(person, name="person image"))
+    background = upload_path((editor or {}).get("background"), "mask editor's picture")
+    photo = fit_to_canvas(load_image(background or person, name="person image"))
     return editor_value(photo, Image.new("L", photo.size))
 
 
@@ -128,14 +138,20 @@ def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
     should_stop = stop_requested()
     progress(0.0, desc="Preprocessing the photos")
     inputs = engine.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
-                                 request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload)
+                                 request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload,
+                                 view=request.view)
     if request.mask_upload is not None:
         mask = load_label_image(request.mask_upload, "uploaded mask", binary=True)
     else:
         mask = mask_from_editor(request.editor) or inputs.mask
     gen = engine.generate(request.entry, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
                           reporter(progress), should_stop)
-    return (gen.image, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose, *attention_outputs(gen))
+    framing = inputs.framing
+    answer = engine.answer(gen.image, framing, mask, request.view)
+    say_who_was_framed(framing)
+    shown = framing.box if answer is not gen.image else None  # the photo is shown: clicks map through the box
+    return (answer, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose,
+            *attention_outputs(gen, shown), framing_preview(framing))
 
 
 def build_tryon_tab(engine: Engine) -> None:
@@ -146,7 +162,7 @@ def build_tryon_tab(engine: Engine) -> None:
         c = {}
         (c["person"], c["garment"]), column = input_row(
             "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
-        with gr.Accordion("Mask and DensePose", open=True), gr.Row():
+        with gr.Accordion("Mask and DensePose", open=True, visible=False) as mask_panel, gr.Row():
             c["editor"] = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
                                          brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(),
                                          sources=(), transforms=(), height=520, elem_id="tryon-mask-editor")
@@ -166,17 +182,20 @@ def build_tryon_tab(engine: Engine) -> None:
                 [(g.label, g.value) for g in GarmentType], value=GarmentType.UPPER_BODY.value, label="Garment type")
             c["preprocess_garment"] = gr.Checkbox(False, label="Garment is a PNG cut-out (crop to its transparency)")
             c["keep_fixed"] = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
+            c["result"] = gr.Radio(RESULT_CHOICES, value=ResultView.PHOTO.value, label="Result")
             c.update(generation_options(tab_limits(engine, Task.TRYON), with_repaint=True))
-        with gr.Accordion("Intermediate results", open=False), gr.Row():
+        with gr.Accordion("Intermediate results", open=False) as intermediates, gr.Row():
+            framing = intermediate("Framing: the box of your photo the model sees", "tryon-framing")
             parsing, keypoints = intermediate("Human parsing"), intermediate("Keypoints")
             mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
         group, step = attention_panel(column.image, state, "garment")
 
-    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed")]
+    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed", "result")]
     mask_handler = functools.partial(compute_mask, engine)  # one handler: one concurrency group
     for trigger in [*(component.change for component in mask_inputs), recompute.click]:
-        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints], api_name="compute_mask",
-                api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
-    clear.click(photo_without_strokes, c["person"], c["editor"], api_visibility="private", preprocess=False)
+        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints, framing, mask_panel],
+                api_name="compute_mask", api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
+    clear.click(photo_without_strokes, [c["person"], c["editor"]], c["editor"], api_visibility="private",
+                preprocess=False)
     wire_generation(column, functools.partial(tryon, engine), {name: c[name] for name in TRYON_PARAMETERS},
-                    [parsing, keypoints, mask_used, densepose, state, group, step], "tryon")
+                    [parsing, keypoints, mask_used, densepose, state, group, step, framing], "tryon", intermediates)

@@ -46,8 +46,10 @@ def create_demo(engine: Engine) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, settings, **kwargs):
-    """Serve with one generation at a time, a bounded queue and bounded uploads."""
+    """Serve with one generation at a time, a bounded queue and bounded uploads. ``show_error``: what
+    Gradio's own layer refuses (a file that was not uploaded, too few parameters) reaches the client
+    with its message instead of ``{"error": null}``."""
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
-    return demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+    return demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share, show_error=True,
                        max_file_size=settings.max_file_size, allowed_paths=[str(EXAMPLES)],
                        blocked_paths=[str(ROOT / "ckpts")], css=PAGE_CSS, **kwargs)
