@@ -65,10 +65,11 @@ class Box:
 
 
 def _span(lo: float, length: int, limit: int) -> int:
-    """Where a span of ``length`` centred on ``lo + length / 2`` starts: inside ``[0, limit]`` when it
-    fits, else centred on its own centre (it then covers all of ``[0, limit]`` and reaches out)."""
+    """Where a span of ``length`` that would start at ``lo`` starts: moved inside ``[0, limit]`` when
+    it fits; when it is longer, moved as little as possible so that it covers all of ``[0, limit]``
+    (it reaches out of the photo only there)."""
     if length > limit:
-        return round(lo)
+        return min(max(round(lo), limit - length), 0)
     return min(max(round(lo), 0), limit - length)
 
 
@@ -101,6 +102,7 @@ class Framing:
     photo: Image.Image
     box: Box
     people: int = 0
+    others: tuple[Box, ...] = ()  # the other people found (not framed)
 
 
 def canvas_box(size: tuple[int, int], canvas: tuple[int, int] = MODEL_SIZE) -> Box:
@@ -122,7 +124,8 @@ def frame_person(photo: Image.Image, find_people: Callable[[Image.Image], list[B
     if not people:
         raise NoPersonError(f"no person detected in the {what}: use a photo of one person, whole or from the waist up")
     largest = max(people, key=lambda b: b.area)
-    return Framing(photo, frame_box(largest, photo.size, margin), len(people))
+    return Framing(photo, frame_box(largest, photo.size, margin), len(people),
+                   tuple(b for b in people if b is not largest))
 
 
 def crop_to_model(photo: Image.Image, box: Box, size: tuple[int, int] = MODEL_SIZE,
@@ -131,26 +134,32 @@ def crop_to_model(photo: Image.Image, box: Box, size: tuple[int, int] = MODEL_SI
     inside the photo is resampled straight from the photo (no full-size crop is made first)."""
     sx, sy = size[0] / box.width, size[1] / box.height
     part = box.inside(photo.size)
-    dst = (round((part.x0 - box.x0) * sx), round((part.y0 - box.y0) * sy),
-           round((part.x1 - box.x0) * sx), round((part.y1 - box.y0) * sy))
-    region = photo.resize((dst[2] - dst[0], dst[3] - dst[1]), resample,
-                          box=(part.x0, part.y0, part.x1, part.y1), reducing_gap=3.0 if sx < 1 / 3 else None)
+    # the whole model pixels the photo covers, and exactly the photo area they show (the same mapping
+    # as paste_back's, so that the answer goes back where it came from)
+    dst = (math.ceil((part.x0 - box.x0) * sx - 1e-9), math.ceil((part.y0 - box.y0) * sy - 1e-9),
+           math.floor((part.x1 - box.x0) * sx + 1e-9), math.floor((part.y1 - box.y0) * sy + 1e-9))
+    canvas = Image.new(photo.mode, size, WHITE if photo.mode == "RGB" else 255)
+    if dst[2] <= dst[0] or dst[3] <= dst[1]:  # a sliver of a photo: nothing of it at this size
+        return canvas
+    src = (box.x0 + dst[0] / sx, box.y0 + dst[1] / sy, box.x0 + dst[2] / sx, box.y0 + dst[3] / sy)
+    region = photo.resize((dst[2] - dst[0], dst[3] - dst[1]), resample, box=src)
     if dst == (0, 0, *size):
         return region
-    canvas = Image.new(photo.mode, size, WHITE)
     canvas.paste(region, dst[:2])
     return canvas
 
 
 def blend_mask(mask: Image.Image, box: Box, part: Box) -> np.ndarray:
     """The blend weights (uint8, 0..255) of the photo pixels in ``part`` (the box inside the photo):
-    255 on the model's mask; around it the weights fall off over ``DILATE_PX`` + ``FEATHER_PX`` model
-    pixels (the mask dilated, then blurred, at the model's size, then resized to the photo's). Zero
-    exactly where the photo is kept."""
+    255 on the model's mask and ``DILATE_PX`` model pixels around it; then falling linearly to 0 over
+    ``FEATHER_PX`` more (computed at the model picture's size, pixels counted at 768 wide, then resized
+    to the photo's). Zero exactly where the photo is kept."""
     on = (np.asarray(mask.convert("L")) >= 128).astype(np.uint8)
-    grow = DILATE_PX + FEATHER_PX
-    grown = cv2.dilate(on, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    soft = np.rint(cv2.GaussianBlur(grown.astype(np.float32) * 255, (0, 0), FEATHER_PX / 2)).astype(np.uint8)
+    scale = mask.width / MODEL_SIZE[0]
+    dilate, feather = max(1, round(DILATE_PX * scale)), max(1.0, FEATHER_PX * scale)
+    grown = cv2.dilate(on, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)))
+    distance = cv2.distanceTransform((1 - grown).astype(np.uint8), cv2.DIST_L2, 3)  # 0 on the grown mask
+    soft = np.rint(np.clip(1 - distance / feather, 0, 1) * 255).astype(np.uint8)
     sx, sy = mask.width / box.width, mask.height / box.height
     src = ((part.x0 - box.x0) * sx, (part.y0 - box.y0) * sy, (part.x1 - box.x0) * sx, (part.y1 - box.y0) * sy)
 
@@ -167,12 +176,12 @@ def paste_back(photo: Image.Image, generated: Image.Image, box: Box, mask: Image
     model's size): a new RGB image of the photo's size, equal to the photo outside the blend region."""
     part = box.inside(photo.size)
     weights = blend_mask(mask, box, part)
-    ys, xs = np.nonzero(weights)
-    out = photo.convert("RGB").copy()
-    if not len(ys):
+    rows, cols = np.flatnonzero(weights.any(axis=1)), np.flatnonzero(weights.any(axis=0))
+    out = photo.convert("RGB")  # a new image: the caller's photo stays as it was
+    if not len(rows):
         return out
     # only the rows and columns the blend reaches are resampled and blended
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     weights = weights[y0:y1, x0:x1]
     region = Box(part.x0 + x0, part.y0 + y0, part.x0 + x1, part.y0 + y1)
     sx, sy = generated.width / box.width, generated.height / box.height
@@ -189,15 +198,16 @@ def paste_back(photo: Image.Image, generated: Image.Image, box: Box, mask: Image
     return out
 
 
-def box_drawn(photo: Image.Image, box: Box, longest: int = 1024) -> Image.Image:
-    """A preview of ``photo`` (at most ``longest`` pixels on its longest side) with ``box`` drawn."""
+def box_drawn(photo: Image.Image, box: Box, longest: int = 1024, others: tuple[Box, ...] = ()) -> Image.Image:
+    """A preview of ``photo`` (at most ``longest`` pixels on its longest side) with ``box`` drawn, and
+    the ``others`` (people not framed) in grey."""
     from PIL import ImageDraw
 
     scale = min(1.0, longest / max(photo.size))
-    preview = photo.convert("RGB").resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
-                                          Image.Resampling.BILINEAR, reducing_gap=2.0)
-    shown = box.scaled(scale)
+    preview = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+                           Image.Resampling.BILINEAR, reducing_gap=2.0).convert("RGB")
     width = max(2, round(max(preview.size) / 200))
-    ImageDraw.Draw(preview).rectangle((shown.x0, shown.y0, shown.x1 - 1, shown.y1 - 1), outline=(255, 0, 160),
-                                      width=width)
+    draw = ImageDraw.Draw(preview)
+    for shown, colour in [*((b.scaled(scale), (150, 150, 150)) for b in others), (box.scaled(scale), (255, 0, 160))]:
+        draw.rectangle((shown.x0, shown.y0, shown.x1 - 1, shown.y1 - 1), outline=colour, width=width)
     return preview

@@ -359,7 +359,6 @@ def test_sliders_follow_the_engines_limits():
     """The UI reads the option ranges from the engine (data), for both tabs."""
     import gradio as gr
 
-    from leffa.hub import tiny_model
     from engine.options import MODEL_LIMITS, TINY_LIMITS, OptionLimits
     from engine.service import Engine
     from webapp.ui import create_demo
@@ -494,7 +493,6 @@ def test_server_checks_options_against_its_limits(options, message):
 def test_all_model_work_shares_one_slot_and_uploads_expire():
     """Try-on, pose transfer and the mask computation wait for each other (one model at a time on
     the machine, not one per endpoint); Gradio's upload cache is cleaned."""
-    from leffa.hub import tiny_model
     from engine.service import Engine
     from webapp.components import MODEL_SLOT
     from webapp.ui import create_demo
@@ -517,7 +515,6 @@ def _small_inputs():
 def test_generate_reports_its_phases_and_stops_when_asked():
     """Progress names each phase (loading, denoising i/n, decoding) with the request's share done;
     ``should_stop`` is asked after every step and stops the run there."""
-    from leffa.hub import tiny_model
     from engine.options import TINY_LIMITS, GenerateOptions
     from engine.service import Engine
     from errors import GenerationStopped
@@ -601,6 +598,21 @@ def test_user_errors_become_toasts():
     assert e.value.duration is None and e.value.message.count("\n") == 1
 
 
+def test_a_bug_reaches_the_page_as_a_short_message_and_the_log_with_its_traceback(caplog):
+    import gradio as gr
+
+    from webapp.components import BUG_MESSAGE, user_errors
+
+    @user_errors
+    def broken():
+        raise KeyError("/srv/secret/path")
+
+    with pytest.raises(gr.Error) as e:
+        broken()
+    assert e.value.message == BUG_MESSAGE and "secret" not in e.value.message
+    assert "KeyError: '/srv/secret/path'" in caplog.text  # the traceback, in the server's log
+
+
 def _blocks(demo, cls):
     import gradio as gr
 
@@ -608,7 +620,6 @@ def _blocks(demo, cls):
 
 
 def _demo(tiny: bool):
-    from leffa.hub import tiny_model
     from engine.service import Engine
     from webapp.ui import create_demo
 
@@ -696,7 +707,6 @@ def test_attention_and_intermediate_pictures_have_bounded_height():
 @pytest.mark.slow  # a whole try-on at 768×1024 on the CPU
 def test_tryon_progress_names_every_phase_in_order():
     """Preprocessing first, not 'Denoising 0 %' (the handler called directly: no queue, never stopped)."""
-    from leffa.hub import tiny_model
     from preprocess.standins import standin_preprocessor
     from engine.options import TINY_LIMITS
     from engine.service import Engine

@@ -80,6 +80,22 @@ def _close_toasts(page) -> None:
         button.click()
 
 
+def test_the_page_before_any_upload(page):
+    """Stop is quiet until something runs, the mask editor waits for a person, and a request
+    refused for a missing photo leaves its message, not an error mark on the result."""
+    stop = page.locator("#tryon-stop")
+    assert stop.is_disabled()
+    assert not page.locator("#tryon-mask-editor").is_visible()
+    page.locator("#tryon-generate").click()
+    message = _error_toasts(page).first
+    message.wait_for()
+    assert message.inner_text() == "Upload a person photo first."
+    _close_toasts(page)
+    _wait_for(lambda: page.locator("#tryon-result").get_by_text("Error", exact=True).count() == 0,
+              "the result box without an error mark", seconds=10)
+    _wait_for(stop.is_disabled, "Stop quiet again", seconds=10)
+
+
 def test_tryon_and_attention_heatmap(page, shots):
     from webapp.components import ATTENTION_HEIGHT
 
@@ -207,3 +223,20 @@ def test_pose_transfer(page, shots, tmp_path):
     densepose.wait_for()
     assert densepose.bounding_box()["height"] <= INTERMEDIATE_HEIGHT  # not a 1000-pixel-tall picture
     page.screenshot(path=str(shots / "pose.png"), full_page=True)
+
+
+def test_a_landscape_photo_comes_back_landscape(page, tmp_path):
+    """The default result is the person's photo at its own size and shape."""
+    from tests.test_framing import figure
+
+    page.get_by_role("tab", name="Virtual try-on").click()
+    photo = tmp_path / "landscape.png"
+    figure((1200, 800), (700, 120, 900, 760)).save(photo)
+    _upload(page, "tryon-person", photo)
+    _set_steps(page, 1)
+    result = page.locator("#tryon-result img").first
+    before = result.get_attribute("src")
+    page.locator("#tryon-generate").click()
+    page.wait_for_function("([img, old]) => img.src && img.src !== old && img.complete && img.naturalWidth > 0",
+                           arg=[result.element_handle(), before])
+    assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1200, 800]

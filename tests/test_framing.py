@@ -13,8 +13,9 @@ from engine import registry
 from engine.options import ResultView
 from engine.registry import Task
 from engine.service import Engine
+from errors import OptionError
 from engine.setup import ModelSetup, WeightSource
-from preprocess.framing import Box, Framing, blend_mask, canvas_box, crop_to_model, frame_box, paste_back
+from preprocess.framing import Box, blend_mask, canvas_box, crop_to_model, frame_box, paste_back
 from preprocess.images import MODEL_SIZE, fit_to_canvas, load_image
 from preprocess.masks import GarmentType, TryOnModel
 from preprocess.openpose import NoPersonError
@@ -62,6 +63,29 @@ def test_the_box_is_3_by_4_holds_the_person_and_leaves_the_photo_only_where_it_m
             assert 0 <= lo and hi <= limit  # fits: inside
         else:
             assert lo < 0 and hi > limit and abs(-lo - (hi - limit)) <= 1  # too large: padded on both sides
+
+
+def test_a_box_longer_than_the_photo_covers_all_of_it_and_reaches_out_only_past_its_ends():
+    box = frame_box(Box(0, 0, 100, 1000), (600, 1000))  # a narrow photo, its person at the left edge
+    assert box.x0 <= 0 and box.x1 >= 600 and (box.x0 == 0 or box.x1 == 600)  # no photo column is cut
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 60, 3), dtype=np.uint8)).resize((6000, 8000))
+    assert np.array_equal(np.asarray(crop_to_model(big, Box(0, 0, 6000, 8000))), np.asarray(fit_to_canvas(big)))
+
+
+def test_crop_and_paste_back_agree_on_where_each_pixel_goes():
+    """An unchanged picture of a padded, scaled box pasted back gives the photo again, up to the two
+    resamplings (a smooth photo: within a few levels), with no shift at the padded edges (a shift of
+    half a model pixel there would show as a band of large differences)."""
+    smooth = np.random.default_rng(2).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    photo = Image.fromarray(smooth).resize((1500, 2000), Image.Resampling.BICUBIC)
+    box = Box(-300, 100, 1200, 2100)  # reaches out at the left and the bottom
+    everything = Image.new("L", MODEL_SIZE, 255)
+    back = np.asarray(paste_back(photo, crop_to_model(photo, box), box, everything)).astype(int)
+    part = box.inside(photo.size)
+    diff = np.abs(back - np.asarray(photo).astype(int))[part.y0:part.y1, part.x0:part.x1]
+    # the padded edge included: past the filter's reach into the white padding (2 photo pixels here)
+    assert diff.mean() < 1.5 and diff[:, 3:20].mean() < 2.5 and diff[-20:-3].mean() < 2.5
+    assert np.array_equal(back[:part.y0], np.asarray(photo)[:part.y0])  # outside the box: untouched
 
 
 def test_crop_pads_with_white_where_the_photo_ends():
@@ -163,7 +187,7 @@ def test_pose_transfer_frames_both_photos(engine):
     inputs = engine.pose_inputs(person, target, view=ResultView.FRAMED)
     assert _holds(inputs.reference_framing.box, box) and _holds(inputs.target_framing.box, target_box)
     assert inputs.reference.size == inputs.target.size == MODEL_SIZE
-    with pytest.raises(Exception, match="pose transfer answers with the model's picture"):
+    with pytest.raises(OptionError, match="pose transfer answers with the model's picture"):
         engine.pose_inputs(person, target, view=ResultView.PHOTO)
 
 
@@ -174,7 +198,9 @@ def test_cli_gives_a_landscape_photo_back_for_a_landscape_photo(tmp_path):
     photo.save(tmp_path / "person.jpg", quality=95)
     assert main(["tryon", "--tiny", "--person", str(tmp_path / "person.jpg"), "--garment", str(GARMENT),
                  "--steps", "1", "--out", str(tmp_path / "out.png")]) == 0
-    assert Image.open(tmp_path / "out.png").size == (3000, 2000)
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == (2000, 3000, 3)  # through the tiny model: far from the person, the photo's own pixels
+    assert np.array_equal(out[:, :1000], np.asarray(load_image(tmp_path / "person.jpg"))[:, :1000])
     assert main(["tryon", "--tiny", "--person", str(tmp_path / "person.jpg"), "--garment", str(GARMENT),
                  "--steps", "1", "--result", "framed", "--out", str(tmp_path / "framed.png")]) == 0
     assert Image.open(tmp_path / "framed.png").size == MODEL_SIZE
@@ -219,6 +245,19 @@ def test_the_progress_says_how_long_is_left_once_steps_have_run():
         report(0.1 + step / 10, f"Denoising step {step}/30")
         now[0] += 2.0  # two seconds a step
     report(0.95, "Decoding the image")
-    assert seen[:2] == ["Preprocessing the photos", "Denoising step 0/30"]
-    assert seen[2] == "Denoising step 1/30 (about 58 s left)"
+    assert seen[:3] == ["Preprocessing the photos", "Denoising step 0/30", "Denoising step 1/30"]
+    assert seen[3] == "Denoising step 2/30 (about 56 s left)"  # measured from the end of the first step
     assert seen[4] == "Denoising step 3/30 (about 54 s left)" and seen[-1] == "Decoding the image"
+
+
+def test_an_upload_without_a_path_is_named_plainly():
+    from errors import UserError
+    from webapp.tryon_tab import TRYON_PARAMETERS, TryOnRequest
+
+    values = dict.fromkeys(TRYON_PARAMETERS)
+    values.update(person={"path": None}, garment=str(GARMENT))
+    with pytest.raises(UserError, match="^The person photo did not arrive completely; upload it again.$"):
+        TryOnRequest.from_values(values, registry.default_for(Task.TRYON).limits)
+    values["person"] = None
+    with pytest.raises(UserError, match="^Upload a person photo first.$"):
+        TryOnRequest.from_values(values, registry.default_for(Task.TRYON).limits)

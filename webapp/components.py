@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from preprocess.framing import Box, Framing, box_drawn
 from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
 from weightfiles.manifest import download_size
 
+LOG = logging.getLogger(__name__)
+BUG_MESSAGE = "Something went wrong on the server (its log has the details). Try again; if it happens again, report it."
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 # every event that runs a model (preprocessing or generation) shares one slot: one at a time in all
@@ -84,7 +87,9 @@ def toast(message: str) -> gr.Error:
 
 
 def user_errors(fn):
-    """Turn the failures a user can act on into error toasts; the app keeps serving."""
+    """Turn the failures a user can act on into error toasts, and any other (a bug) into a short
+    message, its traceback logged (``launch``'s ``show_error`` would send its text to the page); the
+    app keeps serving."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -96,8 +101,11 @@ def user_errors(fn):
                         "the server keeps running.") from None
         except GenerationStopped:  # Stop pressed or the client gone: no one waits for this answer
             raise gr.Error("Stopped.", print_exception=False) from None
-        except UserError as e:  # anything else is a bug: Gradio shows an error and logs the traceback
+        except UserError as e:
             raise toast(str(e)) from None
+        except Exception as e:  # a bug: its traceback goes to the server's log; the page gets no internals
+            LOG.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(BUG_MESSAGE, print_exception=False) from e
 
     return wrapper
 
@@ -138,18 +146,19 @@ FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
 # these names and order). ``progress`` stays the one positional parameter: Gradio injects gr.Progress
 # only into a positional slot.
 def reporter(progress, clock=time.monotonic) -> Progress:
-    """The engine's progress on Gradio's bar; once steps have run, the denoising phase says about
-    how long is left (from the time per step so far)."""
+    """The engine's progress on Gradio's bar; once two steps have run, the denoising phase says about
+    how long is left (from the time per step since the first one ended: encoding and warming up
+    are not steps)."""
     started: dict[str, float] = {}
 
     def report(fraction: float, desc: str) -> None:
         step = STEP.fullmatch(desc)
-        if step:
+        if step and int(step[1]) > 0:
             done, total = int(step[1]), int(step[2])
             now = clock()
-            first = started.setdefault("at", now), started.setdefault("from", done)
-            if done > first[1]:
-                left = (now - first[0]) / (done - first[1]) * (total - done)
+            at, first = started.setdefault("at", now), started.setdefault("from", done)
+            if done > first:
+                left = (now - at) / (done - first) * (total - done)
                 desc = f"{desc} (about {_duration(left)} left)"
         progress(fraction, desc=desc)
 
@@ -245,9 +254,9 @@ def warp(state: Shown | None, group, step):
 
 
 def framing_preview(*framings: Framing | None) -> Image.Image | None:
-    """The photos with the boxes the model saw of them, side by side (None when none was framed
-    around a person)."""
-    shown = [box_drawn(f.photo, f.box, longest=INTERMEDIATE_HEIGHT * 2) for f in framings if f is not None and f.people]
+    """The photos with the boxes the model saw of them (and, in grey, the other people found), side
+    by side (None when none was framed around a person)."""
+    shown = [box_drawn(f.photo, f.box, INTERMEDIATE_HEIGHT * 2, f.others) for f in framings if f is not None and f.people]
     if not shown:
         return None
     side = Image.new("RGB", (sum(p.width for p in shown) + 8 * (len(shown) - 1), max(p.height for p in shown)), "white")
@@ -334,19 +343,19 @@ def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.componen
     column.run.click(_stop_ready, None, column.stop, queue=False, api_visibility="private")
     event = column.run.click(handler, inputs_kwargs=inputs, outputs=[column.image, column.seed_used, *outputs],
                              api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
-    event.success(_reveal, None, [column.seed_used, intermediates], queue=False, api_visibility="private")
-    event.failure(_unchanged, None, column.image, queue=False, api_visibility="private")
-    event.then(_stop_quiet, None, column.stop, queue=False, api_visibility="private")
+    event.success(_reveal, None, [column.seed_used, intermediates, column.stop], queue=False,
+                  api_visibility="private")
+    event.failure(_unchanged, None, [column.image, column.stop], queue=False, api_visibility="private")
     column.stop.click(_stop_quiet, None, column.stop, cancels=[event], queue=False, api_visibility="private")
 
 
 def _reveal():
-    return gr.update(visible=True), gr.update(open=True)
+    return gr.update(visible=True), gr.update(open=True), _stop_quiet()
 
 
 def _unchanged():
-    """The result as it was (its error status cleared once the message has been shown)."""
-    return gr.update()
+    """The result as it was (its error status cleared once the message has been shown), Stop quiet."""
+    return gr.update(), _stop_quiet()
 
 
 def _stop_ready():

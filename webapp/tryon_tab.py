@@ -15,7 +15,7 @@ from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultVie
 from engine.registry import ModelEntry, Task
 from engine.service import Engine
 from errors import UserError
-from preprocess.images import fit_label_image, fit_to_canvas, load_image, load_label_image
+from preprocess.images import fit_label_image, fit_to_canvas, load_image
 from preprocess.masks import GarmentType, TryOnModel
 from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, attention_outputs,
                                attention_panel, framing_preview, generation_options, input_row, intermediate, need,
@@ -102,10 +102,11 @@ RESULT_CHOICES = [("Your photo, at its own size (the garment blended in)", Resul
 
 
 @user_errors
-def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed, result):
+def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed, result, mask_upload, densepose_upload):
     """The automatic mask of what the model will see (the photo framed around the person, for the
-    photo and framed results), in the editor, which shows once there is a person; with the parsing
-    and keypoints it came from, and the box chosen on the photo."""
+    photo and framed results, unless a mask or DensePose image made for the whole photo is
+    uploaded), in the editor, which shows once there is a person; with the parsing and keypoints it
+    came from, and the box chosen on the photo."""
     person = upload_path(person, "person photo")
     if person is None:
         return gr.update(value=None), None, None, None, gr.update(visible=False)
@@ -114,7 +115,9 @@ def compute_mask(engine: Engine, person, model_type, garment_type, keep_fixed, r
                    check.choice("garment_type", GarmentType, garment_type), check.flag("keep_fixed", keep_fixed),
                    check.choice("result", ResultView, result))
     model_type, garment_type, keep_fixed, view = choices
-    pm = engine.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed, view=view)
+    whole = upload_path(mask_upload, "mask") is not None or upload_path(densepose_upload, "DensePose image") is not None
+    pm = engine.person_mask(person, model_type, garment_type, keep_fixed_regions=keep_fixed,
+                            view=ResultView.CANVAS if whole else view)
     return (editor_value(pm.person, pm.mask), pm.parsing.image, pm.pose_image, framing_preview(pm.framing),
             gr.update(visible=True))
 
@@ -137,13 +140,12 @@ def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
     request = TryOnRequest.from_values(values, tab_limits(engine, Task.TRYON))  # before the slow part
     should_stop = stop_requested()
     progress(0.0, desc="Preprocessing the photos")
+    # an uploaded mask or DensePose image was made for the whole photo: then the engine fits it whole
+    # (as the mask editor did, compute_mask), else it frames the photo around the person
     inputs = engine.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
                                  request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload,
-                                 view=request.view)
-    if request.mask_upload is not None:
-        mask = load_label_image(request.mask_upload, "uploaded mask", binary=True)
-    else:
-        mask = mask_from_editor(request.editor) or inputs.mask
+                                 mask=request.mask_upload, view=request.view)
+    mask = inputs.mask if request.mask_upload is not None else mask_from_editor(request.editor) or inputs.mask
     gen = engine.generate(request.entry, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
                           reporter(progress), should_stop)
     framing = inputs.framing
@@ -162,10 +164,13 @@ def build_tryon_tab(engine: Engine) -> None:
         c = {}
         (c["person"], c["garment"]), column = input_row(
             "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
-        with gr.Accordion("Mask and DensePose", open=True, visible=False) as mask_panel, gr.Row():
-            c["editor"] = gr.ImageEditor(label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
-                                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(),
-                                         sources=(), transforms=(), height=520, elem_id="tryon-mask-editor")
+        with gr.Accordion("Mask and DensePose", open=True), gr.Row():
+            with gr.Column(visible=False) as mask_editor:  # shown once there is a person; the uploads stay
+                c["editor"] = gr.ImageEditor(
+                    label="Mask: paint to add, erase to remove (magenta = replaced)", type="pil",
+                    brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), eraser=gr.Eraser(), sources=(),
+                    transforms=(), height=520, elem_id="tryon-mask-editor",
+                    format="png")  # lossless: 'Clear mask' puts back exactly the picture it showed
             with gr.Column():
                 with gr.Row():
                     recompute = gr.Button("Recompute mask")
@@ -190,10 +195,11 @@ def build_tryon_tab(engine: Engine) -> None:
             mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
         group, step = attention_panel(column.image, state, "garment")
 
-    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed", "result")]
+    mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed", "result", "mask_upload",
+                                        "densepose_upload")]
     mask_handler = functools.partial(compute_mask, engine)  # one handler: one concurrency group
     for trigger in [*(component.change for component in mask_inputs), recompute.click]:
-        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints, framing, mask_panel],
+        trigger(mask_handler, mask_inputs, [c["editor"], parsing, keypoints, framing, mask_editor],
                 api_name="compute_mask", api_visibility="private", preprocess=False, concurrency_id=MODEL_SLOT)
     clear.click(photo_without_strokes, [c["person"], c["editor"]], c["editor"], api_visibility="private",
                 preprocess=False)

@@ -16,8 +16,10 @@ UPLOAD_CACHE_LIFETIME = (3600, 86400)
 # Gradio renders a toast's message as HTML: keep its line breaks and indented commands as written.
 # The mask editor's own 'Clear canvas' (the last button of its toolbar) drops the photo too, and in
 # Gradio 6.31 a value sent back after it does not show: hidden, our 'Clear mask' keeps the photo.
+# The brush colour is fixed (magenta): its colour button would only offer that one colour.
 PAGE_CSS = """.toast-message-text { white-space: pre-wrap; }
-#tryon-mask-editor .top-panel > button:last-of-type { display: none; }"""
+#tryon-mask-editor .top-panel > button:last-of-type { display: none; }
+#tryon-mask-editor button[aria-label="Color"] { display: none; }"""
 
 
 TITLE = """# Leffa: virtual try-on and pose transfer
