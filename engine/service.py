@@ -48,9 +48,9 @@ def loader(setup: ModelSetup, source: WeightSource, device: str | None = None):
 class Engine:
     """Everything a front end asks of the models. ``source`` says where the weights come from
     (``limits_for`` follows it), ``setup`` where they run; ``preprocessor`` (default: the source's,
-    ``make_preprocessor``) turns photos into inputs; ``limits``,
-    when given, replaces every entry's option limits; ``gpu``: on a Space with on-demand GPUs, runs
-    each generation on one (else it runs here).
+    ``make_preprocessor``) turns photos into inputs; ``limits``, when given, replaces every entry's
+    option limits; ``gpu``: on a Space with on-demand GPUs, runs each generation on one (else it
+    runs here).
 
     Before a request preprocesses anything, every published file it needs is fetched at once, so a
     missing one is reported with all the others."""

@@ -315,7 +315,8 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
-    """Write ``img`` to ``path`` via a temporary file, so a failure never leaves half a file."""
+    """Write ``img`` to ``path`` via a temporary file, so a failure never leaves half a file; its
+    colour profile (a photo's, kept through the paste-back) goes with it."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
@@ -323,7 +324,7 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        img.save(tmp, format=fmt)
+        img.save(tmp, format=fmt, icc_profile=img.info.get("icc_profile"))
         tmp.replace(path)
     except OSError as e:  # disk full, folder gone or made read-only since the check: say so, keep nothing
         raise OptionError(f"cannot write {path}: {e.strerror or e}") from e

@@ -194,13 +194,17 @@ def test_pose_transfer_frames_both_photos(engine):
 def test_cli_gives_a_landscape_photo_back_for_a_landscape_photo(tmp_path):
     from cli.main import main
 
+    from PIL import ImageCms
+
     photo, _ = PHOTOS["landscape"]()
-    photo.save(tmp_path / "person.jpg", quality=95)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo.save(tmp_path / "person.jpg", quality=95, icc_profile=icc)  # a phone photo carries its colour profile
     assert main(["tryon", "--tiny", "--person", str(tmp_path / "person.jpg"), "--garment", str(GARMENT),
                  "--steps", "1", "--out", str(tmp_path / "out.png")]) == 0
     out = np.asarray(Image.open(tmp_path / "out.png"))
     assert out.shape == (2000, 3000, 3)  # through the tiny model: far from the person, the photo's own pixels
     assert np.array_equal(out[:, :1000], np.asarray(load_image(tmp_path / "person.jpg"))[:, :1000])
+    assert Image.open(tmp_path / "out.png").info.get("icc_profile") == icc  # its colours, as the photo's
     assert main(["tryon", "--tiny", "--person", str(tmp_path / "person.jpg"), "--garment", str(GARMENT),
                  "--steps", "1", "--result", "framed", "--out", str(tmp_path / "framed.png")]) == 0
     assert Image.open(tmp_path / "framed.png").size == MODEL_SIZE
