@@ -203,9 +203,13 @@ class Shown:
     box: Box | None = None
 
     def point(self, x: float, y: float, on_result: bool) -> tuple[float, float]:
-        """A click at pixel (x, y), as a point of the model's picture in [0, 1]²."""
+        """A click at pixel (x, y), as a point of the model's picture in [0, 1]²; a click on the
+        photo outside the box the model saw is a ``UserError``."""
         if on_result and self.box is not None:
             fx, fy = (x - self.box.x0) / self.box.width, (y - self.box.y0) / self.box.height
+            if not (0 <= fx <= 1 and 0 <= fy <= 1):
+                raise UserError("That point is outside the part of your photo the model saw (the box under "
+                                "'Intermediate results'): click inside it.")
         else:
             w, h = self.generation.image.size
             fx, fy = x / w, y / h
