@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from PIL import Image
 
 from engine.options import GenerateOptions
@@ -38,6 +39,10 @@ class GenerationCall:
     densepose: Image.Image
     options: GenerateOptions  # checked
     seed: int
+    # families that condition on more of the kept person (MCLD): its appearance moved into the body's
+    # UV texture map, and its face identity (a 512-d ArcFace embedding; zeros when there is no face)
+    texture: Image.Image | None = None
+    face_embedding: np.ndarray | None = None
 
 
 class ModelAdapter(Protocol):
