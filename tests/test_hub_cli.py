@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from engine.weights import fetch
 from leffa import LeffaModel, MissingWeightsError, ModelKind, load_model
 from tests.conftest import tiny_model
 from weightfiles import hub
-from weightfiles.manifest import paths
+from weightfiles.manifest import HubFile, paths
 
 PUBLISHED = {f.path: f for f in WeightSet.ALL.files}  # every published file, by its path in the Hub repo
 
@@ -115,6 +116,59 @@ def test_download_failure_is_explained(tmp_path, monkeypatch, online):
 
     with pytest.raises(MissingWeightsError, match=r"(?s)virtual_tryon.pth \(about 7.2 GB; download failed: ConnectionError.*leffa download tryon.*hf download"):
         registry.entry(ModelKind.VITON_HD).adapter().load(ModelSetup(), WeightSource(tmp_path))  # as the engine loads
+
+
+URL_FILE = HubFile("example.org models", "densepose/model.pkl", 1000, url="https://example.org/x/model.pkl",
+                   sha256=hashlib.sha256(b"weights").hexdigest())
+
+
+def _serve(monkeypatch, body: bytes, calls: list):
+    """``urllib`` answers ``body`` (HEAD probes answer nothing), recording every request."""
+    import io
+    import urllib.request
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(body))}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    def urlopen(request, timeout=None):
+        calls.append((request.get_method(), request.full_url))
+        return Response(b"" if request.get_method() == "HEAD" else body)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_a_file_published_at_a_url_is_downloaded_checked_and_kept(tmp_path, monkeypatch, online, no_download):
+    calls = []
+    _serve(monkeypatch, b"weights", calls)
+    assert hub.resolve_files([URL_FILE], tmp_path) == [tmp_path / "densepose/model.pkl"]
+    assert (tmp_path / "densepose/model.pkl").read_bytes() == b"weights"
+    assert calls == [("HEAD", URL_FILE.url), ("GET", URL_FILE.url)]
+    assert sorted(p.name for p in (tmp_path / "densepose").iterdir()) == ["model.pkl"]  # no .partial left
+
+
+def test_a_url_download_with_other_bytes_is_refused_and_nothing_kept(tmp_path, monkeypatch, online, no_download):
+    _serve(monkeypatch, b"<html>proxy login</html>", [])
+    with pytest.raises(MissingWeightsError, match=r"(?s)densepose/model.pkl.*SHA-256.*curl -L --create-dirs -o "):
+        hub.resolve_files([URL_FILE], tmp_path)
+    assert not list((tmp_path / "densepose").iterdir())
+
+
+def test_missing_url_files_are_listed_with_their_urls_offline(tmp_path, monkeypatch, no_download):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_file = HubFile("franciszzj/Leffa", "virtual_tryon.pth", 7 * 10**9)
+    with pytest.raises(MissingWeightsError) as info:
+        hub.resolve_files([hub_file, URL_FILE], tmp_path)
+    msg = str(info.value)
+    assert "virtual_tryon.pth, densepose/model.pkl" in msg
+    assert f"hf download franciszzj/Leffa virtual_tryon.pth --local-dir {tmp_path}" in msg
+    assert f"curl -L --create-dirs -o {tmp_path / 'densepose/model.pkl'} {URL_FILE.url}" in msg
+    assert "huggingface.co/example.org" not in msg
 
 
 def test_the_python_api_names_the_missing_file_and_how_to_get_it(tmp_path, monkeypatch):

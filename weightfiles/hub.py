@@ -62,11 +62,13 @@ def _revision(revision: str | None) -> str | None:
 
 def download_hint(missing: Sequence[HubFile], root: Path, ours: str | None = None) -> str:
     """How to get ``missing``: ``ours`` (our own command, when the caller has one), else
-    ``hf download``, one command per repo."""
-    repos = dict.fromkeys(f.repo for f in missing)
-    theirs = "\n    ".join(f"hf download {repo} {' '.join(f.path for f in missing if f.repo == repo)} "
-                           f"--local-dir {root}" for repo in repos)
-    sites = ", ".join(f"https://huggingface.co/{repo}" for repo in repos)
+    ``hf download``, one command per repo, and ``curl`` for files published at a URL."""
+    hub = [f for f in missing if f.on_hub]
+    repos = dict.fromkeys(f.repo for f in hub)
+    theirs = "\n    ".join([f"hf download {repo} {' '.join(f.path for f in hub if f.repo == repo)} "
+                            f"--local-dir {root}" for repo in repos]
+                           + [f"curl -L --create-dirs -o {root / f.path} {f.url}" for f in missing if not f.on_hub])
+    sites = ", ".join([f"https://huggingface.co/{repo}" for repo in repos] + [f.url for f in missing if not f.on_hub])
     return (f"Download them on a machine with network access with\n    {ours or theirs}\n"
             + (f"(or: {theirs})\n" if ours else "")
             + f"or copy them there from {sites}, or point --checkpoint-dir / "
@@ -80,10 +82,28 @@ def _missing_message(missing: Sequence[HubFile], root: Path, reason: str, sugges
 
 
 def _probe(file: HubFile, revision: str | None) -> None:
-    """One quick request about ``file`` on the Hub; raises what the network raised."""
+    """One quick request about ``file`` (on the Hub, or at its URL); raises what the network raised."""
+    if not file.on_hub:
+        import urllib.request
+
+        request = urllib.request.Request(file.url, method="HEAD", headers={"User-Agent": "leffa"})
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
+        return
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     get_hf_file_metadata(hf_hub_url(file.repo, file.path, revision=revision), timeout=PROBE_TIMEOUT_S)
+
+
+def _download(file: HubFile, root: Path, revision: str | None, tqdm_class) -> None:
+    """One file into ``root``, through a temporary file renamed at the end: never a half-written file."""
+    if file.on_hub:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(file.repo, file.path, revision=revision, local_dir=root, tqdm_class=tqdm_class)
+    else:
+        from weightfiles.urls import fetch_checked
+
+        fetch_checked(file.url, root / file.path, file.sha256)
 
 
 def resolve_files(files: Sequence[HubFile], root: str | Path | None = None, revision: str | None = None,
@@ -97,18 +117,16 @@ def resolve_files(files: Sequence[HubFile], root: str | Path | None = None, revi
     if missing and offline():
         raise MissingWeightsError(_missing_message(missing, root, "HF_HUB_OFFLINE is set", suggest))
     if missing:
-        from huggingface_hub import hf_hub_download
-
         revision = _revision(revision)
         try:
             _probe(missing[0], revision)
         except Exception as e:  # noqa: BLE001 - no network, proxy, DNS, 404: the same remedy
             raise MissingWeightsError(_missing_message(
-                missing, root, f"the Hub did not answer: {type(e).__name__}: {e}", suggest)) from e
+                missing, root, f"{'the Hub' if missing[0].on_hub else missing[0].url} did not answer: {type(e).__name__}: {e}", suggest)) from e
         for i, file in enumerate(missing):
-            try:  # downloads to a temporary file and renames it: never a half-written file
-                hf_hub_download(file.repo, file.path, revision=revision, local_dir=root, tqdm_class=tqdm_class)
-            except Exception as e:  # noqa: BLE001 - no network, 404, disk full: same remedy
+            try:
+                _download(file, root, revision, tqdm_class)
+            except Exception as e:  # noqa: BLE001 - no network, 404, disk full, checksum: same remedy
                 raise MissingWeightsError(_missing_message(
                     missing[i:], root, f"download failed: {type(e).__name__}: {e}", suggest)) from e
     return [local_path(root, f) for f in files]

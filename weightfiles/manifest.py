@@ -14,14 +14,22 @@ MB, GB = 1000**2, 1000**3
 
 @dataclass(frozen=True)
 class HubFile:
-    """One file of a Hugging Face Hub repo. ``path`` is also its path in the local checkpoint
-    folder; ``conversion``, if set, is a local conversion of it (e.g. a ``.safetensors`` made from
-    a pickle) that is used instead when the folder has it."""
+    """One published weight file: of a Hugging Face Hub repo, or, with ``url``, at a plain URL (then
+    ``repo`` names the publisher, for messages). ``path`` is its path in the Hub repo and in the
+    local checkpoint folder; ``conversion``, if set, is a local conversion of it (e.g. a
+    ``.safetensors`` made from a pickle) that is used instead when the folder has it; ``sha256``,
+    if the publisher gives one, is checked after a download from ``url``."""
 
-    repo: str  # "owner/name"
+    repo: str  # "owner/name", or the publisher of a URL file
     path: str
     size: int  # bytes as published, for messages only
     conversion: str | None = None
+    url: str | None = None  # published outside the Hub
+    sha256: str | None = None
+
+    @property
+    def on_hub(self) -> bool:
+        return self.url is None
 
     def __str__(self) -> str:
         return self.path

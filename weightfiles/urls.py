@@ -66,23 +66,35 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(file: UrlFile, root: Path, progress: bool = True) -> Path:
-    """Download ``file`` into ``root``: to ``NAME.partial``, checked, then renamed. Raises
-    ``MissingWeightsError`` (and leaves nothing behind) on a checksum mismatch."""
-    root.mkdir(parents=True, exist_ok=True)
-    final, partial = root / file.name, root / (file.name + ".partial")
+class ChecksumError(ValueError):
+    """A download whose bytes are not the published file's."""
+
+
+def fetch_checked(url: str, final: Path, sha256: str | None, progress: bool = True) -> Path:
+    """Download ``url`` to ``final``: to ``NAME.partial``, checked against ``sha256`` (when the
+    publisher gives one), then renamed. Raises ``ChecksumError`` on a mismatch; in every failure
+    nothing is left behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + ".partial")
     try:
-        _fetch(file.url, partial, progress)
-        digest = sha256_of(partial)
-        if digest != file.sha256:
-            raise MissingWeightsError(
-                f"the download of {file.name} from {file.url} has SHA-256 {digest}, not the published "
-                f"{file.sha256} (a proxy page, a truncated transfer or a changed file); nothing was kept. "
-                + _hint([file], root))
+        _fetch(url, partial, progress)
+        digest = sha256_of(partial) if sha256 is not None else None
+        if digest != sha256:
+            raise ChecksumError(f"the download of {final.name} from {url} has SHA-256 {digest}, not the published "
+                                f"{sha256} (a proxy page, a truncated transfer or a changed file); nothing was kept.")
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
     return final
+
+
+def download(file: UrlFile, root: Path, progress: bool = True) -> Path:
+    """Download ``file`` into ``root`` (``fetch_checked``). Raises ``MissingWeightsError`` (and
+    leaves nothing behind) on a checksum mismatch."""
+    try:
+        return fetch_checked(file.url, root / file.name, file.sha256, progress)
+    except ChecksumError as e:
+        raise MissingWeightsError(f"{e} " + _hint([file], root)) from e
 
 
 def _hint(missing: Sequence[UrlFile], root: Path) -> str:
