@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("generation (defaults are the original demo's)")
-    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    g.add_argument("--guidance-scale", type=float, default=2.5, help="CFG scale (default 2.5)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 30 for Leffa, "
+                                                         "20 for MCLD)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale (default: the model's, 2.5 for Leffa, 3.5 for MCLD)")
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="rescaled-CFG strength; default: the guidance scale, as the original; 0 = off")
     g.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     p = sub.add_parser(Task.POSE.value, parents=[common, placing], help="pose transfer")
+    p.add_argument("--model", choices=[e.name for e in for_task(Task.POSE)], default=for_task(Task.POSE)[0].name,
+                   help="; ".join(f"{e.name}: {e.label}" for e in for_task(Task.POSE)) + " (default %(default)s)")
     p.add_argument("--person", required=True, type=Path, help="the person whose appearance is kept")
     p.add_argument("--target", type=Path, default=None,
                    help="photo of a person in the target pose (its DensePose is computed)")
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result", choices=[ResultView.FRAMED.value, ResultView.CANVAS.value],
                    default=ResultView.FRAMED.value,
                    help="framed (default): both photos framed around their people; canvas: each photo fitted whole "
-                        "onto 768x1024 (as the original app)")
+                        "onto the model's picture (768x1024 for Leffa, as the original app; 352x512 for MCLD)")
     p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
 
     _infer_parser(sub, common)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from engine import registry
 from engine import options as engine_options
-from engine.options import CLI_NAMES, GenerateOptions, OptionCheck, ResultView
+from engine.options import CLI_NAMES, GenerateOptions, OptionCheck, OptionLimits, ResultView
 from engine.progress import DECODING, DENOISING
 from engine.registry import Task
 from engine.service import Engine
@@ -45,10 +45,13 @@ def weight_source(args) -> WeightSource:
     return WeightSource(args.checkpoint_dir, args.revision, args.tiny, args.checkpoint, args.base_config)
 
 
-def options(args, check: OptionCheck) -> GenerateOptions:
-    """The generation options as given (the focus checked into ``check``; ``Engine.checked`` checks the rest)."""
-    return GenerateOptions(args.steps, args.guidance_scale, args.seed, args.ref_acceleration,
-                           getattr(args, "repaint", False), False, attention_focus(args, check), args.guidance_rescale)
+def options(args, check: OptionCheck, limits: OptionLimits) -> GenerateOptions:
+    """The generation options as given, the model's defaults (``limits``) for those not given (the
+    focus checked into ``check``; ``Engine.checked`` checks the rest)."""
+    return GenerateOptions(limits.steps_default if args.steps is None else args.steps,
+                           limits.guidance_default if args.guidance_scale is None else args.guidance_scale,
+                           args.seed, args.ref_acceleration, getattr(args, "repaint", False), False,
+                           attention_focus(args, check), args.guidance_rescale)
 
 
 def _read_images(args) -> dict[str, Image.Image | None]:
@@ -74,22 +77,23 @@ def run(args) -> Path:
     check_output_path(args.out)  # before the slow part: a real write is tried
     if task is Task.POSE and args.target is None and args.densepose is None:
         raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
-    entry = registry.tryon_entry(args.model_type) if task is Task.TRYON else registry.pose_entry()
+    entry = registry.tryon_entry(args.model_type) if task is Task.TRYON else registry.pose_entry(args.model)
     setup = ModelSetup.resolve(args.device, args.dtype, args.memory,
                                SpeedOptions(args.fuse_qkv, args.channels_last, args.compile))
     engine = Engine.create(setup, weight_source(args))
     with OptionCheck() as check:  # every bad option in one message
-        checked = engine.checked(entry, options(args, check), check, CLI_NAMES)
+        checked = engine.checked(entry, options(args, check, engine.limits_for(entry)), check, CLI_NAMES)
     images = _read_images(args)  # inputs first: fail before any download or slow load
     view = ResultView(args.result)
     if task is Task.TRYON:
         t = engine.tryon_inputs(images["person"], images["garment"], args.model_type, args.garment_type,
                                 args.preprocess_garment, args.keep_fixed_regions, densepose=images["densepose"],
                                 mask=images["mask"], size=args.size, view=view)
-        inputs, framings = (t.person, t.garment, t.mask, t.densepose), (t.framing,)
+        inputs, framings, appearance = (t.person, t.garment, t.mask, t.densepose), (t.framing,), None
     else:
-        p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size, view)
+        p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size, view, entry)
         inputs, framings = (p.target, p.reference, p.mask, p.densepose), (p.reference_framing, p.target_framing)
+        appearance = p.appearance
     for framing in framings:
         if framing is not None and framing.people > 1:
             print(f"{framing.people} people in the photo: framed the largest", file=sys.stderr)
@@ -98,5 +102,6 @@ def run(args) -> Path:
     print(f"loaded {entry.name} on {setup.device} ({setup.dtype}, --memory {setup.memory.value}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with tqdm(total=checked.steps, desc="denoising", unit="step") as bar:
-        gen = engine.generate(entry, *inputs, checked, progress=_bar_progress(bar, checked.steps), names=CLI_NAMES)
+        gen = engine.generate(entry, *inputs, checked, progress=_bar_progress(bar, checked.steps), names=CLI_NAMES,
+                              appearance=appearance)
     return save_image_atomic(engine.answer(gen.image, framings[0], inputs[2], view), args.out)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from engine.options import ResultView
 from errors import OptionError
+from preprocess.appearance import PICTURE as APPEARANCE_PICTURE
 from preprocess.framing import Framing, canvas_box, crop_to_model, frame_person
 from preprocess.images import MODEL_SIZE, WHITE, fit_to_canvas, load_garment, load_image, load_label_image
 from preprocess.inputs import ImageSource, PoseInputs, Preprocessor, TryOnInputs
@@ -37,8 +38,11 @@ def pose_analyses(entry: ModelEntry, densepose_given: bool) -> tuple[Analysis, .
     return tuple(a for a in entry.analyses if not (a is Analysis.DENSEPOSE and densepose_given))
 
 
-def check_size(analyses: tuple[Analysis, ...], size: tuple[int, int]) -> None:
-    """Our preprocessing works at the models' size only."""
+def check_size(analyses: tuple[Analysis, ...], size: tuple[int, int], entry: ModelEntry | None = None) -> None:
+    """Our preprocessing works at the models' size only; a model that conditions on appearance
+    works at its own picture size only."""
+    if entry is not None and needs_appearance(entry) and tuple(size) != MODEL_SIZE:
+        raise OptionError(f"{entry.name} generates at its own size: drop --size (it is for the Leffa models)")
     if analyses and tuple(size) != MODEL_SIZE:
         raise OptionError("automatic preprocessing works at 768x1024: give the mask and DensePose image yourself "
                           "(--mask, --densepose; for pose transfer --densepose), or generate at 768x1024 (drop --size)")
@@ -50,10 +54,22 @@ def check_pose_target(target, densepose) -> None:
 
 
 def framed_person(preprocessor: PreprocessorFactory, photo: Image.Image, size: tuple[int, int] = MODEL_SIZE,
-                  what: str = "person photo") -> tuple[Image.Image, Framing]:
-    """The model's picture of ``photo`` framed around its largest person, and the framing."""
-    framing = frame_person(photo, preprocessor().people, what)
+                  what: str = "person photo", finder: Analysis = Analysis.DENSEPOSE) -> tuple[Image.Image, Framing]:
+    """The model's picture of ``photo`` framed around its largest person (found by the DensePose
+    model ``finder``), and the framing."""
+    framing = frame_person(photo, lambda p: preprocessor().people(p, finder), what)
     return crop_to_model(photo, framing.box, size), framing
+
+
+def needs_appearance(entry: ModelEntry) -> bool:
+    """Whether ``entry`` conditions on the kept person's texture map and face (MCLD), not on the
+    photo itself: what its analyses say."""
+    return Analysis.FACE in entry.analyses
+
+
+def picture_size(entry: ModelEntry) -> tuple[int, int]:
+    """The picture photos are framed or fitted into for ``entry`` (width, height)."""
+    return APPEARANCE_PICTURE if needs_appearance(entry) else MODEL_SIZE
 
 
 def tryon_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource, garment: ImageSource,
@@ -99,12 +115,14 @@ def pose_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: Im
     if view is ResultView.PHOTO:
         raise OptionError("pose transfer answers with the model's picture: ask for the framed or the canvas result")
     analyses = pose_analyses(entry, densepose is not None)
-    check_size(analyses, size)
+    check_size(analyses, size, entry)
     if not analyses:
         source = (Image.new("RGB", size, WHITE) if target is None
                   else fit_to_canvas(load_image(target, name="target-pose image"), size))
         return PoseInputs(fit_to_canvas(load_image(person, name="person image"), size), source,
                           Image.new("L", size, 255), load_label_image(densepose, "DensePose image", size))
+    if needs_appearance(entry):
+        return appearance_inputs(preprocessor, entry, person, target, densepose, view)
     if not view.around_person:
         return preprocessor().pose(person, target)
     (reference, reference_framing), (target_in, target_framing) = (
@@ -112,4 +130,25 @@ def pose_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: Im
         for source, what in ((person, "person photo"), (target, "target-pose photo")))
     inputs = preprocessor().pose(reference, target_in)
     inputs.reference_framing, inputs.target_framing = reference_framing, target_framing
+    return inputs
+
+
+def appearance_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, person: ImageSource,
+                      target: ImageSource | None, densepose: ImageSource | None, view: ResultView) -> PoseInputs:
+    """A pose transfer's inputs for a model that conditions on appearance (MCLD): both photos framed
+    around their people (or fitted whole, ``view``) into its picture; the target's pose from its
+    photo or from ``densepose`` (an IUV image as MCLD's files hold it)."""
+    size, finder = picture_size(entry), entry.analyses[0]
+    framings = {}
+    if view.around_person:
+        framed = {}
+        for key, source, what in (("reference", person, "person photo"), ("target", target, "target-pose photo")):
+            if source is None or (key == "target" and densepose is not None):
+                framed[key] = source
+                continue
+            framed[key], framings[key] = framed_person(
+                preprocessor, load_image(source, name=what.replace("photo", "image")), size, what, finder)
+        person, target = framed["reference"], framed["target"]
+    inputs = preprocessor().appearance_pose(person, target, densepose=densepose, size=size)
+    inputs.reference_framing, inputs.target_framing = framings.get("reference"), framings.get("target")
     return inputs

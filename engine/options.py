@@ -202,7 +202,9 @@ class OptionLimits:
                                                                        self.guidance_max))
 
 
-MODEL_LIMITS = OptionLimits()  # the published models
+MODEL_LIMITS = OptionLimits()  # the published Leffa models
+# MCLD (configs/inference: 20 DDIM steps, guidance 3.5); fewer steps than Leffa's 30 are its published setting
+MCLD_LIMITS = OptionLimits(steps_min=10, steps_default=20, guidance_min=1.0, guidance_max=10.0, guidance_default=3.5)
 TINY_LIMITS = OptionLimits(steps_min=1, steps_default=4)  # the untrained --tiny model: a few steps are enough
 # an own checkpoint (--checkpoint: a model being trained or tried): any number of steps
 CHECKPOINT_LIMITS = OptionLimits(steps_min=1, steps_max=None)

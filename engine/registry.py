@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from engine.options import MODEL_LIMITS, OptionLimits
+from engine.options import MCLD_LIMITS, MODEL_LIMITS, OptionLimits
 from errors import OptionError
 from leffa.weights import ModelKind
+from mcld.weights import MCLD_FILES
 from preprocess.masks import TryOnModel
 from preprocess.weights import MASK_ANALYSES, Analysis, analysis_files
 from weightfiles.manifest import HubFile
@@ -36,6 +37,7 @@ class Family(str, Enum):
     """A model family: one library package and one adapter (``engine/adapters/``)."""
 
     LEFFA = "leffa"
+    MCLD = "mcld"
 
     @property
     def adapter_path(self) -> str:
@@ -49,6 +51,7 @@ class WeightSet(str, Enum):
     TRYON = "tryon"
     TRYON_DC = "tryon-dc"
     POSE = "pose"
+    POSE_MCLD = "pose-mcld"
     ALL = "all"
 
     @property
@@ -121,6 +124,9 @@ ENTRIES = (
                mask_variant=TryOnModel.DRESS_CODE),
     ModelEntry("pose_transfer", Family.LEFFA, Task.POSE, "Leffa pose transfer (DeepFashion, SDXL-sized)",
                (ModelKind.POSE_TRANSFER.file,), (Analysis.DENSEPOSE,), _LEFFA, WeightSet.POSE, _SDXL),
+    ModelEntry("mcld", Family.MCLD, Task.POSE, "MCLD pose transfer (DeepFashion, SD1.5-sized; face identity kept)",
+               MCLD_FILES, (Analysis.DENSEPOSE_R101, Analysis.TEXTURE, Analysis.FACE), Supports(), WeightSet.POSE_MCLD,
+               _SD15, limits=MCLD_LIMITS),
 )
 MODEL_NAMES = tuple(e.name for e in ENTRIES)
 
@@ -151,6 +157,13 @@ def tryon_entry(variant: TryOnModel | str) -> ModelEntry:
     return next(e for e in for_task(Task.TRYON) if e.mask_variant is variant)
 
 
-def pose_entry() -> ModelEntry:
-    """The pose-transfer model (the first pose entry)."""
-    return default_for(Task.POSE)
+def pose_entry(name: str | ModelEntry | None = None) -> ModelEntry:
+    """The pose-transfer model called ``name`` (default: the first pose entry); an ``OptionError``
+    listing the pose models for any other name."""
+    if name is None:
+        return default_for(Task.POSE)
+    chosen = entry(name)
+    if chosen.task is not Task.POSE:
+        names = ", ".join(e.name for e in for_task(Task.POSE))
+        raise OptionError(f"pose transfer runs one of the models {names}; {chosen.name} is a {chosen.task.value} model")
+    return chosen

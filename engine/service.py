@@ -21,7 +21,8 @@ from engine.progress import DENOISING, Progress, ShouldStop, never_stop, no_prog
 from engine.registry import ModelEntry, WeightSet
 from engine.setup import ModelSetup, WeightSource
 from engine.zerogpu import OnDemandGPU
-from errors import GenerationStopped
+from errors import GenerationStopped, OptionError
+from preprocess.appearance import AppearanceInputs
 from preprocess.framing import Framing, paste_back
 from preprocess.images import MODEL_SIZE, load_image
 from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor, TryOnInputs
@@ -160,13 +161,14 @@ class Engine:
                                    view=view)
 
     def pose_inputs(self, person: ImageSource, target: ImageSource | None, densepose: ImageSource | None = None,
-                    size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS) -> PoseInputs:
-        """A pose transfer's inputs (``engine.inputs.pose_inputs``), every file fetched first (after
-        the checks that need no file)."""
-        entry = registry.pose_entry()
+                    size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS,
+                    model: Model | None = None) -> PoseInputs:
+        """A pose transfer's inputs for ``model`` (default: the first pose model;
+        ``engine.inputs.pose_inputs``), every file fetched first (after the checks that need no file)."""
+        entry = registry.pose_entry(model)
         inputs.check_pose_target(target, densepose)
         analyses = inputs.pose_analyses(entry, densepose is not None)
-        inputs.check_size(analyses, size)
+        inputs.check_size(analyses, size, entry)
         self.fetch(self.request_files(entry, analyses))
         return inputs.pose_inputs(lambda: self.preprocessor, entry, person, target, densepose=densepose, size=size,
                                   view=view)
@@ -189,17 +191,23 @@ class Engine:
 
     def generate(self, model: Model, src: Image.Image, ref: Image.Image, mask: Image.Image,
                  densepose: Image.Image, options: GenerateOptions, progress: Progress = no_progress,
-                 should_stop: ShouldStop = never_stop, names: OptionNames = API_NAMES) -> Generation:
+                 should_stop: ShouldStop = never_stop, names: OptionNames = API_NAMES,
+                 appearance: AppearanceInputs | None = None) -> Generation:
         """Load the model if needed, denoise and decode, reporting each phase to ``progress``.
         ``should_stop`` is asked before the model is loaded and after every denoising step: once it
-        says True, ``GenerationStopped`` is raised (the request was cancelled or its client left)."""
+        says True, ``GenerationStopped`` is raised (the request was cancelled or its client left).
+        ``appearance``: the kept person's texture map and face, for a model that needs them (MCLD)."""
         entry = registry.entry(model)
         options = self.check(entry, options, names)
+        if inputs.needs_appearance(entry) and appearance is None:
+            raise OptionError(f"the {entry.name} model needs the kept person's texture map and face: "
+                              "make its inputs with Engine.pose_inputs(model=...)")
         if should_stop():
             raise GenerationStopped("stopped before generating")
         loaded = self.models.get(entry, progress)
         seed = random.randint(0, MAX_SEED) if options.seed is None else options.seed
-        call = GenerationCall(entry.name, src, ref, mask, densepose, options, seed)
+        call = GenerationCall(entry.name, src, ref, mask, densepose, options, seed,
+                              *((appearance.texture, appearance.face_embedding) if appearance is not None else ()))
         if self.gpu is None:
             progress(DENOISING, f"Denoising step 0/{options.steps}")
             image, recorder = entry.adapter().generate(loaded, call, step_callback(progress, should_stop))

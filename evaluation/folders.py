@@ -73,6 +73,12 @@ def ground_truth_name(fake: Path) -> str:
     return fake.stem.rsplit(POSE_SEPARATOR, 1)[-1]
 
 
+def source_name(fake: Path) -> str | None:
+    """The name (without extension) of the source photo of a pose-transfer result
+    (``{source}___{target}``), or ``None`` for other names."""
+    return fake.stem.rsplit(POSE_SEPARATOR, 1)[0] if POSE_SEPARATOR in fake.stem else None
+
+
 def read_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """The image at ``path`` as RGB uint8 (H, W, 3), resized to ``size`` (W, H) with Lanczos
     if it has another size; ``EvalInputError`` naming the file if it cannot be decoded."""

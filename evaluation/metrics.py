@@ -12,6 +12,10 @@
   replacement, the fake subset first). clean-fid draws from NumPy's global generator unseeded; we
   draw from ``np.random.RandomState(seed)``, so our value is clean-fid's after
   ``np.random.seed(seed)``. KID is returned as is; the Leffa authors' tables print it ×1000.
+- PSNR, per image pair: 10 log10(255² / MSE) on the uint8 RGB images, the MSE over every pixel and
+  channel, averaged over the pairs; what MCLD's ``evaluate.py`` reports (scikit-image's
+  ``peak_signal_noise_ratio(gt, pred, data_range=1)`` on the images / 255, per image, then the
+  mean; the same up to float32 rounding, ~1e-6 dB). Identical images score +inf, as there.
 """
 
 from __future__ import annotations
@@ -65,3 +69,12 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
         a = k_xx[np.ix_(i, i)] + k_yy[np.ix_(j, j)]
         total += (a.sum() - np.trace(a)) / (m - 1) - 2 * k_xy[np.ix_(i, j)].sum() / m
     return float(total / subsets / m)
+
+
+def psnr(real: np.ndarray, fake: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``fake`` against ``real``, two uint8 arrays of one shape
+    (e.g. (H, W, 3)): 10 log10(data_range² / MSE); +inf when they are equal."""
+    if real.shape != fake.shape:
+        raise ValueError(f"PSNR needs images of one shape; got {real.shape} and {fake.shape}")
+    mse = np.mean((real.astype(np.float64) - fake.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))

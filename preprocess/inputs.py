@@ -14,14 +14,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from errors import enum_option
-from preprocess.densepose import DensePoseBackend, DensePoseInstance, DensePoseRCNN, render_iuv
+from preprocess.appearance import PICTURE, AppearanceInputs
+from preprocess.face import FaceResult
+from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseRCNN, iuv_image, iuv_pose_rgb,
+                                  render_iuv)
 from preprocess.framing import Box, Framing
-from preprocess.images import (MODEL_SIZE, binarize, canvas_placement, fit_to_canvas, load_garment, load_image,
+from preprocess.images import (MODEL_SIZE, WHITE, binarize, canvas_placement, fit_to_canvas, load_garment, load_image,
                                load_label_image)
 from preprocess.masks import GarmentType, TryOnModel, agnostic_mask
 from preprocess.openpose import OpenPoseDetector, draw_keypoints
@@ -31,6 +35,12 @@ from preprocess.weights import Analysis
 PARSE_SIZE = (384, 512)  # (width, height) at which parsing, keypoints and masks are computed
 
 ImageSource = str | Path | bytes | Image.Image
+
+
+class FaceBackend(Protocol):
+    """``preprocess.face.FaceEmbedder``, or a stand-in."""
+
+    def embed(self, image: np.ndarray) -> FaceResult: ...
 
 
 @dataclass
@@ -51,10 +61,11 @@ class PoseInputs:
     reference: Image.Image  # the person whose appearance is kept: ref_image
     target: Image.Image  # the target-pose person: src_image (only its DensePose is used)
     mask: Image.Image  # all 255
-    densepose: Image.Image  # IUV rendering of the target
+    densepose: Image.Image  # the target's pose: Leffa's IUV rendering, or MCLD's IUV image (appearance.py)
     # the boxes the model saw of the two photos, when framed around their people
     reference_framing: Framing | None = None
     target_framing: Framing | None = None
+    appearance: AppearanceInputs | None = None  # MCLD: the kept person's texture map and face identity
 
 
 @dataclass
@@ -82,8 +93,12 @@ class Preprocessor:
     """Parsing + OpenPose + DensePose, lazily built from the given factories."""
 
     def __init__(self, parser: Callable[[], HumanParser], pose: Callable[[], OpenPoseDetector],
-                 densepose: Callable[[], DensePoseBackend], cache_size: int = 32):
-        self._factories = {"parser": parser, "pose": pose, "densepose": densepose}
+                 densepose: Callable[[], DensePoseBackend], cache_size: int = 32, *,
+                 densepose_r101: Callable[[], DensePoseBackend] | None = None,
+                 texture_regions: Callable[[], np.ndarray] | None = None,
+                 face: Callable[[], FaceBackend] | None = None):
+        self._factories = {"parser": parser, "pose": pose, "densepose": densepose,
+                           "densepose_r101": densepose_r101, "texture_regions": texture_regions, "face": face}
         self._models: dict[str, object] = {}
         self._cache: OrderedDict[tuple, _Results] = OrderedDict()
         self._cache_size = cache_size
@@ -99,8 +114,7 @@ class Preprocessor:
             return resolve_files(analysis.files, root, revision)
 
         def parser():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-            return HumanParser.from_files(*files(Analysis.PARSING), providers=providers)
+            return HumanParser.from_files(*files(Analysis.PARSING), providers=_providers(device))
 
         def pose():
             return OpenPoseDetector.from_file(files(Analysis.KEYPOINTS)[0], device)
@@ -108,11 +122,26 @@ class Preprocessor:
         def densepose():  # the .pkl, or its local .safetensors conversion (preprocess/weights.py)
             return DensePoseRCNN.from_checkpoint(files(Analysis.DENSEPOSE)[0], device)
 
-        return cls(parser, pose, densepose)
+        def densepose_r101():  # MCLD's R101-FPN-DL: its checkpoint says which architecture
+            return DensePoseRCNN.from_checkpoint(files(Analysis.DENSEPOSE_R101)[0], device)
+
+        def texture_regions():
+            from preprocess.texture import part_regions
+
+            return part_regions(files(Analysis.TEXTURE)[0])
+
+        def face():
+            from preprocess.face import FaceEmbedder
+
+            return FaceEmbedder.from_files(*files(Analysis.FACE), providers=_providers(device))
+
+        return cls(parser, pose, densepose, densepose_r101=densepose_r101, texture_regions=texture_regions, face=face)
 
     def _model(self, name: str):
         with self._lock:
             if name not in self._models:
+                if self._factories[name] is None:
+                    raise RuntimeError(f"this preprocessor was built without the {name} model")
                 self._models[name] = self._factories[name]()
             return self._models[name]
 
@@ -124,6 +153,10 @@ class Preprocessor:
                 return self._cache[(key, part)]
         if part is Analysis.DENSEPOSE:
             result = self._model("densepose")(np.asarray(person))  # at 768×1024
+        elif part is Analysis.DENSEPOSE_R101:
+            result = self._model("densepose_r101")(np.asarray(person))
+        elif part is Analysis.FACE:
+            result = self._model("face").embed(np.asarray(person))
         else:
             small = person.resize(PARSE_SIZE, Image.Resampling.BICUBIC)
             result = (self._model("parser")(small) if part is Analysis.PARSING
@@ -140,16 +173,17 @@ class Preprocessor:
         got = {part: self._part(person, key, part) for part in parts}
         return _Results(got.get(Analysis.PARSING), got.get(Analysis.KEYPOINTS), got.get(Analysis.DENSEPOSE))
 
-    def people(self, photo: Image.Image) -> list[Box]:
-        """The people in ``photo``, as boxes in its pixels: DensePose's detections on a first
-        low-resolution look (the photo fitted onto the canvas; cached like every analysis)."""
+    def people(self, photo: Image.Image, analysis: Analysis = Analysis.DENSEPOSE) -> list[Box]:
+        """The people in ``photo``, as boxes in its pixels: the detections of ``analysis`` (a
+        DensePose model: the one the request's model needs anyway) on a first low-resolution look
+        (the photo fitted onto the canvas; cached like every analysis)."""
         look = fit_to_canvas(photo)
         (nw, nh), (cx, cy) = canvas_placement(photo.size)
         sx, sy = photo.width / nw, photo.height / nh
         from preprocess.openpose import NoPersonError
 
         try:
-            instances = self._analyse(look, (Analysis.DENSEPOSE,)).densepose
+            instances = self._part(look, image_key(look), analysis)
         except NoPersonError:  # a backend that says so itself (the stand-ins): nobody is an answer here
             return []
         boxes = []
@@ -200,3 +234,37 @@ class Preprocessor:
                 raise NoPersonError("no person detected in the target-pose photo")
             dp_img = render_iuv(instances, MODEL_SIZE)
         return PoseInputs(ref_img, tgt_img, Image.new("L", MODEL_SIZE, 255), dp_img)
+
+    def _people_r101(self, picture: Image.Image, what: str) -> list[DensePoseInstance]:
+        """MCLD's DensePose (R101-FPN-DL) of ``picture``, best first; ``NoPersonError`` for nobody."""
+        instances = self._part(picture, image_key(picture), Analysis.DENSEPOSE_R101)
+        if not instances:
+            from preprocess.openpose import NoPersonError
+
+            raise NoPersonError(f"no person detected in the {what}")
+        return instances
+
+    def appearance_pose(self, reference: ImageSource, target: ImageSource | None, *,
+                        densepose: ImageSource | None = None, size: tuple[int, int] = PICTURE) -> PoseInputs:
+        """MCLD's pose transfer: ``target``'s pose as an IUV image (or ``densepose``, an IUV image in
+        their files' format), ``reference``'s texture map and face identity; both photos fitted
+        onto ``size`` (framed already, or whole)."""
+        from preprocess.texture import texture_map
+
+        ref_img = fit_to_canvas(load_image(reference, name="person image"), size)
+        tgt_img = (Image.new("RGB", size, WHITE) if target is None
+                   else fit_to_canvas(load_image(target, name="target-pose image"), size))
+        if densepose is not None:
+            dp_img = load_label_image(densepose, "DensePose image", size)
+        else:
+            dp_img = iuv_pose_rgb(self._people_r101(tgt_img, "target-pose photo"), size[1], size[0])
+        iuv = iuv_image(self._people_r101(ref_img, "person photo"), size[1], size[0])
+        texture = texture_map(np.asarray(ref_img), iuv, self._model("texture_regions"))
+        face = self._part(ref_img, image_key(ref_img), Analysis.FACE)
+        appearance = AppearanceInputs(Image.fromarray(texture), face.embedding, face.box)
+        return PoseInputs(ref_img, tgt_img, Image.new("L", size, 255), dp_img, appearance=appearance)
+
+
+def _providers(device: str) -> list[str]:
+    """onnxruntime's execution providers for ``device``."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from preprocess.densepose import DensePoseInstance
+from preprocess.face import EMBEDDING_SIZE, FaceResult
 from preprocess.masks import (BACKGROUND, HAIR, HEAD, LEFT_ARM, LEFT_SHOE, NECK, PANTS, RIGHT_ARM, RIGHT_SHOE,
                               UPPER_CLOTHES)
 from preprocess.openpose import NoPersonError
@@ -78,8 +79,32 @@ class StandInDensePose:
         return [DensePoseInstance((x0, y0, w, h), labels, uv, 1.0)]
 
 
+class StandInFace:
+    """A "face" at the top of the person's box, its embedding a fixed function of the pixels there
+    (so different people differ); no face on a blank photo."""
+
+    def embed(self, rgb: np.ndarray) -> FaceResult:
+        try:
+            x0, y0, x1, y1 = person_box(rgb)
+        except NoPersonError:
+            return FaceResult(np.zeros(EMBEDDING_SIZE, np.float32))
+        h, w = y1 - y0, x1 - x0
+        box = (x0 + 0.38 * w, y0 + 0.05 * h, x1 - 0.38 * w, y0 + 0.16 * h)
+        patch = rgb[int(box[1]):max(int(box[3]), int(box[1]) + 1), int(box[0]):max(int(box[2]), int(box[0]) + 1)]
+        mean = patch.reshape(-1, 3).mean(axis=0) / 255.0
+        embedding = np.cos(np.arange(EMBEDDING_SIZE)[:, None] * (1.0 + mean[None, :])).sum(axis=1)
+        return FaceResult(embedding.astype(np.float32), box)
+
+
 def standin_preprocessor():
-    """A ``Preprocessor`` built from the stand-ins."""
+    """A ``Preprocessor`` built from the stand-ins (the R101 DensePose of MCLD: the same stand-in)."""
     from preprocess.inputs import Preprocessor
 
-    return Preprocessor(StandInParser, StandInPose, StandInDensePose)
+    return Preprocessor(StandInParser, StandInPose, StandInDensePose, densepose_r101=StandInDensePose,
+                        texture_regions=standin_regions, face=StandInFace)
+
+
+def standin_regions() -> np.ndarray:
+    """MCLD's atlas regions stood in for by a disc in every tile (the real file is fetched)."""
+    yy, xx = np.mgrid[:200, :200]
+    return np.broadcast_to(((yy - 100) ** 2 + (xx - 100) ** 2 < 95 ** 2), (24, 200, 200)).copy()

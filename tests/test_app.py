@@ -133,6 +133,17 @@ def test_pose_endpoint(client):
     assert Image.open(out[2]).size == (768, 1024)
 
 
+def test_pose_endpoint_runs_mcld_and_shows_its_texture_map_and_face(client):
+    """The model choice is the endpoint's last parameter (older callers leave it out: Leffa)."""
+    from gradio_client import handle_file
+
+    out = client.predict(handle_file(PERSON), handle_file(str(ROOT / "examples/pose/astronaut_mirrored.png")), None,
+                         STEPS, 3.5, 7, False, False, False, *FOCUS_OFF, "framed", "mcld", api_name="/pose_transfer")
+    assert Image.open(out[0]).size == (352, 512) and out[1] == 7
+    texture, face = out[-2:]
+    assert Image.open(texture).size == (512, 512) and Image.open(face).size[1] > 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(steps=101), "steps must be a whole number between 1 and 100, got 101"),
     (dict(steps=2.5), "steps must be a whole number between 1 and 100, got 2.5"),

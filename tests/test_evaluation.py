@@ -19,10 +19,11 @@ from scipy import linalg
 
 from errors import UserError
 from evaluation.evaluate import EvalConfig, EvalResult, evaluate
-from evaluation.folders import EvalInputError, list_images, pair_by_name, read_rgb
+from evaluation.faces import FaceScores, cosine_similarity, face_scores, face_similarity
+from evaluation.folders import EvalInputError, Pair, list_images, pair_by_name, read_rgb, source_name
 from evaluation.inception import UNUSED, FeatureMode, FIDInceptionV3, network_input
 from evaluation.lpips import LPIPS, SPECS, Backbone, LinearLayers, LpipsNet
-from evaluation.metrics import frechet_distance, kid, polynomial_kernel
+from evaluation.metrics import frechet_distance, kid, polynomial_kernel, psnr
 from evaluation.ssim import SsimBorder, gaussian_window, ssim
 from evaluation.weights import ALEXNET, INCEPTION, LPIPS_ALEX, LPIPS_SQUEEZE, SQUEEZENET, published_shapes
 from weightfiles import urls
@@ -103,6 +104,71 @@ def test_kid_and_fid_need_two_images():
         kid(np.ones((1, 3)), np.ones((5, 3)))
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(np.ones((1, 3)), np.ones((5, 3)))
+
+
+# -- PSNR -------------------------------------------------------------------------------------------------
+def test_psnr_by_hand():
+    real = np.zeros((4, 5, 3), np.uint8)
+    assert psnr(real, real + 10) == pytest.approx(10 * math.log10(255**2 / 100))  # 28.1308 dB
+    fake = real.copy()
+    fake[0, 0, 0] = 255  # MSE = 255² / 60
+    assert psnr(real, fake) == pytest.approx(10 * math.log10(60))
+    assert psnr(real, real) == math.inf  # as scikit-image (with a warning there)
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(real, real[:3])
+
+
+def test_psnr_is_mcld_s_per_image_formula():
+    """MCLD: scikit-image's PSNR with data_range 1 on float32 [0, 1] images (C, H, W), i.e.
+    10 log10(1 / MSE) with the MSE's mean in float64."""
+    rng = np.random.default_rng(0)
+    real, fake = (rng.integers(0, 256, (64, 48, 3), dtype=np.uint8) for _ in range(2))
+    a, b = (x.transpose(2, 0, 1).astype(np.float32) / 255 for x in (real, fake))
+    theirs = 10 * np.log10(1 / np.mean((a - b) ** 2, dtype=np.float64))
+    assert psnr(real, fake) == pytest.approx(theirs, abs=1e-4)
+
+
+# -- face similarity --------------------------------------------------------------------------------------
+def colour_embed(image: np.ndarray) -> np.ndarray | None:
+    """A stand-in face embedder: the mean colour, or no face for a dark image."""
+    mean = image.reshape(-1, 3).mean(0)
+    return None if mean.max() < 20 else mean
+
+
+def test_cosine_similarity_by_hand():
+    assert cosine_similarity([1, 0], [0, 2]) == 0.0
+    assert cosine_similarity([1, 1], [2, 2]) == pytest.approx(1.0)
+    assert cosine_similarity(np.array([3, 4], np.float32), [-3, -4]) == pytest.approx(-1.0)
+
+
+def test_face_similarity_resizes_the_other_image_and_needs_two_faces():
+    sizes = []
+
+    def embed(image):
+        sizes.append(image.shape)
+        return colour_embed(image)
+
+    generated, other = np.full((32, 24, 3), (200, 0, 0), np.uint8), np.full((64, 48, 3), (100, 100, 0), np.uint8)
+    cosine, distance = face_similarity(generated, other, embed)
+    assert sizes == [(32, 24, 3), (32, 24, 3)]  # the other image at the generated one's size
+    assert cosine == pytest.approx(1 / math.sqrt(2)) and distance == pytest.approx(math.hypot(100, 100))
+    assert face_similarity(generated, np.zeros_like(other), embed) is None
+    assert face_similarity(np.zeros_like(generated), other, embed) is None
+
+
+def test_face_scores_over_pose_transfer_pairs(tmp_path):
+    red, dark = np.full((8, 6, 3), (200, 0, 0), np.uint8), np.zeros((8, 6, 3), np.uint8)
+    real = [save(tmp_path / "real", f"{n}.png", im) for n, im in
+            (("a", red), ("b", np.full((8, 6, 3), (0, 200, 0), np.uint8)), ("c", dark))]
+    fakes = [save(tmp_path / "fake", f"{n}.png", red) for n in ("a___b", "b___a", "a___c", "c___a", "x___a")]
+    pairs = pair_by_name(real, fakes)
+    assert [source_name(p.fake) for p in pairs] == ["a", "b", "a", "c", "x"]
+    scores = face_scores(pairs, real, colour_embed, progress=False)
+    # targets: b (cos 0), a (1), c (no face), a (1), a (1); sources: a (1), b (0), a (1), c (no face), x (absent)
+    assert scores == FaceScores(face_sim_target=pytest.approx(0.75), face_dist_target=pytest.approx(200 * 2**0.5 / 4),
+                                face_pairs_target=4, face_sim_source=pytest.approx(2 / 3), face_pairs_source=3)
+    none = face_scores([Pair(real[2], real[2])], real, colour_embed, progress=False)
+    assert none == FaceScores(None, None, 0, None, 0)
 
 
 # -- SSIM -------------------------------------------------------------------------------------------------
@@ -389,8 +455,8 @@ def test_evaluate_a_folder_against_itself(weights_dir, tmp_path):
     result = evaluate(real, real, paired=True, weights_dir=weights_dir, progress=False)
     assert isinstance(result, EvalResult) and (result.n_real, result.n_fake) == (2, 2)
     assert abs(result.pytorch_fid) < 1e-6 and abs(result.clean_fid) < 1e-6
-    assert result.ssim == pytest.approx(1.0, abs=1e-6) and result.lpips == 0.0
-    assert math.isfinite(result.clean_kid)
+    assert result.ssim == pytest.approx(1.0, abs=1e-6) and result.lpips == 0.0 and result.psnr == math.inf
+    assert math.isfinite(result.clean_kid) and result.face_sim_target is None and not result.has_faces
 
 
 def test_evaluate_reports_markdown_and_json(weights_dir, tmp_path):
@@ -398,8 +464,12 @@ def test_evaluate_reports_markdown_and_json(weights_dir, tmp_path):
     config = EvalConfig(kid_subsets=5, seed=3)
     result = evaluate(real, fake, paired=True, config=config, weights_dir=weights_dir, progress=False)
     assert result.pytorch_fid > 0 and result.clean_fid > 0 and 0 < result.lpips and result.ssim < 1
+    real_images = {p.stem: read_rgb(p, (32, 40)) for p in list_images(real, "real")}
+    want = np.mean([psnr(real_images[p.stem], read_rgb(p)) for p in list_images(fake, "generated")])
+    assert result.psnr == pytest.approx(want) and 5 < result.psnr < 30
     table = result.to_markdown()
-    assert table.splitlines()[0] == "| PyTorch-FID | Clean-FID | Clean-KID ×10³ | SSIM | LPIPS |"
+    assert table.splitlines()[0] == "| PyTorch-FID | Clean-FID | Clean-KID ×10³ | SSIM | LPIPS | PSNR |"
+    assert f"{result.psnr:.4f}" in table and "Face" not in table
     assert f"{result.clean_kid * 1000:.4f}" in table and "2 generated images" in table
     data = json.loads(result.to_json())
     assert data["clean_kid_x1000"] == pytest.approx(result.clean_kid * 1000)
@@ -408,6 +478,28 @@ def test_evaluate_reports_markdown_and_json(weights_dir, tmp_path):
     unpaired = EvalResult("r", "f", False, 3, 2, 1.0, 2.0, 3e-3)
     assert unpaired.to_markdown().splitlines()[:3] == [
         "| PyTorch-FID | Clean-FID | Clean-KID ×10³ |", "|---|---|---|", "| 1.0000 | 2.0000 | 3.0000 |"]
+
+
+def test_evaluate_adds_face_similarity_with_an_embedder(weights_dir, tmp_path):
+    real, fake = photos(tmp_path / "real", 3, 0), photos(tmp_path / "fake", 2, 1)
+    seen = []
+
+    def embed(image):
+        seen.append(image.shape)
+        return colour_embed(image)
+
+    config = EvalConfig(kid_subsets=2)
+    result = evaluate(real, fake, paired=True, config=config, weights_dir=weights_dir, progress=False, face_embed=embed)
+    assert seen and set(seen) == {(40, 32, 3)}  # generated and real at the generated size
+    assert result.face_pairs_target == 2 and result.face_pairs_source == 0 and result.face_sim_source is None
+    assert -1 <= result.face_sim_target <= 1 and result.face_dist_target > 0
+    table = result.to_markdown()
+    assert table.splitlines()[0].endswith("| PSNR | Face sim. (target) | Face sim. (source) |")
+    assert table.splitlines()[2].endswith(f"| {result.face_sim_target:.4f} | n/a |")
+    assert "over the 2 of 2 pairs with a face in both images (0 with their source)" in table
+    assert json.loads(result.to_json())["face_pairs_target"] == 2
+    with pytest.raises(EvalInputError, match="needs paired images"):
+        evaluate(real, fake, paired=False, weights_dir=weights_dir, face_embed=embed)
 
 
 @pytest.mark.parametrize("paired, net, files", [
@@ -454,7 +546,7 @@ def test_leffa_eval_prints_the_table_and_writes_json(weights_dir, tmp_path, caps
     assert main(["eval", "--real", str(real), "--fake", str(fake), "--paired", "--json", str(out),
                  "--weights-dir", str(weights_dir), "--device", "cpu", "--seed", "3"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0] == "| PyTorch-FID | Clean-FID | Clean-KID ×10³ | SSIM | LPIPS |"
+    assert table.splitlines()[0] == "| PyTorch-FID | Clean-FID | Clean-KID ×10³ | SSIM | LPIPS | PSNR |"
     data = json.loads(out.read_text())
     assert data["config"]["seed"] == 3 and data["n_fake"] == 3 and f"{data['ssim']:.4f}" in table
     assert not list(tmp_path.glob(".*.tmp"))

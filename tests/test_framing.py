@@ -173,10 +173,10 @@ def test_the_other_views(engine):
 def test_several_people_the_largest_is_framed_and_nobody_is_a_clear_error(engine, monkeypatch):
     photo = figure((3000, 2000), (200, 300, 500, 1900))
     people = [Box(200, 300, 500, 1900), Box(2000, 800, 2200, 1500)]
-    monkeypatch.setattr(engine.preprocessor, "people", lambda img: people)
+    monkeypatch.setattr(engine.preprocessor, "people", lambda img, *finder: people)
     inputs = engine.tryon_inputs(photo, GARMENT, TryOnModel.VITON_HD, GarmentType.UPPER_BODY, view=ResultView.PHOTO)
     assert inputs.framing.people == 2 and _holds(inputs.framing.box, (200, 300, 500, 1900))
-    monkeypatch.setattr(engine.preprocessor, "people", lambda img: [])
+    monkeypatch.setattr(engine.preprocessor, "people", lambda img, *finder: [])
     with pytest.raises(NoPersonError, match="no person detected in the person photo"):
         engine.tryon_inputs(photo, GARMENT, TryOnModel.VITON_HD, GarmentType.UPPER_BODY, view=ResultView.PHOTO)
 

@@ -17,7 +17,10 @@ by name without extension:
   ``{category}/images/013563_0.jpg``). A pairs file that lists a person twice is refused.
 - pose transfer (DeepFashion): ``{source}___{target}.png``, both without extension (PATN's
   ``{from}___{to}`` names: a target appears with several sources); the ground truth is the target
-  image (``test/images/{target}.jpg``), the text after ``___``.
+  image (``test/images/{target}.jpg``), the text after ``___``. MCLD's images are its 352×512
+  pictures (their ``test.py``'s 512-high results), from MCLD's prepared folder (the
+  ``deepfashion_mcld`` layout, ``training/mcld_data.py``) or, with our preprocessing, from the
+  photos of either DeepFashion layout.
 
 Seeds: the sample named ``name`` (its output name without extension) draws all its noise from
 ``torch.Generator().manual_seed(sample_seed(seed, name))``, so its image does not depend on the
@@ -61,13 +64,17 @@ from preprocess.images import MODEL_SIZE, save_image_atomic
 from preprocess.masks import GarmentType, TryOnModel
 from runtime.devices import resolve_device
 from runtime.image_tensors import image_to_tensor, mask_to_tensor
+from mcld.inputs import sample_tensors
 from training.datasets import DatasetError, DatasetLayout, LeffaDataset, Sample
+from training.mcld_data import MCLDPairs, PairSample
 
 MANIFEST = "leffa_infer.json"
 # settings that do not change the images (a resumed run may change them)
 RUN_ONLY = {"out_dir", "checkpoint_dir", "batch_size", "num_workers", "limit", "device", "dtype"}
 # each layout's published model: the try-on model trained on it (its preprocessing), or pose transfer
 LAYOUT_VARIANT = {DatasetLayout.VITON_HD: TryOnModel.VITON_HD, DatasetLayout.DRESS_CODE: TryOnModel.DRESS_CODE}
+POSE_LAYOUTS = (DatasetLayout.DEEPFASHION, DatasetLayout.DEEPFASHION_MCLD)
+MCLD_MODEL = "mcld"  # the deepfashion_mcld layout's model (its files are MCLD's inputs)
 
 
 class InputSource(str, Enum):
@@ -102,8 +109,8 @@ class InferenceConfig:
     revision: str | None = None
     tiny: bool = False  # the tiny untrained model and stand-in preprocessing (offline trial)
     inputs: InputSource = InputSource.DATASET
-    steps: int = 30
-    guidance_scale: float = 2.5
+    steps: int | None = None  # None: the model's default (its registry entry's limits)
+    guidance_scale: float | None = None  # None: the model's default
     guidance_rescale: float | None = None  # None: the guidance scale, as the published weights
     ref_acceleration: bool = False
     repaint: bool = False
@@ -129,6 +136,8 @@ class InferenceConfig:
     def entry(self) -> ModelEntry:
         if self.model is not None:
             return registry.entry(self.model)
+        if self.layout is DatasetLayout.DEEPFASHION_MCLD:
+            return registry.pose_entry(MCLD_MODEL)
         variant = LAYOUT_VARIANT.get(self.layout)
         return registry.pose_entry() if variant is None else registry.tryon_entry(variant)
 
@@ -139,7 +148,10 @@ class InferenceConfig:
     @property
     def options(self) -> GenerateOptions:
         """The generation options (checked against the model's limits by ``Engine.check``)."""
-        return GenerateOptions(self.steps, self.guidance_scale, self.seed, self.ref_acceleration, self.repaint,
+        limits = self.source.limits(self.entry)
+        return GenerateOptions(limits.steps_default if self.steps is None else self.steps,
+                               limits.guidance_default if self.guidance_scale is None else self.guidance_scale,
+                               self.seed, self.ref_acceleration, self.repaint,
                                False, self.attention_focus, self.guidance_rescale)
 
     def check(self) -> None:
@@ -151,12 +163,20 @@ class InferenceConfig:
             raise OptionError("--num-workers must be at least 0")
         if w <= 0 or h <= 0 or w % 8 or h % 8:
             raise OptionError(f"width and height must be positive multiples of 8, got {w}x{h}")
-        pose_layout = self.layout is DatasetLayout.DEEPFASHION
+        pose_layout = self.layout in POSE_LAYOUTS
         if pose_layout != (self.entry.task is Task.POSE):
             raise OptionError(f"the {self.entry.name} model does not fit the {self.layout.value} layout: "
                               "pose transfer goes with deepfashion, try-on with viton_hd or dress_code")
+        appearance = model_inputs.needs_appearance(self.entry)
+        if (pose_layout and self.inputs is InputSource.DATASET
+                and (self.layout is DatasetLayout.DEEPFASHION_MCLD) != appearance):
+            raise OptionError(f"the {self.entry.name} model does not fit the {self.layout.value} layout's files: "
+                              "MCLD reads the deepfashion_mcld layout (or any DeepFashion photos with --preprocess), "
+                              "Leffa the deepfashion layout")
         if pose_layout and not self.paired:
             raise OptionError("DeepFashion has one setting (source -> target pairs): drop --unpaired")
+        if appearance and self.size != MODEL_SIZE:
+            raise OptionError(f"{self.entry.name} generates at its own size: drop --size")
         if self.inputs is InputSource.PREPROCESS and self.size != MODEL_SIZE:
             raise OptionError("our preprocessing works at 768x1024: drop --size, or use the dataset's inputs")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -168,7 +188,9 @@ class InferenceConfig:
         # without a focus, as manifests written before the option existed (their runs resume)
         fields = [f.name for f in dataclasses.fields(self)
                   if f.name not in RUN_ONLY and not (f.name == "attention_focus" and self.attention_focus is None)]
-        return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.entry.name}
+        options = self.options  # the steps and guidance as run (the model's defaults when not given)
+        return {**{name: _json_value(getattr(self, name)) for name in fields}, "model": self.entry.name,
+                "steps": options.steps, "guidance_scale": options.guidance_scale}
 
 
 @dataclass(frozen=True)
@@ -205,8 +227,10 @@ def sample_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big") >> 1
 
 
-def output_name(layout: DatasetLayout, sample: Sample) -> str:
+def output_name(layout: DatasetLayout, sample: Sample | PairSample) -> str:
     """The file a sample's image is written to (see the module docstring)."""
+    if isinstance(sample, PairSample):
+        return f"{sample.source.stem}___{sample.target.stem}.png"
     if layout is DatasetLayout.DEEPFASHION:
         return f"{sample.reference.stem}___{sample.target.stem}.png"
     return f"{sample.target.stem}.png"
@@ -274,6 +298,10 @@ class _Preprocessed:
 
     def __call__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i]
+        if model_inputs.needs_appearance(self.entry):  # MCLD: from the photos, fitted whole (DeepFashion is framed)
+            source, target = (s.source, s.target) if isinstance(s, PairSample) else (s.reference, s.target)
+            p = model_inputs.pose_inputs(self.preprocessor, self.entry, source, target)
+            return sample_tensors(p.reference, p.appearance.texture, p.densepose, p.appearance.face_embedding)
         if self.entry.task is Task.POSE:
             p = model_inputs.pose_inputs(self.preprocessor, self.entry, s.reference, s.target)
             src, ref, mask, dense = p.target, p.reference, p.mask, p.densepose
@@ -314,7 +342,8 @@ def infer(cfg: InferenceConfig, log: Callable[[str], None] = print) -> Inference
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if not main:
         log = lambda *_: None  # noqa: E731 -- one process reports
-    data = LeffaDataset(cfg.layout, cfg.data_root, cfg.split, cfg.paired, cfg.size, cfg.pairs_file)
+    data = (MCLDPairs(cfg.data_root, cfg.split, cfg.pairs_file) if cfg.layout is DatasetLayout.DEEPFASHION_MCLD
+            else LeffaDataset(cfg.layout, cfg.data_root, cfg.split, cfg.paired, cfg.size, cfg.pairs_file))
     samples = data.samples[:cfg.limit]
     names = [output_name(cfg.layout, s) for s in samples]
     _check_names(names)

@@ -10,3 +10,4 @@ class DatasetLayout(str, Enum):
     VITON_HD = "viton_hd"
     DRESS_CODE = "dress_code"
     DEEPFASHION = "deepfashion"
+    DEEPFASHION_MCLD = "deepfashion_mcld"  # MCLD's prepared folder: IUV images, texture maps, face embeddings

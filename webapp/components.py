@@ -296,7 +296,7 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
     if with_repaint:
         c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
     c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
-    with gr.Accordion("Experimental: attention focus", open=False):
+    with gr.Accordion("Experimental: attention focus", open=False) as c["focus_group"]:
         c["focus"] = gr.Slider(limits.focus_min, limits.focus_max, value=1.0, step=0.05,
                                label="Focus temperature τ (1 = off; < 1 sharpens)", info=FOCUS_HELP)
         c["focus_levels"] = gr.Slider(1, limits.focus_levels_max, value=1, step=1,
