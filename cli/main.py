@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.options import ResultView
 from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
+from preprocess.face_files import FACE_PACKS
 from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
 from runtime.presets import DTYPE_NAMES, MEMORY_PRESETS
@@ -215,6 +216,12 @@ def _eval_parser(sub) -> None:
     e.add_argument("--ssim-border", choices=SSIM_BORDERS, default=SSIM_BORDERS[0],
                    help="reflect (torchmetrics >= 1.4.2, default) or valid (torchmetrics <= 1.4.1)")
     e.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets (default 0)")
+    e.add_argument("--faces", choices=sorted(FACE_PACKS), default=None,
+                   help="with --paired, also the face similarity of each generated image to its ground truth and "
+                        "to its source (pose transfer, MCLD's metric: ArcFace cosine of the largest faces): buffalo_s "
+                        "as MCLD's evaluate.py scores, antelopev2 as its data preparation embeds; the face models "
+                        "are fetched into --checkpoint-dir")
+    _folder_options(e)
 
 
 def _eval_command(args) -> int:
@@ -231,7 +238,17 @@ def _eval_command(args) -> int:
     device = str(resolve_device(args.device))
     config = EvalConfig(batch_size=args.batch_size, lpips_net=LpipsNet(args.lpips_net),
                         ssim_border=SsimBorder(args.ssim_border), seed=args.seed)
-    result = evaluate(args.real, args.fake, args.paired, config, weights_dir=args.weights_dir, device=device)
+    face_embed = None
+    if args.faces is not None:
+        from preprocess.face import FaceEmbedder
+        from weightfiles.hub import resolve_files
+
+        pack = FACE_PACKS[args.faces]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        face_embed = FaceEmbedder.from_files(*resolve_files(pack.files, args.checkpoint_dir, args.revision),
+                                             providers=providers, det_size=pack.det_size)
+    result = evaluate(args.real, args.fake, args.paired, config, weights_dir=args.weights_dir, device=device,
+                      face_embed=face_embed)
     print(result.to_markdown())
     if args.json is not None:
         result.save_json(args.json)

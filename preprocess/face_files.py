@@ -31,11 +31,14 @@ class FacePack:
 
 
 ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
-ANTELOPEV2 = FacePack(HubFile(ANTELOPEV2_REPO, "scrfd_10g_bnkps.onnx", 16_923_827),
-                      HubFile(ANTELOPEV2_REPO, "glintr100.onnx", 260_665_334),
+ANTELOPEV2 = FacePack(HubFile(ANTELOPEV2_REPO, "scrfd_10g_bnkps.onnx", 16_923_827, folder="antelopev2"),
+                      HubFile(ANTELOPEV2_REPO, "glintr100.onnx", 260_665_334, folder="antelopev2"),
                       det_size=(640, 640))  # MCLD's prepare_dataset.py: det_size=(640, 640)
 
 BUFFALO_S_REPO = "deepghs/insightface"
 BUFFALO_S = FacePack(HubFile(BUFFALO_S_REPO, "buffalo_s/det_500m.onnx", int(2.5 * MB)),
                      HubFile(BUFFALO_S_REPO, "buffalo_s/w600k_mbf.onnx", int(13.6 * MB)),
                      det_size=(512, 352))  # MCLD's evaluate.py: det_size=(512, 352), i.e. W 512, H 352
+
+# by the names ``leffa eval --faces`` takes
+FACE_PACKS = {"antelopev2": ANTELOPEV2, "buffalo_s": BUFFALO_S}

@@ -237,11 +237,15 @@ class Preprocessor:
 
     def _people_r101(self, picture: Image.Image, what: str) -> list[DensePoseInstance]:
         """MCLD's DensePose (R101-FPN-DL) of ``picture``, best first; ``NoPersonError`` for nobody."""
-        instances = self._part(picture, image_key(picture), Analysis.DENSEPOSE_R101)
-        if not instances:
-            from preprocess.openpose import NoPersonError
+        from preprocess.openpose import NoPersonError
 
-            raise NoPersonError(f"no person detected in the {what}")
+        try:
+            instances = self._part(picture, image_key(picture), Analysis.DENSEPOSE_R101)
+        except NoPersonError:  # a backend that says so itself (the stand-ins)
+            instances = []
+        if not instances:
+            raise NoPersonError(f"no person detected in the {what}: use a photo of one person, whole or from the "
+                                "waist up")
         return instances
 
     def appearance_pose(self, reference: ImageSource, target: ImageSource | None, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -439,7 +440,10 @@ def test_weight_sets_are_what_the_tasks_load():
     assert paths(WeightSet.TRYON.files) == ALL_TRYON_FILES
     assert paths(WeightSet.TRYON_DC.files)[-1] == ModelKind.DRESS_CODE.checkpoint == "virtual_tryon_dc.pth"
     assert paths(WeightSet.POSE.files) == ["densepose/model_final_162be9.pkl", "pose_transfer.pth"]
-    declared = {f.path for a in Analysis for f in a.files} | {kind.checkpoint for kind in ModelKind}
+    from mcld.weights import MCLD_FILES
+
+    declared = ({f.local for a in Analysis for f in a.files} | {kind.checkpoint for kind in ModelKind}
+                | {f.local for f in MCLD_FILES})
     assert set(paths(WeightSet.ALL.files)) == declared
     assert [kind.checkpoint for kind in ModelKind] == ["virtual_tryon.pth", "virtual_tryon_dc.pth", "pose_transfer.pth"]
 
@@ -455,7 +459,8 @@ def test_check_reports_each_task(tmp_path, capsys, no_download):
                                 "openpose/body_pose_model.pth", "(about", "710", "MB,", "downloaded", "on", "first", "use)"]
     assert f"fetch now: leffa download tryon --checkpoint-dir {tmp_path}" in lines[2]
     assert lines[3].split()[:2] == ["tryon-dc", "missing"] and "virtual_tryon_dc.pth (about 7.9 GB" in lines[3]
-    assert lines[5].split() == ["pose", "ready"] and len(lines) == 6
+    assert lines[5].split() == ["pose", "ready"] and len(lines) == 8
+    assert lines[6].split()[:2] == ["pose-mcld", "missing"] and "mcld/denoising_unet.pth," in lines[6]
 
 
 def test_download_fetches_exactly_the_task_files(tmp_path, monkeypatch, capsys, online):
@@ -583,3 +588,26 @@ def test_cli_attention_focus_is_experimental_and_checked(tmp_path, tiny_checkpoi
     with pytest.raises(SystemExit):
         main(args(tmp_path / "bad.png", "--attention-focus", "0.5", "--focus-steps", "half"))
     assert "expected START:END fractions" in capsys.readouterr().err
+
+
+def test_a_repo_with_a_folder_keeps_its_files_apart(tmp_path, monkeypatch, online):
+    """Two repos' root files (the VAE's config.json) never meet: each repo may have its own folder."""
+    import huggingface_hub
+
+    vae = HubFile("stabilityai/sd-vae-ft-mse", "config.json", 1000, folder="sd-vae-ft-mse")
+    asked = []
+
+    def fake_download(repo_id, filename, *, revision=None, local_dir=None, tqdm_class=None):
+        asked.append(Path(local_dir))
+        (Path(local_dir) / filename).parent.mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_text("{}")
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert hub.resolve_files([vae], tmp_path) == [tmp_path / "sd-vae-ft-mse/config.json"]
+    assert asked == [tmp_path / "sd-vae-ft-mse"] and not (tmp_path / "config.json").exists()
+    assert hub.missing_files([vae], tmp_path) == [] and str(vae) == "sd-vae-ft-mse/config.json"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match=re.escape(
+            f"hf download stabilityai/sd-vae-ft-mse config.json --local-dir {tmp_path / 'other/sd-vae-ft-mse'}")):
+        hub.resolve_files([vae], tmp_path / "other")

@@ -37,9 +37,10 @@ def test_mcld_is_a_pose_model_with_its_published_settings_and_files():
     entry = registry.pose_entry(MCLD)
     assert entry.task is Task.POSE and registry.pose_entry() is not entry  # Leffa stays the default
     assert (entry.limits.steps_default, entry.limits.guidance_default) == (20, 3.5)
-    files = {f.path: f for f in entry.files_for(entry.analyses)}
-    assert {"denoising_unet.pth", "reference_unet.pth", "pose_guider.pth", "image_projector.pth",
-            "densepose/model_final_844d15.pkl", "scrfd_10g_bnkps.onnx", "glintr100.onnx"} <= set(files)
+    files = {f.local: f for f in entry.files_for(entry.analyses)}
+    assert {"mcld/denoising_unet.pth", "mcld/reference_unet.pth", "mcld/pose_guider.pth", "mcld/image_projector.pth",
+            "sd-vae-ft-mse/config.json", "densepose/model_final_844d15.pkl", "antelopev2/glintr100.onnx",
+            "mcld/texture_bg_200.png"} <= set(files)
     assert files["densepose/model_final_844d15.pkl"].url.startswith("https://dl.fbaipublicfiles.com/densepose/")
     assert set(WeightSet.POSE_MCLD.files) == set(entry.files_for(entry.analyses))
     assert set(WeightSet.POSE_MCLD.files) <= set(WeightSet.ALL.files)
@@ -117,4 +118,16 @@ def test_cli_pose_with_mcld(tmp_path, capsys):
 
 def test_analyses_name_their_files():
     assert Analysis.DENSEPOSE_R101.files[0].path == "densepose/model_final_844d15.pkl"
-    assert [f.path for f in Analysis.FACE.files] == ["scrfd_10g_bnkps.onnx", "glintr100.onnx"]
+    assert [f.local for f in Analysis.FACE.files] == ["antelopev2/scrfd_10g_bnkps.onnx", "antelopev2/glintr100.onnx"]
+
+
+def test_leffa_eval_faces_fetches_its_face_models_and_names_the_missing_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for folder in ("real", "fake"):
+        (tmp_path / folder).mkdir()
+        for name in ("a", "b"):
+            Image.new("RGB", (176, 256), "white").save(tmp_path / folder / f"{name}.png")
+    code = main(["eval", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--paired",
+                 "--faces", "buffalo_s", "--checkpoint-dir", str(tmp_path / "ckpts"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "buffalo_s/det_500m.onnx, buffalo_s/w600k_mbf.onnx" in err and "Traceback" not in err

@@ -37,9 +37,10 @@ def checkpoint_dir(path: str | Path | None = None) -> Path:
 def local_path(root: Path, file: HubFile) -> Path:
     """Where ``file`` is in the checkpoint folder: its local conversion if there is one, else the
     published file."""
-    if file.conversion is not None and (root / file.conversion).is_file():
-        return root / file.conversion
-    return root / file.path
+    base = root / file.folder if file.folder else root
+    if file.conversion is not None and (base / file.conversion).is_file():
+        return base / file.conversion
+    return base / file.path
 
 
 def missing_files(files: Sequence[HubFile], root: str | Path | None = None) -> list[HubFile]:
@@ -64,10 +65,11 @@ def download_hint(missing: Sequence[HubFile], root: Path, ours: str | None = Non
     """How to get ``missing``: ``ours`` (our own command, when the caller has one), else
     ``hf download``, one command per repo, and ``curl`` for files published at a URL."""
     hub = [f for f in missing if f.on_hub]
-    repos = dict.fromkeys(f.repo for f in hub)
-    theirs = "\n    ".join([f"hf download {repo} {' '.join(f.path for f in hub if f.repo == repo)} "
-                            f"--local-dir {root}" for repo in repos]
-                           + [f"curl -L --create-dirs -o {root / f.path} {f.url}" for f in missing if not f.on_hub])
+    places = dict.fromkeys((f.repo, f.folder) for f in hub)
+    theirs = "\n    ".join([f"hf download {repo} {' '.join(f.path for f in hub if (f.repo, f.folder) == (repo, folder))} "
+                            f"--local-dir {root / folder if folder else root}" for repo, folder in places]
+                           + [f"curl -L --create-dirs -o {root / f.local} {f.url}" for f in missing if not f.on_hub])
+    repos = dict.fromkeys(repo for repo, _ in places)
     sites = ", ".join([f"https://huggingface.co/{repo}" for repo in repos] + [f.url for f in missing if not f.on_hub])
     return (f"Download them on a machine with network access with\n    {ours or theirs}\n"
             + (f"(or: {theirs})\n" if ours else "")
@@ -99,11 +101,12 @@ def _download(file: HubFile, root: Path, revision: str | None, tqdm_class) -> No
     if file.on_hub:
         from huggingface_hub import hf_hub_download
 
-        hf_hub_download(file.repo, file.path, revision=revision, local_dir=root, tqdm_class=tqdm_class)
+        hf_hub_download(file.repo, file.path, revision=revision, local_dir=root / file.folder if file.folder else root,
+                        tqdm_class=tqdm_class)
     else:
         from weightfiles.urls import fetch_checked
 
-        fetch_checked(file.url, root / file.path, file.sha256)
+        fetch_checked(file.url, root / file.local, file.sha256)
 
 
 def resolve_files(files: Sequence[HubFile], root: str | Path | None = None, revision: str | None = None,

@@ -18,7 +18,9 @@ class HubFile:
     ``repo`` names the publisher, for messages). ``path`` is its path in the Hub repo and in the
     local checkpoint folder; ``conversion``, if set, is a local conversion of it (e.g. a
     ``.safetensors`` made from a pickle) that is used instead when the folder has it; ``sha256``,
-    if the publisher gives one, is checked after a download from ``url``."""
+    if the publisher gives one, is checked after a download from ``url``. ``folder``: where in the
+    checkpoint folder the repo's files go, keeping its layout beneath (so that two repos' root
+    files, e.g. their ``config.json``, do not meet); empty: the checkpoint folder itself."""
 
     repo: str  # "owner/name", or the publisher of a URL file
     path: str
@@ -26,13 +28,19 @@ class HubFile:
     conversion: str | None = None
     url: str | None = None  # published outside the Hub
     sha256: str | None = None
+    folder: str = ""
 
     @property
     def on_hub(self) -> bool:
         return self.url is None
 
+    @property
+    def local(self) -> str:
+        """Its path in the checkpoint folder."""
+        return f"{self.folder}/{self.path}" if self.folder else self.path
+
     def __str__(self) -> str:
-        return self.path
+        return self.local
 
 
 def human_size(n: int) -> str:
@@ -46,4 +54,4 @@ def download_size(files: Iterable[HubFile]) -> str:
 
 def paths(files: Iterable[HubFile]) -> list[str]:
     """The files' paths, in order, each once (the names that messages list)."""
-    return list(dict.fromkeys(f.path for f in files))
+    return list(dict.fromkeys(f.local for f in files))

@@ -2,9 +2,10 @@
 
 A generation's inputs (``GenerationCall``): ``ref``, the kept person's picture; ``texture``, its UV
 texture map; ``densepose``, the target's DensePose image in MCLD's channel order (R = V·255,
-G = U·255, B = part index); ``face_embedding``, 512 floats (zeros when no face was found). All three
-images are the model's size (512×512); other sizes (the tiny model's 64×64) are resized to it, the
-DensePose image with nearest (its blue channel holds labels), and the answer back to ``ref``'s size.
+G = U·255, B = part index); ``face_embedding``, 512 floats (zeros when no face was found). The
+pictures are resized to 512×512 as their dataset does (``mcld.inputs``; then to the tiny model's
+64×64, the DensePose image with nearest), and the answer is the published results' 352×512
+(``test.py``'s resize, ``mcld.pipeline.resize_as_published``).
 
 ``generate_batch`` (``leffa infer``) takes a dict of (B, C, H, W) tensors: ``"source"``, ``"texture"``
 and ``"pose"`` (float in [0, 1]; the pose as above, /255) and ``"face"`` ((B, 512) float).
@@ -26,7 +27,8 @@ from engine.weights import download_command
 from errors import UserError
 from mcld.hub import load_model, tiny_model
 from mcld.memory import estimate_memory, published_meta_model
-from mcld.pipeline import FACE_DIM, MCLDPipeline
+from mcld.inputs import ANSWER_SIZE, model_image
+from mcld.pipeline import FACE_DIM, MCLDPipeline, resize_as_published
 from mcld.weights import MCLDFiles
 from runtime.memory import MemoryNeed
 from runtime.presets import MemoryPreset
@@ -60,27 +62,43 @@ class Adapter:
         if call.texture is None:
             raise UserError(f"{self.entry.name} needs the kept person's texture map")
         size = loaded.model.config.image_size
-        source, texture = _fit(call.ref, size, Image.BICUBIC), _fit(call.texture, size, Image.BICUBIC)
-        pose = _fit(call.densepose, size, Image.NEAREST)
+        source, texture, pose = (model_image(i) for i in (call.ref, call.texture, call.densepose))
+        source, texture = _fit(source, size, Image.BICUBIC), _fit(texture, size, Image.BICUBIC)
+        pose = _fit(pose, size, Image.NEAREST)
         face = np.zeros(FACE_DIM, np.float32) if call.face_embedding is None else call.face_embedding
         out = loaded(source, texture, pose, np.asarray(face, np.float32).reshape(1, -1),
                      generator=torch.Generator().manual_seed(call.seed), callback=callback,
                      **_pipeline_options(call.options))
-        image = out.images[0]
-        return (image if image.size == call.ref.size else image.resize(call.ref.size, Image.BICUBIC)), None
+        return _answers(out.tensors)[0], None
 
     def generate_batch(self, loaded: MCLDPipeline, inputs: dict[str, torch.Tensor], options: GenerateOptions,
                        generators: Sequence[torch.Generator]) -> list[Image.Image]:
         missing = [k for k in BATCH_KEYS if k not in inputs]
         if missing:
             raise ValueError(f"{self.entry.name}: a batch needs {', '.join(BATCH_KEYS)}; missing {', '.join(missing)}")
-        out = loaded(inputs["source"], inputs["texture"], inputs["pose"], inputs["face"], generator=list(generators),
+        size = loaded.model.config.image_size
+        images = {k: _resized(inputs[k], size, "nearest" if k == "pose" else "bicubic") for k in BATCH_KEYS[:3]}
+        out = loaded(images["source"], images["texture"], images["pose"], inputs["face"], generator=list(generators),
                      **_pipeline_options(options))
-        return out.images
+        return _answers(out.tensors)
 
     def memory_need(self, memory: MemoryPreset, device: str, dtype: torch.dtype, fuse_qkv: bool) -> MemoryNeed:
         """The published model's need (no q/k/v fusion: MCLD's processors take the separate projections)."""
         return estimate_memory(published_meta_model(), memory, device, dtype)
+
+
+def _answers(tensors: torch.Tensor) -> list[Image.Image]:
+    """The published results' 352×512 pictures (``test.py``'s 512-high resize)."""
+    h, w = ANSWER_SIZE[::-1]
+    pixels = resize_as_published(tensors, (h, w)).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _resized(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """A batch at the model's size (only the tiny model's differs from the inputs' 512)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, (size, size), mode=mode).clamp(0, 1)
 
 
 def _fit(image: Image.Image, size: int, resample: int) -> Image.Image:
