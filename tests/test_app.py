@@ -29,6 +29,10 @@ FOCUS_OFF = [1.0, 1, 0.0, 1.0]  # the experimental attention focus's parameters,
 STEPS = 2
 
 
+def LIMITS_OF(entry):  # noqa: N802 - the published models' limits, as a PoseRequest looks them up
+    return entry.limits
+
+
 @pytest.fixture(scope="session")
 def client(app_url):
     from gradio_client import Client
@@ -329,20 +333,19 @@ def test_attention_focus_options():
     ``AttentionFocus``; bad values are listed with what they allow."""
     from errors import OptionError
     from leffa import AttentionFocus
-    from engine.options import MODEL_LIMITS
     from webapp.pose_tab import POSE_PARAMETERS, PoseRequest
 
     values = dict(zip(POSE_PARAMETERS, [PERSON, PERSON, None, 30, 2.5, 42, False, False, False, *FOCUS_OFF]))
-    assert PoseRequest.from_values(values, MODEL_LIMITS).options.attention_focus is None
+    assert PoseRequest.from_values(values, LIMITS_OF).options.attention_focus is None
     focused = {**values, "focus": 0.25, "focus_levels": 2.0, "focus_start": 0, "focus_end": 0.5}
-    assert PoseRequest.from_values(focused, MODEL_LIMITS).options.attention_focus == AttentionFocus(0.25, 2, (0, 0.5))
+    assert PoseRequest.from_values(focused, LIMITS_OF).options.attention_focus == AttentionFocus(0.25, 2, (0, 0.5))
     with pytest.raises(OptionError) as bad:
-        PoseRequest.from_values({**values, "focus": 0.0, "focus_levels": 9, "focus_start": "a"}, MODEL_LIMITS)
+        PoseRequest.from_values({**values, "focus": 0.0, "focus_levels": 9, "focus_start": "a"}, LIMITS_OF)
     assert str(bad.value).splitlines() == ["focus must be a number between 0.1 and 2.0, got 0.0",
                                            "focus_levels must be a whole number between 1 and 4, got 9",
                                            "focus_start must be a number between 0.0 and 1.0, got 'a'"]
     with pytest.raises(OptionError, match="focus_start and focus_end must be"):
-        PoseRequest.from_values({**focused, "focus_start": 0.6}, MODEL_LIMITS)
+        PoseRequest.from_values({**focused, "focus_start": 0.6}, LIMITS_OF)
 
 
 def test_attention_focus_through_the_api(client):
@@ -354,16 +357,22 @@ def test_attention_focus_through_the_api(client):
 
 def test_pose_request_needs_a_target():
     from errors import UserError
-    from engine.options import MODEL_LIMITS
     from webapp.pose_tab import POSE_PARAMETERS, PoseRequest
 
     values = dict(zip(POSE_PARAMETERS, [PERSON, None, None, 30, 2.5, 42, False, False, True, *FOCUS_OFF]))
     with pytest.raises(UserError, match="target pose"):
-        PoseRequest.from_values(values, MODEL_LIMITS)
-    r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}}, MODEL_LIMITS)
+        PoseRequest.from_values(values, LIMITS_OF)
+    r = PoseRequest.from_values({**values, "densepose_upload": {"path": PERSON}}, LIMITS_OF)
     assert (r.target, r.densepose_upload, r.options.repaint, r.options.record_attention) == (None, PERSON, False, True)
     with pytest.raises(UserError, match="random_seed must be true or false, got 'yes'"):
-        PoseRequest.from_values({**values, "densepose_upload": PERSON, "random_seed": "yes"}, MODEL_LIMITS)
+        PoseRequest.from_values({**values, "densepose_upload": PERSON, "random_seed": "yes"}, LIMITS_OF)
+    # the chosen model's own limits: MCLD takes guidance 7 (Leffa's stop at 5) and 20 steps (Leffa's start at 30)
+    mcld = {**values, "densepose_upload": PERSON, "steps": 20, "guidance": 7.0, "record": False, "model": "mcld"}
+    assert PoseRequest.from_values(mcld, LIMITS_OF).model.name == "mcld"
+    with pytest.raises(UserError, match="guidance must be a number between 0.1 and 5.0, got 7.0"):
+        PoseRequest.from_values({**mcld, "model": "pose_transfer"}, LIMITS_OF)
+    with pytest.raises(UserError, match="virtual_tryon is a tryon model"):
+        PoseRequest.from_values({**mcld, "model": "virtual_tryon"}, LIMITS_OF)
 
 
 def test_sliders_follow_the_engines_limits():

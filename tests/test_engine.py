@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from cli.main import build_parser, main
 from engine import inputs, registry
@@ -20,6 +20,7 @@ from engine.registry import ENTRIES, MODEL_NAMES, Supports, Task, WeightSet
 from engine.service import Engine
 from engine.setup import ModelSetup, WeightSource
 from errors import OptionError, UserError
+from mcld.inputs import ANSWER_SIZE, sample_tensors
 from preprocess.masks import GarmentType, TryOnModel
 from preprocess.weights import Analysis
 from tests.conftest import viton_tree
@@ -202,23 +203,40 @@ def test_each_entry_generates_through_the_engine(tmp_path, name):
     engine = Engine.create(ModelSetup(), WeightSource(tiny=True))
     entry = registry.entry(name)
     person, other, dense = (_picture(tmp_path / f"{n}.png", seed=i) for i, n in enumerate("pod"))
+    appearance, size = None, (48, 64)
     if entry.task is Task.TRYON:
         Image.new("L", (48, 64), 255).save(tmp_path / "m.png")
         t = engine.tryon_inputs(person, other, entry.mask_variant, GarmentType.UPPER_BODY, densepose=dense,
                                 mask=tmp_path / "m.png", size=(48, 64))
         images = (t.person, t.garment, t.mask, t.densepose)
+    elif inputs.needs_appearance(entry):  # MCLD: the kept person's texture map and face, from its photo
+        p = engine.pose_inputs(_figure(tmp_path / "person.png"), None, densepose=dense, model=name)
+        images, appearance, size = (p.target, p.reference, p.mask, p.densepose), p.appearance, ANSWER_SIZE
     else:
         p = engine.pose_inputs(person, None, densepose=dense, size=(48, 64))
         images = (p.target, p.reference, p.mask, p.densepose)
-    options = GenerateOptions(steps=2, seed=3, ref_acceleration=True, record_attention=True)
-    first, again = (engine.generate(entry, *images, options) for _ in range(2))
-    assert first.image.size == (48, 64) and first.seed == 3 and first.recorder.steps() == [1]
+    supports = entry.supports
+    options = GenerateOptions(steps=2, seed=3, ref_acceleration=supports.ref_acceleration,
+                              record_attention=supports.attention_recording)
+    first, again = (engine.generate(entry, *images, options, appearance=appearance) for _ in range(2))
+    assert first.image.size == size and first.seed == 3
+    assert first.recorder is None if not supports.attention_recording else first.recorder.steps() == [1]
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
     assert engine.models.loaded() == [name]
-    batch = engine.generate_batch(entry, {k: torch.stack([v] * 2) for k, v in _tensors(*images).items()},
+    tensors = (_tensors(*images) if appearance is None else
+               sample_tensors(images[1], appearance.texture, images[3], appearance.face_embedding))
+    batch = engine.generate_batch(entry, {k: torch.stack([v] * 2) for k, v in tensors.items()},
                                   dataclasses.replace(options, record_attention=False),
                                   [torch.Generator().manual_seed(s) for s in (1, 2)])
-    assert len(batch) == 2 and batch[0].size == (48, 64)
+    assert len(batch) == 2 and batch[0].size == size
+
+
+def _figure(path: Path) -> Path:
+    """A person-like figure (head and body) on white, for the analyses' stand-ins."""
+    img = Image.new("RGB", (240, 320), "white")
+    ImageDraw.Draw(img).rectangle((80, 40, 160, 300), fill=(40, 60, 90))
+    img.save(path)
+    return path
 
 
 def _tensors(src, ref, mask, densepose) -> dict[str, torch.Tensor]:

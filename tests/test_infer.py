@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cli.main import LAYOUTS, MODELS, main
-from leffa.hub import ModelKind
+from engine.registry import MODEL_NAMES
 from leffa.pipeline import LeffaPipeline
 from training.datasets import DatasetLayout, LeffaDataset
 from training.inference import MANIFEST, InferenceConfig, infer, sample_seed
@@ -48,7 +48,7 @@ def _summary(folder: Path) -> dict:
 
 
 def test_cli_choices_are_the_enums():
-    assert LAYOUTS == tuple(m.value for m in DatasetLayout) and MODELS == tuple(m.value for m in ModelKind)
+    assert LAYOUTS == tuple(m.value for m in DatasetLayout) and MODELS == MODEL_NAMES
 
 
 def test_infer_arguments_parse_without_torch():

@@ -131,3 +131,54 @@ def test_leffa_eval_faces_fetches_its_face_models_and_names_the_missing_ones(tmp
                  "--faces", "buffalo_s", "--checkpoint-dir", str(tmp_path / "ckpts"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "buffalo_s/det_500m.onnx, buffalo_s/w600k_mbf.onnx" in err and "Traceback" not in err
+
+
+def _mcld_tree(root, names=("a", "b", "c"), pairs=(("a", "b"), ("c", "b")), faces=("a",)):
+    """MCLD's prepared layout: photos, IUV images, texture maps, face embeddings (not for every person)."""
+    rng = np.random.default_rng(0)
+    for kind in ("test", "test_densepose", "test_texture", "test_face"):
+        (root / kind).mkdir(parents=True)
+    for name in names:
+        figure((176, 256), (40, 20, 136, 250)).save(root / "test" / f"{name}.jpg")
+        Image.fromarray(rng.integers(0, 256, (256, 176, 3), dtype=np.uint8)).save(root / "test_densepose" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(root / "test_texture" / f"{name}.png")
+    for name in faces:
+        np.save(root / "test_face" / f"{name}.npy", rng.standard_normal(512).astype(np.float32))
+    with open(root / "test.csv", "w") as f:
+        f.write("from,to\n" + "".join(f"{s}.jpg,{t}.jpg\n" for s, t in pairs))
+    return root
+
+
+def test_leffa_infer_runs_mcld_on_its_prepared_deepfashion_folder(tmp_path):
+    data = _mcld_tree(tmp_path / "df")
+    args = ["infer", "--dataset", str(data), "--layout", "deepfashion_mcld", "--pairs", str(data / "test.csv"),
+            "--tiny", "--steps", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    out = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert out == ["a___b.png", "c___b.png"]  # c has no face file: zeros, as their dataset
+    assert all(Image.open(tmp_path / "out" / name).size == (352, 512) for name in out)
+    settings = __import__("json").loads((tmp_path / "out" / "leffa_infer.json").read_text())["settings"]
+    assert (settings["model"], settings["steps"]) == ("mcld", 2)
+
+
+def test_leffa_infer_runs_mcld_from_photos_with_our_preprocessing(tmp_path):
+    data = _mcld_tree(tmp_path / "df")
+    assert main(["infer", "--dataset", str(data), "--layout", "deepfashion_mcld", "--pairs", str(data / "test.csv"),
+                 "--tiny", "--steps", "2", "--preprocess", "--limit", "1", "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "a___b.png").size == (352, 512)
+
+
+def test_leffa_infer_refuses_what_does_not_fit_mcld(tmp_path, capsys):
+    data = _mcld_tree(tmp_path / "df")
+    base = ["infer", "--dataset", str(data), "--tiny", "--steps", "2", "--out", str(tmp_path / "out")]
+    assert main([*base, "--layout", "deepfashion_mcld", "--model", "pose_transfer"]) == 2
+    assert "pose_transfer model does not fit the deepfashion_mcld layout's files" in capsys.readouterr().err
+    assert main([*base, "--layout", "deepfashion_mcld", "--pairs", str(data / "test.csv"), "--size", "48x64"]) == 2
+    assert "mcld generates at its own size" in capsys.readouterr().err
+    (data / "test_face" / "a.npy").write_bytes(b"garbage")
+    assert main([*base, "--layout", "deepfashion_mcld", "--pairs", str(data / "test.csv")]) == 2
+    assert "a.npy is not a readable .npy face embedding" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("source,target\na.jpg,b.jpg\n")
+    assert main([*base, "--layout", "deepfashion_mcld", "--pairs", str(bad)]) == 2
+    assert "expected the columns 'from,to'" in capsys.readouterr().err

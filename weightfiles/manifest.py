@@ -20,7 +20,7 @@ class HubFile:
     ``.safetensors`` made from a pickle) that is used instead when the folder has it; ``sha256``,
     if the publisher gives one, is checked after a download from ``url``. ``folder``: where in the
     checkpoint folder the repo's files go, keeping its layout beneath (so that two repos' root
-    files, e.g. their ``config.json``, do not meet); empty: the checkpoint folder itself."""
+    files of one name do not meet); empty: the checkpoint folder itself."""
 
     repo: str  # "owner/name", or the publisher of a URL file
     path: str
