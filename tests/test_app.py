@@ -190,7 +190,7 @@ def test_api_refuses_nan_sent_as_raw_json(app_url):
     with open(PERSON, "rb") as f:
         (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
     photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
-    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed"]}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer"]}}'
     event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
     answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
@@ -201,9 +201,9 @@ def test_what_gradio_itself_refuses_reaches_a_raw_client_with_a_message(app_url)
     import httpx
 
     api = app_url + "gradio_api"
-    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 14, got: 4)"),
+    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 15, got: 4)"),
                           ('[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, null, null, 30, 2.5, 42, '
-                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed"]', "/etc/hostname")):
+                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer"]', "/etc/hostname")):
         event = httpx.post(f"{api}/call/pose_transfer", content=f'{{"data": {data}}}',
                            headers={"content-type": "application/json"})
         answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
@@ -270,7 +270,7 @@ def test_endpoint_parameters_are_the_documented_ones(client):
                                "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
                                "repaint", "preprocess_garment", "keep_fixed", "record", *focus, "result"]
     assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
-                                       "random_seed", "ref_acceleration", "record", *focus, "result"]
+                                       "random_seed", "ref_acceleration", "record", *focus, "result", "model"]
 
 
 def test_attention_recording_reports_groups_and_steps(client):
