@@ -3,9 +3,12 @@
 Not run by CI: it needs detectron2's Python sources and its DensePose project, which are
 never a dependency of this project. Set-up, outside the repository:
 
-    python -m venv /work/oracle/venv
-    /work/oracle/venv/bin/pip install torch torchvision fvcore iopath pycocotools omegaconf \
-        hydra-core scipy opencv-python-headless pillow numpy safetensors
+    python3 -m venv /work/oracle/venv
+    /work/oracle/venv/bin/pip install --isolated torch torchvision fvcore iopath pycocotools omegaconf \
+        hydra-core scipy opencv-python-headless pillow numpy safetensors \
+        cloudpickle termcolor yacs tabulate tqdm matplotlib packaging av
+    # (--isolated: PyPI's default builds, not a local wheel index; the DensePose project
+    # imports av and cloudpickle even for inference)
     git clone https://github.com/facebookresearch/detectron2 /work/oracle/detectron2
     # (or, from a bare mirror: git --git-dir=MIRROR archive HEAD | tar -x -C /work/oracle/detectron2)
 
@@ -16,13 +19,16 @@ with that venv's python (so ``import preprocess`` works):
 
     D2=/work/oracle/detectron2
     PYTHONPATH=$D2:$D2/projects/DensePose /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 $D2
+    PYTHONPATH=$D2:$D2/projects/DensePose /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 $D2 \
+        --model r101-dl    # MCLD's DensePose R101-FPN-DL s1x
     PYTHONPATH=$D2:$D2/projects/DensePose /work/oracle/venv/bin/python -m benchmarks.parity_densepose --detectron2 $D2 --bench
     # on a GPU: add --device cuda
 
 What it does:
 
-1. builds detectron2's ``densepose_rcnn_R_50_FPN_s1x`` (score threshold 0.5, CPU) with
-   seeded random weights, calibrated on synthetic images (not the test images) so that
+1. builds detectron2's ``densepose_rcnn_R_50_FPN_s1x`` (``--model r50``, the default) or
+   ``densepose_rcnn_R_101_FPN_DL_s1x`` (``--model r101-dl``; score threshold 0.5, CPU) with
+   seeded random weights (GroupNorm affine parameters drawn too), calibrated on synthetic images (not the test images) so that
    activations stay O(1) (every FrozenBN gets an image's per-channel statistics; other layers
    are rescaled to unit spread), proposals and detections are large boxes (a planted "FPN
    level" signal), a handful pass the 0.5 threshold with distinct scores, and the part labels
@@ -30,15 +36,25 @@ What it does:
 2. saves them as a detectron2 model-zoo ``.pkl`` (``{"model": {name: float32 ndarray},
    "__author__": ...}``);
 3. runs detectron2's ``DefaultPredictor`` + ``DensePoseResultExtractor`` and ours
-   (``DensePoseRCNN.from_checkpoint``) on a few images of different sizes, compares instance
-   counts, boxes, the top instance's part labels and U/V, and the three renderings, prints a
-   Markdown table and exits 1 if a threshold is missed;
+   (``DensePoseRCNN.from_checkpoint``) on a few images of different sizes, pairs the instances
+   by box (each detectron2 box with an unpaired box of ours within 1 px), compares instance
+   counts, unpaired instances, paired boxes and scores, the top instance's part labels and U/V,
+   the three Leffa renderings and MCLD's IUV image (``preprocess.densepose.iuv_image``), prints
+   a Markdown table and exits 1 if a threshold is missed;
 4. with ``--bench``: load time, seconds per 768x1024 photo (median after a warm-up) and peak
    RSS of each implementation, each measured in its own subprocess.
 
 ``--only-detectron2`` runs the detectron2 half alone (weights, instance counts);
 ``--reuse-weights`` skips making the ``.pkl`` (about a minute) when it exists;
-``--device cuda`` runs both models on the GPU (the weights are still made on the CPU).
+``--device cuda`` runs both models on the GPU (the weights are still made on the CPU);
+``--detections 100`` makes weights that find about 100 people per photo (NMS and ordering
+under load: many near-equal scores and overlaps).
+
+On the CPU the two are meant to agree to the bit (score diff 0, every rendering 100 %): ours
+convolves in NCHW as detectron2 does (NHWC gives features ~1e-4 off), its ROIAlign repeats
+torchvision's float32 arithmetic, and its batched NMS shifts groups apart exactly when
+torchvision does. On CUDA, cuDNN's and torchvision's kernels round differently from ours, so
+expect score differences of ~1e-6 and, rarely, a swapped near-tie.
 """
 
 from __future__ import annotations
@@ -61,7 +77,10 @@ import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = "projects/DensePose/configs/densepose_rcnn_R_50_FPN_s1x.yaml"
+MODELS = {  # --model: detectron2 config
+    "r50": "projects/DensePose/configs/densepose_rcnn_R_50_FPN_s1x.yaml",
+    "r101-dl": "projects/DensePose/configs/densepose_rcnn_R_101_FPN_DL_s1x.yaml",
+}
 SCORE_THRESHOLD = 0.5
 BENCH_SIZE = (768, 1024)  # W, H
 
@@ -86,23 +105,23 @@ def check_detectron2_importable(d2: Path) -> None:
             sys.exit(f"{module.__name__} is imported from {module.__file__}, not from {root}")
 
 
-def detectron2_cfg(d2: Path, weights: str = "", device: str = "cpu"):
+def detectron2_cfg(d2: Path, weights: str = "", device: str = "cpu", model: str = "r50"):
     from densepose import add_densepose_config
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_densepose_config(cfg)
-    cfg.merge_from_file(str(d2 / CONFIG))
+    cfg.merge_from_file(str(d2 / MODELS[model]))
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = SCORE_THRESHOLD
     cfg.MODEL.DEVICE = device
     return cfg
 
 
-def detectron2_predictor(d2: Path, weights: Path, device: str = "cpu"):
+def detectron2_predictor(d2: Path, weights: Path, device: str = "cpu", model: str = "r50"):
     from detectron2.engine import DefaultPredictor
 
-    return DefaultPredictor(detectron2_cfg(d2, weights, device))
+    return DefaultPredictor(detectron2_cfg(d2, weights, device, model))
 
 
 @dataclass
@@ -201,6 +220,9 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
                 mod.bias.copy_(torch.randn(n, generator=g) * 0.2)
                 mod.running_mean.zero_()
                 mod.running_var.fill_(1.0)
+            elif isinstance(mod, torch.nn.GroupNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) * 1.0 + 0.5)  # U(0.5, 1.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.2)
             elif isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
                 w = mod.weight  # ConvTranspose2d: (in, out, k, k)
                 fan_in = w.shape[0] * w[0, 0].numel() if isinstance(mod, torch.nn.ConvTranspose2d) else w[0].numel()
@@ -279,8 +301,10 @@ def _detections(diff: torch.Tensor, boxes: torch.Tensor, nms: float) -> int:
     return len(greedy_nms(boxes[keep], diff[keep], nms)) if keep.any() else 0
 
 
-def random_detectron2_model(d2: Path, calibration: list[np.ndarray], seed: int, detections: int):
-    """detectron2's s1x model with seeded random weights calibrated on a few images.
+def random_detectron2_model(d2: Path, calibration: list[np.ndarray], seed: int, detections: int,
+                            which: str = "r50"):
+    """detectron2's s1x model ``which`` (a key of ``MODELS``) with seeded random weights
+    calibrated on a few images.
 
     Scales: from ``calibration[0]``. The person score's bias: set so that the median image of
     ``calibration`` gets ``detections`` detections above 0.5 (after NMS).
@@ -288,7 +312,7 @@ def random_detectron2_model(d2: Path, calibration: list[np.ndarray], seed: int, 
     from detectron2.layers import FrozenBatchNorm2d
     from detectron2.modeling import build_model
 
-    cfg = detectron2_cfg(d2)
+    cfg = detectron2_cfg(d2, model=which)
     model = build_model(cfg).eval()
     _reinit(model, seed)
     inputs = [_model_inputs(rgb, cfg) for rgb in calibration]
@@ -336,8 +360,12 @@ def random_detectron2_model(d2: Path, calibration: list[np.ndarray], seed: int, 
     for mod in rh.decoder.modules():
         if isinstance(mod, torch.nn.Conv2d):
             cal.scale(mod, 1.0)
-    for i in range(1, rh.densepose_head.n_stacked_convs + 1):
-        cal.scale(getattr(rh.densepose_head, f"body_conv_fcn{i}"), 1.0)
+    head = rh.densepose_head
+    if hasattr(head, "ASPP"):  # DeepLab: GroupNorm after every conv but the projection keeps O(1)
+        cal.scale(head.ASPP.project[0], 1.0)
+    else:
+        for i in range(1, head.n_stacked_convs + 1):
+            cal.scale(getattr(head, f"body_conv_fcn{i}"), 1.0)
     pred = rh.densepose_predictor
     cal.scale(pred.ann_index_lowres, 2.0, 0.0)  # coarse segmentation (background, foreground)
     cal.scale(pred.index_uv_lowres, 2.0, 0.0)  # 25 part logits
@@ -434,15 +462,33 @@ def as_instances(found: list[Found]):
     return [DensePoseInstance(f.box, f.labels, f.uv, f.score) for f in found]
 
 
+def pair_by_box(ref: list, ours: list, tol: int = MAX_BOX_DIFF_PX) -> list[tuple[int, int]]:
+    """(i, j) pairs: each ``ref[i]``, best first, with the best-scoring unpaired ``ours[j]`` whose
+    integer box is within ``tol`` px. Pairing by rank instead would call two detections whose
+    scores differ by less than the two implementations' rounding "different boxes"."""
+    free = list(range(len(ours)))
+    pairs = []
+    for i, r in enumerate(ref):
+        j = next((j for j in free if max(abs(a - b) for a, b in zip(r.box, ours[j].box)) <= tol), None)
+        if j is not None:
+            free.remove(j)
+            pairs.append((i, j))
+    return pairs
+
+
 def compare(ref: list, ours: list, size: tuple[int, int]) -> dict:
     """Figures for one image; ``ref`` and ``ours`` are best-first instance lists."""
-    from preprocess.densepose import render_iuv, render_labels, render_segmentation
+    from preprocess.densepose import iuv_image, render_iuv, render_labels, render_segmentation
 
-    row = {"n_ref": len(ref), "n_ours": len(ours), "box_diff": None, "labels_eq": None,
-           "uv_diff": None, "score_diff": None}
-    if ref and len(ref) == len(ours):
-        row["box_diff"] = max(abs(a - b) for r, o in zip(ref, ours) for a, b in zip(r.box, o.box))
-        row["score_diff"] = max(abs(r.score - o.score) for r, o in zip(ref, ours))
+    pairs = pair_by_box(ref, ours)
+    paired_ref, paired_ours = {i for i, _ in pairs}, {j for _, j in pairs}
+    row = {"n_ref": len(ref), "n_ours": len(ours), "unpaired_ref": [ref[i] for i in range(len(ref)) if i not in paired_ref],
+           "unpaired_ours": [ours[j] for j in range(len(ours)) if j not in paired_ours],
+           "box_diff": None, "labels_eq": None, "uv_diff": None, "score_diff": None}
+    if pairs:
+        row["box_diff"] = max(abs(a - b) for i, j in pairs for a, b in zip(ref[i].box, ours[j].box))
+        row["score_diff"] = max(abs(ref[i].score - ours[j].score) for i, j in pairs)
+    if ref and ours:
         r, o = ref[0], ours[0]
         h, w = min(r.labels.shape[0], o.labels.shape[0]), min(r.labels.shape[1], o.labels.shape[1])
         # labels over the union of both boxes' pixels: a pixel missing on one side counts as unequal
@@ -452,11 +498,14 @@ def compare(ref: list, ours: list, size: tuple[int, int]) -> dict:
     for name, render in (("seg", render_segmentation), ("lab", render_labels), ("iuv", render_iuv)):
         a, b = np.asarray(render(ref, size)), np.asarray(render(ours, size))
         row[name] = 100.0 * float((a == b).all(axis=2).mean())
+    a, b = iuv_image(ref, size[1], size[0]), iuv_image(ours, size[1], size[0])
+    row["mcld"] = 100.0 * float((a == b).all(axis=2).mean()) if a is not None and b is not None else (
+        100.0 if a is None and b is None else 0.0)
     return row
 
 
 def passes(row: dict) -> bool:
-    if row["n_ref"] != row["n_ours"]:
+    if row["n_ref"] != row["n_ours"] or row["unpaired_ref"] or row["unpaired_ours"]:
         return False
     if row["n_ref"] == 0:
         return True
@@ -469,13 +518,19 @@ def fmt(v, spec: str) -> str:
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
-    print("| image | instances d2 / ours | max box diff (px) | max score diff | top labels equal | "
-          "top U/V mean abs diff | segmentation equal | labels equal | IUV equal | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| image | instances d2 / ours | unpaired d2 / ours | max box diff (px) | max score diff | "
+          "top labels equal | top U/V mean abs diff | segmentation equal | labels equal | IUV equal | "
+          "MCLD IUV equal | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['n_ref']} / {r['n_ours']} | {fmt(r['box_diff'], 'd')} | "
-              f"{fmt(r['score_diff'], '.1e')} | {fmt(r['labels_eq'], '.3f')} % | {fmt(r['uv_diff'], '.2e')} | "
-              f"{r['seg']:.3f} % | {r['lab']:.3f} % | {r['iuv']:.3f} % | {'yes' if passes(r) else '**NO**'} |")
+        print(f"| {name} | {r['n_ref']} / {r['n_ours']} | {len(r['unpaired_ref'])} / {len(r['unpaired_ours'])} | "
+              f"{fmt(r['box_diff'], 'd')} | {fmt(r['score_diff'], '.1e')} | {fmt(r['labels_eq'], '.3f')} % | "
+              f"{fmt(r['uv_diff'], '.2e')} | {r['seg']:.3f} % | {r['lab']:.3f} % | {r['iuv']:.3f} % | "
+              f"{r['mcld']:.3f} % | {'yes' if passes(r) else '**NO**'} |")
+    for name, r in rows:
+        for who, found in (("detectron2 only", r["unpaired_ref"]), ("ours only", r["unpaired_ours"])):
+            for f in found:
+                print(f"  {name}: {who}: box {f.box}, score {f.score:.4f}")
 
 
 # --------------------------------------------------------------------------- speed
@@ -494,7 +549,7 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
-def measure(which: str, d2: Path, weights: Path, repeat: int, device: str) -> dict:
+def measure(which: str, d2: Path, weights: Path, repeat: int, device: str, model: str = "r50") -> dict:
     """Import time, load time, seconds per 768x1024 photo and peak RSS (and peak GPU memory),
     in this (fresh) process."""
     photo = test_images()[0][1]
@@ -507,7 +562,7 @@ def measure(which: str, d2: Path, weights: Path, repeat: int, device: str) -> di
         from detectron2.engine import DefaultPredictor  # noqa: F401
 
         def load():
-            return detectron2_predictor(d2, weights, device)
+            return detectron2_predictor(d2, weights, device, model)
 
         def call(model):
             return run_detectron2(model, photo)
@@ -546,7 +601,7 @@ def bench(args) -> list[dict]:
     results = []
     for which in ("detectron2", "ours"):
         cmd = [sys.executable, "-m", "benchmarks.parity_densepose", "--detectron2", str(args.detectron2),
-               "--weights", str(args.weights),
+               "--weights", str(args.weights), "--model", args.model,
                "--threads", str(args.threads), "--repeat", str(args.repeat), "--device", args.device,
                "--measure", which]
         out = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
@@ -577,9 +632,11 @@ def bench(args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--detectron2", type=Path, required=True, help="detectron2 source checkout")
-    p.add_argument("--weights", type=Path,
-                   default=Path(tempfile.gettempdir()) / "densepose_r50_fpn_s1x_random.pkl",
-                   help="where the random-weight .pkl is written (and read by --measure)")
+    p.add_argument("--model", choices=sorted(MODELS), default="r50",
+                   help="r50: densepose_rcnn_R_50_FPN_s1x (Leffa); r101-dl: densepose_rcnn_R_101_FPN_DL_s1x (MCLD)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="where the random-weight .pkl is written (and read by --measure); default "
+                        "$TMPDIR/densepose_<model>_random.pkl")
     p.add_argument("--reuse-weights", action="store_true", help="use --weights as it is if it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--detections", type=int, default=8,
@@ -596,6 +653,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.weights is None:
+        args.weights = Path(tempfile.gettempdir()) / f"densepose_{args.model.replace('-', '_')}_random.pkl"
     args.detectron2 = args.detectron2.resolve()
     args.weights = args.weights.resolve()
     torch.set_num_threads(args.threads)
@@ -603,7 +662,7 @@ def main(argv=None) -> int:
     # so does the reference here, else its TF32 convolutions alone change the detections
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.measure:
-        print(json.dumps(measure(args.measure, args.detectron2, args.weights, args.repeat, args.device)))
+        print(json.dumps(measure(args.measure, args.detectron2, args.weights, args.repeat, args.device, args.model)))
         return 0
     check_detectron2_importable(args.detectron2)
     import logging
@@ -615,13 +674,16 @@ def main(argv=None) -> int:
         print(f"random weights: reusing {args.weights}")
     else:
         t = time.perf_counter()
-        model = random_detectron2_model(args.detectron2, calibration_images(), args.seed, args.detections)
+        model = random_detectron2_model(args.detectron2, calibration_images(), args.seed, args.detections,
+                                        args.model)
         save_model_zoo_pkl(model, args.weights)
         del model
         print(f"random weights (seed {args.seed}) -> {args.weights} ({time.perf_counter() - t:.1f} s)")
 
-    predictor = detectron2_predictor(args.detectron2, args.weights, args.device)
+    predictor = detectron2_predictor(args.detectron2, args.weights, args.device, args.model)
     ours = None if args.only_detectron2 else ours_model(args.weights, args.device)
+    if ours is not None:
+        print(f"ours: DensePose {ours.cfg.name} read off {args.weights.name}")
     rows = []
     for name, rgb in test_images():
         ref = run_detectron2(predictor, rgb)

@@ -23,7 +23,7 @@ from errors import enum_option
 from preprocess.appearance import PICTURE, AppearanceInputs
 from preprocess.face import FaceResult
 from preprocess.densepose import (DensePoseBackend, DensePoseInstance, DensePoseRCNN, iuv_image, iuv_pose_rgb,
-                                  render_iuv)
+                                  mcld_densepose, render_iuv)
 from preprocess.framing import Box, Framing
 from preprocess.images import (MODEL_SIZE, WHITE, binarize, canvas_placement, fit_to_canvas, load_garment, load_image,
                                load_label_image)
@@ -122,8 +122,8 @@ class Preprocessor:
         def densepose():  # the .pkl, or its local .safetensors conversion (preprocess/weights.py)
             return DensePoseRCNN.from_checkpoint(files(Analysis.DENSEPOSE)[0], device)
 
-        def densepose_r101():  # MCLD's R101-FPN-DL: its checkpoint says which architecture
-            return DensePoseRCNN.from_checkpoint(files(Analysis.DENSEPOSE_R101)[0], device)
+        def densepose_r101():  # MCLD's R101-FPN-DL as MCLD runs it (score threshold 0.05, the best person)
+            return mcld_densepose(files(Analysis.DENSEPOSE_R101)[0], device)
 
         def texture_regions():
             from preprocess.texture import part_regions

@@ -34,11 +34,12 @@ ANALYSIS_FILES = {
     Analysis.DENSEPOSE: (HubFile(REPO, "densepose/model_final_162be9.pkl", 255 * MB,
                                  conversion="densepose/model_final_162be9.safetensors"),),
 }
-# MCLD's DensePose model (detectron2's model zoo; not on the Hub). Its file name's suffix is not a checksum
-# that anything verifies; the strict loader checks every name and shape.
+# MCLD's DensePose model (detectron2's model zoo; not on the Hub). The model zoo publishes no checksum
+# (its file names hold an MD5 prefix); the strict loader checks every name and shape. Size estimated
+# from the architecture's parameters.
 DENSEPOSE_R101_URL = "https://dl.fbaipublicfiles.com/densepose/densepose_rcnn_R_101_FPN_DL_s1x/165712116/model_final_844d15.pkl"
 ANALYSIS_FILES[Analysis.DENSEPOSE_R101] = (
-    HubFile("detectron2 model zoo", "densepose/model_final_844d15.pkl", 330 * MB,
+    HubFile("detectron2 model zoo", "densepose/model_final_844d15.pkl", 341 * MB,
             conversion="densepose/model_final_844d15.safetensors", url=DENSEPOSE_R101_URL),)
 # MCLD's atlas regions (preprocess.texture): data of their repository, which has no licence, so fetched
 # from it at a fixed commit and checked

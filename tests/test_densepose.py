@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from weightfiles.checkpoint import CheckpointError
-from preprocess.densepose import DensePoseInstance, DensePoseRCNN, RCNNConfig, ops, weights
+from preprocess.densepose import (
+    R50_FPN_S1X,
+    R101_FPN_DL_S1X,
+    DensePoseHeadKind,
+    DensePoseInstance,
+    DensePoseRCNN,
+    RCNNConfig,
+    ops,
+    weights,
+)
 from preprocess.densepose.extract import chart_to_box, extract_instances, int_box
 from preprocess.densepose.model import ChartOutput, Detections, resized_shape
+from weightfiles.checkpoint import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -82,6 +91,62 @@ def test_roi_align_matches_the_sampling_formula(aligned):
         want = _roi_align_reference(feat[int(b)], box, n, scale, s, aligned)
         np.testing.assert_allclose(got[r].numpy(), want, atol=1e-5, err_msg=f"box {r}")
     assert got[4].abs().max() == 0
+
+
+def _roi_align_float32(feat: np.ndarray, box, n: int, scale: float, s: int, aligned: bool) -> np.ndarray:
+    """torchvision's CPU ROIAlign loop for one box, in float32 scalars and its order of operations."""
+    f = np.float32
+    _, H, W = feat.shape
+    off = f(0.5) if aligned else f(0.0)
+    x1, y1, x2, y2 = (f(v) * f(scale) - off for v in box)
+    rw, rh = x2 - x1, y2 - y1
+    if not aligned:
+        rw, rh = max(rw, f(1.0)), max(rh, f(1.0))
+    bw, bh = rw / f(n), rh / f(n)
+
+    def axis(start, bin_size, p, i, size):
+        pos = start + f(p) * bin_size + (f(i) + f(0.5)) * bin_size / f(s)
+        if pos < -1.0 or pos > size:
+            return None
+        pos = max(pos, f(0.0))
+        low = int(pos)
+        if low >= size - 1:
+            low = high = size - 1
+            pos = f(low)
+        else:
+            high = low + 1
+        frac = pos - f(low)
+        return low, high, f(1.0) - frac, frac
+
+    out = np.zeros((feat.shape[0], n, n), np.float32)
+    for ph in range(n):
+        for pw in range(n):
+            acc = np.zeros(feat.shape[0], np.float32)
+            for iy in range(s):
+                for ix in range(s):
+                    ya, xa = axis(y1, bh, ph, iy, H), axis(x1, bw, pw, ix, W)
+                    if ya is None or xa is None:
+                        continue
+                    (yl, yh, hy, ly), (xl, xh, hx, lx) = ya, xa
+                    term = (hy * hx) * feat[:, yl, xl] + (hy * lx) * feat[:, yl, xh]
+                    term = term + (ly * hx) * feat[:, yh, xl] + (ly * lx) * feat[:, yh, xh]
+                    acc = acc + term
+            out[:, ph, pw] = acc / f(s * s)
+    return out
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_is_torchvisions_float32_arithmetic(aligned):
+    """Bit for bit (checked against torchvision 0.28's CPU kernel): the box scores and NMS
+    decisions downstream then equal detectron2's, not merely come close."""
+    rng = np.random.default_rng(1)
+    feat = rng.normal(size=(2, 3, 9, 11)).astype(np.float32)
+    boxes = np.array([[0, 2.3, 3.1, 15.7, 12.9], [1, -6.1, -3.3, 8.2, 9.7], [0, 14.1, 10.3, 30.9, 25.1],
+                      [1, 5.2, 6.1, 5.6, 6.3], [0, -3.7, 1.1, 40.3, 16.9]], np.float32)
+    got = ops.roi_align(torch.tensor(feat), torch.tensor(boxes), 3, 0.5, 2, aligned, chunk=2).numpy()
+    for r, (b, *box) in enumerate(boxes):
+        np.testing.assert_array_equal(got[r], _roi_align_float32(feat[int(b)], box, 3, 0.5, 2, aligned),
+                                      err_msg=f"box {r}")
 
 
 def test_roi_align_refuses_adaptive_sampling():
@@ -423,3 +488,182 @@ def test_full_float32_turns_tf32_off_inside_and_restores_it():
         assert cudnn.allow_tf32 and cublas.allow_tf32
     finally:
         cudnn.allow_tf32, cublas.allow_tf32 = saved
+
+
+# -- R101-FPN-DL (MCLD) ----------------------------------------------------------------------------
+# sha256 of json.dumps(sorted({name: list(shape)}.items())) of detectron2's own model built from
+# densepose_rcnn_R_101_FPN_DL_s1x.yaml (detectron2 02b5c4e, build_model(cfg).state_dict())
+R101_DL_LAYOUT_SHA256 = "08afea5585db361bd0cb35329c11f1e655acd77dbf61723fe6a6b1b2fa94bdfb"
+TINY = {"res_width": 8, "fpn_channels": 32, "box_fc_dim": 32, "dp_head_dim": 32, "dp_decoder_dim": 32,
+        "min_size": 160, "max_size": 256, "max_detections": 4}
+
+
+def _meta_state(cfg: RCNNConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return DensePoseRCNN(cfg).state_dict()
+
+
+def test_parameters_equal_detectron2s_r101_fpn_dl_s1x():
+    import hashlib
+
+    state = _meta_state(R101_FPN_DL_S1X)
+    layout = {k: list(v.shape) for k, v in state.items()}
+    assert hashlib.sha256(json.dumps(sorted(layout.items())).encode()).hexdigest() == R101_DL_LAYOUT_SHA256
+    assert len(layout) == 614 and sum(math.prod(s) for s in layout.values()) == 85_206_562
+    head = "roi_heads.densepose_head."
+    assert layout[head + "ASPP.convs.3.0.weight"] == [256, 256, 3, 3]  # dilation-56 branch, no bias
+    assert layout[head + "ASPP.project.0.weight"] == [256, 5 * 256, 1, 1]
+    assert layout[head + "body_conv_fcn1.weight"] == [512, 256, 3, 3] and head + "body_conv_fcn1.bias" not in layout
+    assert layout[head + "body_conv_fcn8.norm.weight"] == [512]  # GroupNorm
+    assert not [k for k in layout if "NLBlock" in k]  # DEEPLAB.NONLOCAL_ON: 0
+
+
+def test_architecture_is_read_off_the_parameter_names():
+    for cfg in (R50_FPN_S1X, R101_FPN_DL_S1X, RCNNConfig(depth=101), RCNNConfig(dp_head=DensePoseHeadKind.DEEPLAB)):
+        assert weights.config_from_state(_meta_state(cfg), "x.pkl") == cfg
+    state = _meta_state(R101_FPN_DL_S1X)
+    with pytest.raises(CheckpointError, match=r"odd\.pkl: not a DensePose R-CNN .*12 res4 blocks"):
+        weights.config_from_state({k: v for k, v in state.items() if not k.startswith(
+            tuple(f"backbone.bottom_up.res4.{i}." for i in range(12, 23)))}, "odd.pkl")
+    with pytest.raises(CheckpointError, match=r"model\.pkl: not a DensePose R-CNN .*no backbone"):
+        weights.config_from_state({"model.weight": torch.zeros(1)}, "model.pkl")
+
+
+def _deeplab_reference(sd: dict[str, torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
+    """DensePoseDeepLabHead's computation written out from its definition, with F.* only."""
+    F = torch.nn.functional
+
+    def gn(t, name):
+        return F.group_norm(t, 32, sd[name + ".weight"], sd[name + ".bias"], 1e-5)
+
+    out = [F.relu(gn(F.conv2d(x, sd["ASPP.convs.0.0.weight"]), "ASPP.convs.0.1"))]
+    for i, d in zip((1, 2, 3), (6, 12, 56)):
+        out.append(F.relu(gn(F.conv2d(x, sd[f"ASPP.convs.{i}.0.weight"], padding=d, dilation=d), f"ASPP.convs.{i}.1")))
+    pooled = F.relu(gn(F.conv2d(x.mean(dim=(2, 3), keepdim=True), sd["ASPP.convs.4.1.weight"]), "ASPP.convs.4.2"))
+    out.append(pooled.expand_as(out[0]))
+    y = F.relu(F.conv2d(torch.cat(out, 1), sd["ASPP.project.0.weight"]))
+    for i in range(1, n + 1):
+        y = F.relu(gn(F.conv2d(y, sd[f"body_conv_fcn{i}.weight"], padding=1), f"body_conv_fcn{i}.norm"))
+    return y
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter and buffer drawn (norm scales and variances positive; the stem's variance
+    that of pixels, the residual branches' last scale small, so that 101 layers stay finite)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("running_var", "norm.weight")) or ".1.weight" in name or ".2.weight" in name:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                if name.endswith("stem.conv1.norm.running_var"):
+                    t.mul_(1e4)
+                elif name.endswith("conv3.norm.weight"):
+                    t.mul_(0.1)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * (0.1 if t.dim() == 1 else (2.0 / t[0].numel()) ** 0.5))
+
+
+def test_deeplab_head_matches_its_definition():
+    from preprocess.densepose.heads import DeepLabHead
+
+    head = DeepLabHead(32, 64, 3).eval()
+    _randomise(head, 1)
+    x = torch.randn(2, 32, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = head(x)
+    assert got.shape == (2, 64, 28, 28)
+    torch.testing.assert_close(got, _deeplab_reference(head.state_dict(), x, 3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dl(tmp_path_factory):
+    """A small-width R101-FPN-DL with every weight drawn, saved in the model zoo's format."""
+    cfg = replace(R101_FPN_DL_S1X, **TINY)
+    model = DensePoseRCNN(cfg)
+    _randomise(model, 0)
+    with torch.no_grad():  # every proposal a person (score ≈ 0.98), so that NMS and the heads have work
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.01)
+        model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.1)
+        model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([4.0, 0.0]))
+    path = tmp_path_factory.mktemp("densepose") / "model_final_844d15.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "test"}, f,
+                    protocol=2)
+    return path, cfg, model
+
+
+def test_tiny_r101_dl_loads_strictly_and_runs(tiny_dl):
+    path, cfg, model = tiny_dl
+    loaded = DensePoseRCNN.from_checkpoint(path, config=cfg)
+    assert loaded.cfg.depth == 101 and loaded.cfg.dp_head is DensePoseHeadKind.DEEPLAB and loaded.cfg.name == "R_101_FPN_DL"
+    _assert_loaded(loaded, model.state_dict())
+    rgb = _person_picture()
+    found = loaded(rgb)
+    assert 1 <= len(found) <= 4 and all(np.isfinite(i.uv).all() and i.labels.max() <= 24 for i in found)
+    again = model(rgb)  # the in-memory model gives the same people
+    assert [i.box for i in again] == [i.box for i in found]
+    assert all(np.array_equal(a.labels, b.labels) and np.allclose(a.uv, b.uv, atol=1e-6) for a, b in zip(again, found))
+
+
+def test_mcld_runs_the_r101_dl_as_mcld_configures_it(tiny_dl, monkeypatch):
+    """detectron2's default score threshold 0.05 (MCLD sets none), the best detection only."""
+    from preprocess.densepose import MCLD_SCORE_THRESHOLD, mcld_densepose
+
+    path, cfg, _ = tiny_dl
+    assert DensePoseRCNN.from_checkpoint(path, config=replace(cfg, score_threshold=0.3)).cfg.score_threshold == 0.3
+    seen = {}
+    monkeypatch.setattr(DensePoseRCNN, "from_checkpoint", classmethod(lambda cls, p, device, config: seen.update(
+        path=p, config=config) or "model"))
+    assert mcld_densepose(path) == "model" and seen["path"] == path
+    assert seen["config"] == replace(R101_FPN_DL_S1X, score_threshold=0.05, max_detections=1)
+    assert MCLD_SCORE_THRESHOLD == 0.05
+
+
+def test_r101_dl_file_errors_name_the_file(tiny_dl, tmp_path):
+    path, cfg, model = tiny_dl
+    with pytest.raises(CheckpointError, match=r"model_final_844d15\.pkl.*shape mismatches"):
+        DensePoseRCNN.from_checkpoint(path)  # the published sizes, not this file's
+    with pytest.raises(CheckpointError, match=r"model_final_844d15\.pkl: holds DensePose R_101_FPN_DL, not R_50_FPN"):
+        DensePoseRCNN.from_checkpoint(path, config=replace(cfg, depth=50, dp_head=DensePoseHeadKind.CONV_X))
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    cases = {"truncated.pkl": path.read_bytes()[: path.stat().st_size // 2],
+             "nonlocal.pkl": pickle.dumps({"model": {**state, "roi_heads.densepose_head.NLBlock.g.weight":
+                                                     np.zeros((16, 32, 1, 1), np.float32)}}, protocol=2),
+             "nohead.pkl": pickle.dumps({"model": {k: v for k, v in state.items() if "ASPP.convs.4" not in k}})}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"truncated\.pkl"):
+        DensePoseRCNN.from_checkpoint(tmp_path / "truncated.pkl", config=cfg)
+    with pytest.raises(CheckpointError, match=r"nonlocal\.pkl.*unexpected keys: roi_heads\.densepose_head\.NLBlock"):
+        DensePoseRCNN.from_checkpoint(tmp_path / "nonlocal.pkl", config=cfg)
+    with pytest.raises(CheckpointError, match=r"nohead\.pkl.*missing keys: roi_heads\.densepose_head\.ASPP\.convs\.4"):
+        DensePoseRCNN.from_checkpoint(tmp_path / "nohead.pkl", config=cfg)
+
+
+# -- parity with detectron2's arithmetic --------------------------------------------------------------
+def test_batched_nms_shifts_groups_apart_as_torchvision_does():
+    """torchvision's batched_nms (detectron2's) runs NMS once on boxes moved apart by group ×
+    (max + 1) when there are at most 1000 on the CPU (25 000 on CUDA). The shift rounds: these two
+    level-1 boxes overlap by IoU 0.70000017 as they are, 0.69999981 shifted, so torchvision
+    keeps both (checked against torchvision 0.28)."""
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0],
+                          [298.5111999511719, 260.46368408203125, 429.7845153808594, 374.04644775390625],
+                          [321.67706298828125, 260.46368408203125, 452.95037841796875, 374.04644775390625]])
+    scores, groups = torch.tensor([0.5, 0.9, 0.8]), torch.tensor([0, 1, 1])
+    assert ops.box_iou(boxes[1:2], boxes[2:3]).item() > 0.7
+    assert ops.batched_nms(boxes, scores, groups, 0.7).tolist() == [1, 2, 0]
+    # above the limit torchvision loops over the groups on the boxes as they are: 2 is suppressed
+    far = torch.tensor([[2000.0, 2000.0, 2010.0, 2010.0]]) + torch.arange(1000.0)[:, None] * 20
+    keep = ops.batched_nms(torch.cat([boxes, far]), torch.cat([scores, torch.full((1000,), 0.1)]),
+                           torch.cat([groups, torch.zeros(1000, dtype=torch.int64)]), 0.7)
+    assert keep[:2].tolist() == [1, 0] and 2 not in keep.tolist() and len(keep) == 1002
+    assert ops.batched_nms_limit(torch.device("cpu")) == 1000 and ops.batched_nms_limit(torch.device("cuda")) == 25_000
+
+
+def test_convolutions_run_in_detectron2s_memory_format(published):
+    """NCHW as detectron2 (bit-equal features on the CPU); NHWC only when asked for."""
+    path, _ = published
+    x, _ = DensePoseRCNN.from_checkpoint(path).preprocess(_person_picture())
+    assert x.is_contiguous()
+    fast = DensePoseRCNN.from_checkpoint(path, channels_last=True)
+    assert fast.preprocess(_person_picture())[0].is_contiguous(memory_format=torch.channels_last)

@@ -7,11 +7,28 @@ import numpy as np
 import pytest
 import torch
 
+from preprocess.densepose import (
+    DensePoseInstance,
+    iuv_image,
+    iuv_pose_rgb,
+    photo_iuv,
+    render_iuv,
+    render_labels,
+    render_segmentation,
+)
+from preprocess.openpose import (
+    LIMBS,
+    PAF_CHANNELS,
+    BodyPoseNet,
+    NoPersonError,
+    OpenPoseDetector,
+    decode_people,
+    draw_keypoints,
+    heatmap_candidates,
+    load_body_pose_weights,
+    match_limb,
+)
 from weightfiles.checkpoint import CheckpointError
-from preprocess.densepose import DensePoseInstance, render_iuv, render_labels, render_segmentation
-from preprocess.openpose import (LIMBS, PAF_CHANNELS, BodyPoseNet, NoPersonError, OpenPoseDetector,
-                                 decode_people, draw_keypoints, heatmap_candidates, load_body_pose_weights,
-                                 match_limb)
 
 
 # -- OpenPose network ------------------------------------------------------------------------
@@ -217,3 +234,56 @@ def test_boxes_are_clipped_to_the_canvas():
 def test_instance_checks_shapes():
     with pytest.raises(ValueError, match="do not fit box"):
         DensePoseInstance((0, 0, 5, 5), np.zeros((4, 5), np.uint8), np.zeros((2, 4, 5), np.float32))
+
+
+# -- MCLD's IUV image ------------------------------------------------------------------------------
+def _mcld_formula(inst: DensePoseInstance) -> np.ndarray:
+    """MCLD's ``parse_iuv``, written out: labels as float, float32 U·255 / V·255 widened to float."""
+    i = inst.labels.astype(float)
+    uv = (inst.uv * 255.0).astype(float)
+    return np.transpose(np.stack((i, uv[0], uv[1])), (1, 2, 0))
+
+
+def test_mcld_iuv_image_layout_and_placement():
+    top, other = _instance(x=10, y=20, w=6, h=4, seed=0), _instance(x=30, y=5, seed=1, score=0.5)
+    img = iuv_image([top, other], 40, 48)  # height, width
+    assert img.dtype == np.uint8 and img.shape == (40, 48, 3)
+    block = img[20:24, 10:16]  # rows y..y+h, columns x..x+w
+    np.testing.assert_array_equal(block[:, :, 0], top.labels)  # channel 0: part index I
+    np.testing.assert_array_equal(block[:, :, 1], (top.uv[0] * np.float32(255)).astype(np.uint8))  # U·255
+    np.testing.assert_array_equal(block[:, :, 2], (top.uv[1] * np.float32(255)).astype(np.uint8))  # V·255
+    np.testing.assert_array_equal(block, _mcld_formula(top).astype(np.uint8))
+    rest = img.copy()
+    rest[20:24, 10:16] = 0
+    assert (rest == 0).all()  # the second person is not drawn, nothing outside the box
+    rgb = np.asarray(iuv_pose_rgb([top, other], 40, 48))  # the PNG as PIL reads it: R = V, G = U, B = I
+    np.testing.assert_array_equal(rgb, img[:, :, ::-1])
+    assert rgb[20, 10, 2] == top.labels[0, 0] and rgb[21, 11, 0] == img[21, 11, 2]
+
+
+def test_mcld_iuv_values_are_truncated():
+    inst = _instance(x=0, y=0, w=2, h=2)
+    inst.uv[0] = [[0.5, 0.999], [1.0, 0.0]]  # 127.5 -> 127, 254.7 -> 254: truncated, not rounded
+    inst.uv[1] = [[0.2, 0.7], [0.3, -0.01]]  # -2.55: outside 0..255, wraps as MCLD's cast does
+    img = iuv_image([inst], 3, 3)
+    assert img[:2, :2, 1].tolist() == [[127, 254], [255, 0]]
+    assert img[:2, :2, 2].tolist()[0] == [51, 178]
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(img[:2, :2], _mcld_formula(inst).astype(np.uint8))
+
+
+def test_mcld_iuv_nobody_and_photos():
+    assert iuv_image([], 40, 48) is None and iuv_pose_rgb([], 40, 48) is None
+    seen = []
+
+    def model(rgb):
+        seen.append(rgb)
+        return [_instance(x=1, y=2, w=3, h=2)]
+
+    from PIL import Image
+
+    photo = Image.new("L", (7, 5), 128)  # grey, 7 wide, 5 high
+    img = photo_iuv(model, photo)
+    assert img.shape == (5, 7, 3) and seen[0].shape == (5, 7, 3) and seen[0].dtype == np.uint8
+    assert img[2:4, 1:4].any() and not img[:2].any()
+    assert photo_iuv(lambda rgb: [], np.zeros((5, 7, 3), np.uint8)) is None

@@ -1,17 +1,21 @@
-"""DensePose R-CNN R50-FPN s1x in plain PyTorch (detectron2's ``densepose_rcnn_R_50_FPN_s1x``).
+"""DensePose R-CNN in plain PyTorch: detectron2's ``densepose_rcnn_R_50_FPN_s1x`` (Leffa) and
+``densepose_rcnn_R_101_FPN_DL_s1x`` (MCLD); ``RCNNConfig`` (``depth``, ``dp_head``) picks one,
+and ``DensePoseRCNN.from_checkpoint`` reads it off the weights file.
 
 The modules mirror detectron2's, so the state-dict names are those of the published
-``densepose/model_final_162be9.pkl`` (``backbone.bottom_up.res2.0.conv1.norm.running_var``,
-``roi_heads.densepose_predictor.u_lowres.weight``, ...). Inference, for one image:
+``densepose/model_final_162be9.pkl`` / ``model_final_844d15.pkl``
+(``backbone.bottom_up.res2.0.conv1.norm.running_var``, ``roi_heads.densepose_predictor.u_lowres.weight``,
+...). Inference, for one image:
 
 1. resize (shortest edge 800, longest ≤ 1333, PIL bilinear on uint8), BGR, minus pixel mean,
    pad to a multiple of 32;
-2. ResNet-50 (frozen batch norm, stride in the 1×1 conv) -> FPN P2–P6;
+2. ResNet-50/101 (frozen batch norm, stride in the 1×1 conv) -> FPN P2–P6 (``backbone.py``);
 3. RPN: 3 anchors per position and level, top 1000 per level, NMS 0.7 per level, top 1000;
 4. box head: ROIAlign 7×7 from P2–P5 (level by box size), two FC layers, class score > 0.5,
    NMS 0.5, at most 100, by decreasing score;
-5. DensePose head: the FPN decoder merges P2–P5 at stride 4, ROIAlign 28×28, eight 3×3 convs,
-   deconvolution + ×2 bilinear upsampling into coarse/fine segmentation and U/V (112×112);
+5. DensePose head (``heads.py``): the FPN decoder merges P2–P5 at stride 4, ROIAlign 28×28,
+   eight 3×3 convs (R50) or ASPP + eight 3×3 GroupNorm convs (DeepLab), deconvolution + ×2
+   bilinear upsampling into coarse/fine segmentation and U/V (112×112);
 6. boxes back to image pixels, and per-box part labels and U/V (``extract.py``).
 """
 
@@ -29,19 +33,37 @@ from PIL import Image
 from torch import nn
 
 from preprocess.densepose import ops
+from preprocess.densepose.backbone import FPN, RESNET_BLOCKS, Conv2d
+from preprocess.densepose.heads import ChartOutput, Decoder, DensePoseHeadKind, DensePosePredictor, build_head
+
+__all__ = [
+    "R50_FPN_S1X",
+    "R101_FPN_DL_S1X",
+    "ChartOutput",
+    "DensePoseHeadKind",
+    "DensePoseRCNN",
+    "Detections",
+    "RCNNConfig",
+    "resized_shape",
+]
 
 
 @dataclass(frozen=True)
 class RCNNConfig:
-    """The settings of ``densepose_rcnn_R_50_FPN_s1x.yaml`` (with detectron2's defaults) that
-    inference uses; ``score_threshold`` is the original demo's 0.5."""
+    """The settings of detectron2's DensePose chart configs that inference uses: the defaults are
+    ``densepose_rcnn_R_50_FPN_s1x.yaml`` (``R50_FPN_S1X``); ``depth=101`` with the DeepLab head
+    is ``densepose_rcnn_R_101_FPN_DL_s1x.yaml`` (``R101_FPN_DL_S1X``, which changes nothing
+    else: same RPN, box head, decoder, 28×28 "ROIAlign" pooler with sampling ratio 2, predictor).
+    ``score_threshold`` is the original demo's 0.5 (detectron2's default, which MCLD keeps, is
+    0.05: ``iuv.mcld_densepose``)."""
 
     min_size: int = 800
     max_size: int = 1333
     pixel_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     size_divisibility: int = 32
-    res_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # ResNet-50
+    depth: int = 50  # ResNet-50 or -101 (MODEL.RESNETS.DEPTH)
+    res_width: int = 64  # stem and res2 bottleneck channels (smaller only in tests)
     fpn_channels: int = 256
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -56,6 +78,7 @@ class RCNNConfig:
     max_detections: int = 100
     pooler_sampling_ratio: int = 2
     pooler_aligned: bool = False  # POOLER_TYPE "ROIAlign" (not "ROIAlignV2") for both heads
+    dp_head: DensePoseHeadKind = DensePoseHeadKind.CONV_X  # MODEL.ROI_DENSEPOSE_HEAD.NAME
     dp_pooler_size: int = 28
     dp_head_dim: int = 512
     dp_head_convs: int = 8
@@ -63,104 +86,28 @@ class RCNNConfig:
     num_parts: int = 24
     num_coarse: int = 2
 
+    def __post_init__(self):
+        if self.depth not in RESNET_BLOCKS:
+            raise ValueError(f"ResNet depth {self.depth}: only {sorted(RESNET_BLOCKS)} are DensePose models")
+        if not isinstance(self.dp_head, DensePoseHeadKind):
+            raise TypeError(f"dp_head must be a DensePoseHeadKind, got {self.dp_head!r}")
+
+    @property
+    def res_blocks(self) -> tuple[int, int, int, int]:
+        return RESNET_BLOCKS[self.depth]
+
+    @property
+    def name(self) -> str:
+        """detectron2's name of the architecture, e.g. "R_101_FPN_DL"."""
+        return f"R_{self.depth}_FPN" + ("_DL" if self.dp_head is DensePoseHeadKind.DEEPLAB else "")
+
     @property
     def strides(self) -> tuple[int, ...]:  # of P2..P6
         return tuple(2 ** (i + 2) for i in range(len(self.anchor_sizes)))
 
 
-# -- layers -------------------------------------------------------------------------------------
-class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine parameters (all buffers, eps 1e-5)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
-            self.register_buffer(name, torch.full((channels,), fill))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-class Conv2d(nn.Conv2d):
-    """A convolution with an optional frozen batch norm (``.norm``) and ReLU after it."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, norm: bool = False,
-                 relu: bool = False):
-        super().__init__(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=not norm)
-        self.norm = FrozenBatchNorm2d(cout) if norm else None
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return F.relu(x) if self.relu else x
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, cin: int, mid: int, cout: int, stride: int):
-        super().__init__()
-        self.shortcut = Conv2d(cin, cout, 1, stride, norm=True) if cin != cout else None
-        self.conv1 = Conv2d(cin, mid, 1, stride, norm=True, relu=True)  # stride in the 1×1 (MSRA)
-        self.conv2 = Conv2d(mid, mid, 3, norm=True, relu=True)
-        self.conv3 = Conv2d(mid, cout, 1, norm=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(self.conv3(self.conv2(self.conv1(x))) + skip)
-
-
-class Stem(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = Conv2d(3, 64, 7, 2, norm=True, relu=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
-
-
-class ResNet(nn.Module):
-    """ResNet-50 body: stem, then res2..res5 (strides 4..32, 256..2048 channels)."""
-
-    def __init__(self, blocks: tuple[int, int, int, int]):
-        super().__init__()
-        self.stem = Stem()
-        cin, mid = 64, 64
-        for i, n in enumerate(blocks):
-            cout = mid * 4
-            stage = [Bottleneck(cin if b == 0 else cout, mid, cout, 2 if (b == 0 and i > 0) else 1) for b in range(n)]
-            self.add_module(f"res{i + 2}", nn.Sequential(*stage))
-            cin, mid = cout, mid * 2
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        out = []
-        for i in range(2, 6):
-            x = getattr(self, f"res{i}")(x)
-            out.append(x)
-        return out
-
-
-class FPN(nn.Module):
-    """Feature pyramid over res2..res5 -> P2..P5 (nearest ×2 top-down, sum), P6 = P5 subsampled."""
-
-    def __init__(self, blocks: tuple[int, int, int, int], channels: int):
-        super().__init__()
-        self.bottom_up = ResNet(blocks)
-        for level, cin in zip(range(2, 6), (256, 512, 1024, 2048)):
-            self.add_module(f"fpn_lateral{level}", Conv2d(cin, channels, 1))
-            self.add_module(f"fpn_output{level}", Conv2d(channels, channels, 3))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        res = self.bottom_up(x)
-        prev = self.fpn_lateral5(res[3])
-        outs = [self.fpn_output5(prev)]
-        for level in (4, 3, 2):
-            prev = getattr(self, f"fpn_lateral{level}")(res[level - 2]) + F.interpolate(prev, scale_factor=2.0,
-                                                                                      mode="nearest")
-            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
-        return outs + [F.max_pool2d(outs[-1], kernel_size=1, stride=2)]  # P2..P6
+R50_FPN_S1X = RCNNConfig()  # densepose_rcnn_R_50_FPN_s1x, model_final_162be9.pkl
+R101_FPN_DL_S1X = RCNNConfig(depth=101, dp_head=DensePoseHeadKind.DEEPLAB)  # ..._R_101_FPN_DL_s1x, model_final_844d15.pkl
 
 
 # -- region proposals ---------------------------------------------------------------------------
@@ -235,69 +182,6 @@ class BoxPredictor(nn.Module):
         self.bbox_pred = nn.Linear(dim, 4)
 
 
-class Decoder(nn.Module):
-    """Panoptic-FPN style merge of P2..P5 at stride 4 (3×3 conv + ReLU, ×2 bilinear per level)."""
-
-    def __init__(self, channels: int, dim: int):
-        super().__init__()
-        for level in range(2, 6):
-            ops_ = []
-            for k in range(max(1, level - 2)):
-                ops_.append(Conv2d(channels if k == 0 else dim, dim, 3, relu=True))
-                if level > 2:
-                    ops_.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.add_module(f"p{level}", nn.Sequential(*ops_))
-        self.predictor = Conv2d(dim, dim, 1)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        x = self.p2(features[0])
-        for level, f in zip(range(3, 6), features[1:4]):
-            x = x + getattr(self, f"p{level}")(f)
-        return self.predictor(x)
-
-
-class DensePoseHead(nn.Module):
-    def __init__(self, cin: int, dim: int, n: int):
-        super().__init__()
-        for i in range(n):
-            self.add_module(f"body_conv_fcn{i + 1}", Conv2d(cin if i == 0 else dim, dim, 3, relu=True))
-        self.n = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i in range(self.n):
-            x = getattr(self, f"body_conv_fcn{i + 1}")(x)
-        return x
-
-
-@dataclass
-class ChartOutput:
-    """DensePose head outputs per box: (R, 2, 112, 112) coarse and (R, 25, 112, 112) fine
-    segmentation logits, U and V (one channel per part, 0 = background)."""
-
-    coarse_segm: torch.Tensor
-    fine_segm: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
-
-    def __getitem__(self, idx) -> ChartOutput:
-        return ChartOutput(self.coarse_segm[idx], self.fine_segm[idx], self.u[idx], self.v[idx])
-
-
-class DensePosePredictor(nn.Module):
-    def __init__(self, dim: int, num_parts: int, num_coarse: int):
-        super().__init__()
-        deconv = lambda cout: nn.ConvTranspose2d(dim, cout, 4, stride=2, padding=1)  # noqa: E731
-        self.ann_index_lowres = deconv(num_coarse)
-        self.index_uv_lowres = deconv(num_parts + 1)
-        self.u_lowres = deconv(num_parts + 1)
-        self.v_lowres = deconv(num_parts + 1)
-
-    def forward(self, x: torch.Tensor) -> ChartOutput:
-        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
-        return ChartOutput(up(self.ann_index_lowres(x)), up(self.index_uv_lowres(x)), up(self.u_lowres(x)),
-                           up(self.v_lowres(x)))
-
-
 class ROIHeads(nn.Module):
     def __init__(self, cfg: RCNNConfig):
         super().__init__()
@@ -305,7 +189,7 @@ class ROIHeads(nn.Module):
         self.box_head = BoxHead(cfg)
         self.box_predictor = BoxPredictor(cfg.box_fc_dim)
         self.decoder = Decoder(cfg.fpn_channels, cfg.dp_decoder_dim)
-        self.densepose_head = DensePoseHead(cfg.dp_decoder_dim, cfg.dp_head_dim, cfg.dp_head_convs)
+        self.densepose_head = build_head(cfg.dp_head, cfg.dp_decoder_dim, cfg.dp_head_dim, cfg.dp_head_convs)
         self.densepose_predictor = DensePosePredictor(cfg.dp_head_dim, cfg.num_parts, cfg.num_coarse)
 
     def detect(self, features: list[torch.Tensor], proposals: torch.Tensor,
@@ -370,7 +254,7 @@ class Detections:
 
 
 class DensePoseRCNN(nn.Module):
-    """DensePose R-CNN R50-FPN. ``model(rgb)`` -> ``list[DensePoseInstance]``, best first.
+    """DensePose R-CNN. ``model(rgb)`` -> ``list[DensePoseInstance]``, best first.
 
     Build it from the published weights with ``DensePoseRCNN.from_checkpoint(path)``
     (``weights.py``); ``DensePoseRCNN()`` has random weights.
@@ -379,24 +263,47 @@ class DensePoseRCNN(nn.Module):
     def __init__(self, cfg: RCNNConfig = RCNNConfig()):
         super().__init__()
         self.cfg = cfg
-        self.backbone = FPN(cfg.res_blocks, cfg.fpn_channels)
+        self.backbone = FPN(cfg.res_blocks, cfg.fpn_channels, cfg.res_width)
         self.proposal_generator = RPN(cfg)
         self.roi_heads = ROIHeads(cfg)
         self.eval()
 
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "cpu",
-                        score_threshold: float = RCNNConfig.score_threshold) -> DensePoseRCNN:
-        """The published ``model_final_162be9.pkl`` (or its ``.safetensors`` conversion), strictly."""
+                        score_threshold: float | None = None,
+                        channels_last: bool = False, config: RCNNConfig | None = None) -> DensePoseRCNN:
+        """A published model (``model_final_162be9.pkl``: R50-FPN; ``model_final_844d15.pkl``:
+        R101-FPN-DL) or its ``.safetensors`` conversion, strictly. The architecture (ResNet depth,
+        DensePose head) is read off the file's parameter names; a file that is neither raises
+        ``CheckpointError`` naming it. ``config``: build that instead of the published sizes
+        (its depth and head must be the file's, else ``CheckpointError``); ``score_threshold``,
+        when given, replaces the config's (0.5).
+
+        ``channels_last``: NHWC convolutions, about 20 % faster per photo on the CPU, but not
+        detectron2's arithmetic: its features differ by ~1e-4 (against bit-equal ones in NCHW),
+        scores by ~1e-4, enough to reorder or swap detections whose scores or overlaps are that
+        close (``benchmarks/parity_densepose.py``)."""
         from dataclasses import replace
 
-        from preprocess.densepose.weights import load_weights
+        from preprocess.densepose.weights import (
+            CheckpointError,
+            checked_state,
+            config_from_state,
+            read_weights,
+        )
 
+        state = read_weights(path)
+        found = config_from_state(state, path)
+        if config is not None and (config.depth, config.dp_head) != (found.depth, found.dp_head):
+            raise CheckpointError(f"{path}: holds DensePose {found.name}, not {config.name}")
+        cfg = config or found
+        if score_threshold is not None:
+            cfg = replace(cfg, score_threshold=score_threshold)
         with torch.device("meta"):
-            model = cls(replace(RCNNConfig(), score_threshold=score_threshold))
-        model.load_state_dict(load_weights(path, model), strict=True, assign=True)
-        # channels-last convolutions: about 20 % faster per photo on CPU, same detections
-        return model.to(device, memory_format=torch.channels_last).eval()
+            model = cls(cfg)
+        model.load_state_dict(checked_state(state, model, path), strict=True, assign=True)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return model.to(device, memory_format=fmt).eval()
 
     @property
     def device(self) -> torch.device:
@@ -419,7 +326,9 @@ class DensePoseRCNN(nn.Module):
         x = (x - mean) / std
         d = cfg.size_divisibility
         x = F.pad(x, (0, math.ceil(neww / d) * d - neww, 0, math.ceil(newh / d) * d - newh))
-        return x[None].contiguous(memory_format=torch.channels_last), (newh, neww)
+        stem = self.backbone.bottom_up.stem.conv1.weight
+        nhwc = stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+        return x[None].contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format), (newh, neww)
 
     @torch.inference_mode()
     def detect(self, rgb: np.ndarray) -> Detections:

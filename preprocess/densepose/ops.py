@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 SCALE_CLAMP = math.log(1000.0 / 16)  # largest decoded log-scale of a box (detectron2's default)
 
@@ -100,58 +99,105 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
-    """NMS within each group (class or level) separately; kept indices by decreasing score."""
+    """NMS within each group (class or level) separately; kept indices by decreasing score.
+
+    As torchvision's ``batched_nms`` (which detectron2 calls): with at most ``batched_nms_limit``
+    boxes it does not run group by group but once, on boxes moved apart by group index ×
+    (largest coordinate + 1). Those shifted float32 coordinates are rounded (e.g. at 5000 px to
+    1/2048 px), so IoUs near the threshold can fall on the other side than those of the boxes
+    as they are; the same shift is applied here. In the RPN (one group per FPN level) that
+    decides which proposals survive: on CUDA always, on the CPU for images with at most 1000
+    proposal candidates.
+    """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if len(boxes) <= batched_nms_limit(boxes.device):
+        boxes = boxes + (groups.to(boxes) * (boxes.max() + torch.ones((), dtype=boxes.dtype,
+                                                                     device=boxes.device)))[:, None]
     kept = []
     for g in torch.unique(groups).tolist():  # a handful of groups, never one per box
         idx = torch.nonzero(groups == g).squeeze(1)
         kept.append(idx[nms(boxes[idx], scores[idx], iou_threshold)])
-    keep = torch.cat(kept)
+    keep = torch.cat(kept).sort().values
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+def batched_nms_limit(device: torch.device) -> int:
+    """Up to how many boxes torchvision's ``batched_nms`` shifts groups apart instead of looping
+    over them (it tests ``boxes.numel() > 4000`` on the CPU, ``> 100_000`` elsewhere)."""
+    return 1000 if device.type == "cpu" else 25_000
+
+
 # -- ROIAlign -----------------------------------------------------------------------------------
+def _axis_samples(start: torch.Tensor, bin_size: torch.Tensor, n: int, s: int, size: int):
+    """One axis of torchvision's bilinear sampling, in its float32 order of operations.
+
+    ``start``, ``bin_size`` (R,) -> for the (R, n·s) sample positions start + p·bin +
+    ((i + 0.5)·bin) / s: low and high pixel indices, the weights of the low (1 − l) and high
+    (l) pixel, and whether the position is within one pixel of the map (else the sample is 0).
+    """
+    dev = start.device
+    p = torch.arange(n, device=dev, dtype=torch.float32).repeat_interleave(s)  # (n·s,) bin index
+    i = torch.arange(s, device=dev, dtype=torch.float32).repeat(n) + 0.5  # (n·s,) sample within the bin
+    pos = (start[:, None] + p[None] * bin_size[:, None]) + (i[None] * bin_size[:, None]) / s
+    valid = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0.0)
+    low = pos.long()
+    last = low >= size - 1
+    low = torch.where(last, size - 1, low)
+    high = torch.where(last, low, low + 1)
+    pos = torch.where(last, low.to(pos.dtype), pos)
+    frac = pos - low.to(pos.dtype)
+    return low, high, 1.0 - frac, frac, valid
+
+
 def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
               sampling_ratio: int, aligned: bool, chunk: int = 256) -> torch.Tensor:
-    """torchvision's ``roi_align`` for a fixed ``sampling_ratio`` > 0.
+    """torchvision's ``roi_align`` for a fixed ``sampling_ratio`` > 0, to the bit on the CPU.
 
-    ``features`` (B, C, H, W); ``rois`` (R, 5) rows ``batch_index, x1, y1, x2, y2`` in image
-    pixels -> (R, C, output_size, output_size). Each bin averages ``sampling_ratio²`` bilinear
-    samples at regular points; a sample further than one pixel outside the map counts as 0 and
-    one within that pixel takes the border value. ``aligned=False`` is detectron2's "ROIAlign"
-    (no half-pixel shift, boxes at least 1 feature pixel wide), ``aligned=True`` its "ROIAlignV2".
+    ``features`` (B, C, H, W) float32; ``rois`` (R, 5) rows ``batch_index, x1, y1, x2, y2`` in
+    image pixels -> (R, C, output_size, output_size). Each bin averages ``sampling_ratio²``
+    bilinear samples at regular points; a sample further than one pixel outside the map counts
+    as 0 and one within that pixel takes the border value. ``aligned=False`` is detectron2's
+    "ROIAlign" (no half-pixel shift, boxes at least 1 feature pixel wide), ``aligned=True`` its
+    "ROIAlignV2". Every step is torchvision's float32 arithmetic in its order (positions, the
+    four weights hy·hx, hy·lx, ly·hx, ly·lx, the sum w1·v1 + w2·v2 + w3·v3 + w4·v4 added sample
+    by sample, row-major, then divided by the sample count), so the outputs equal its CPU
+    kernel's exactly.
     """
     if sampling_ratio <= 0:
         raise ValueError("roi_align here needs a fixed sampling_ratio > 0")
-    B, C, H, W = features.shape
+    _, C, H, W = features.shape
     R, n, s = rois.shape[0], output_size, sampling_ratio
     out = features.new_zeros((R, C, n, n))
     if R == 0:
         return out
-    offset = 0.5 if aligned else 0.0
-    boxes = rois[:, 1:].float() * spatial_scale - offset
+    f32 = torch.float32
+    boxes = rois[:, 1:].to(f32) * torch.tensor(spatial_scale, dtype=f32) - (0.5 if aligned else 0.0)
     size = boxes[:, 2:] - boxes[:, :2]  # (R, 2) width, height
     if not aligned:
         size = size.clamp(min=1.0)
-    # sample positions along each axis: start + (bin + (k + 0.5) / s) · size / n, (R, n·s)
-    steps = (torch.arange(n * s, device=rois.device, dtype=torch.float32) + 0.5) / s
-    xs = boxes[:, 0:1] + steps[None] * (size[:, 0:1] / n)
-    ys = boxes[:, 1:2] + steps[None] * (size[:, 1:2] / n)
-    inside = (((xs >= -1.0) & (xs <= W))[:, None, :] & ((ys >= -1.0) & (ys <= H))[:, :, None])  # (R, n·s, n·s)
-    all_inside = bool(inside.all())  # always, for boxes clipped to the image
-    # grid_sample's border padding clamps to [0, size-1] exactly as roi_align's bilinear rule does
-    gx = (2.0 * xs + 1.0) / W - 1.0
-    gy = (2.0 * ys + 1.0) / H - 1.0
+    bins = size / n
+    ys = _axis_samples(boxes[:, 1], bins[:, 1], n, s, H)  # each (R, n·s)
+    xs = _axis_samples(boxes[:, 0], bins[:, 0], n, s, W)
     batch = rois[:, 0].long()
     for b in torch.unique(batch).tolist():
+        pixels = features[b].reshape(C, H * W).t().contiguous()  # (H·W, C): a gather reads whole rows
         for idx in torch.nonzero(batch == b).squeeze(1).split(chunk):
             k = len(idx)
-            grid = torch.stack(torch.broadcast_tensors(gx[idx][:, None, :], gy[idx][:, :, None]), dim=-1)
-            sampled = F.grid_sample(features[b:b + 1], grid.reshape(1, k * n * s, n * s, 2).to(features.dtype),
-                                    mode="bilinear", padding_mode="border", align_corners=False)  # (1, C, k·n·s, n·s)
-            if not all_inside:
-                sampled = sampled * inside[idx].reshape(1, 1, k * n * s, n * s).to(sampled.dtype)
-            pooled = F.avg_pool2d(sampled, s)  # (1, C, k·n, n): s×s blocks never straddle two boxes
-            out[idx] = pooled.reshape(C, k, n, n).transpose(0, 1)
+            acc = None
+            for iy in range(s):
+                rows = [t[idx][:, iy::s] for t in ys]  # (k, n): this sample of every row bin
+                for ix in range(s):
+                    cols = [t[idx][:, ix::s] for t in xs]
+                    valid = (rows[4][:, :, None] & cols[4][:, None, :]).to(f32)  # (k, n, n)
+                    term = None
+                    for yi, wy in ((0, 2), (1, 3)):  # low / high row, its weight
+                        for xi, wx in ((0, 2), (1, 3)):
+                            w = (rows[wy][:, :, None] * cols[wx][:, None, :] * valid)[..., None]  # (k, n, n, 1)
+                            pos = rows[yi][:, :, None] * W + cols[xi][:, None, :]
+                            v = pixels.index_select(0, pos.reshape(-1)).view(k, n, n, C)
+                            term = w * v if term is None else term + w * v
+                    acc = term if acc is None else acc + term
+            out[idx] = (acc / float(s * s)).permute(0, 3, 1, 2)
     return out

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from preprocess.densepose.backbone import RESNET_BLOCKS
+from preprocess.densepose.heads import DensePoseHeadKind
+from preprocess.densepose.model import RCNNConfig
 from weightfiles.checkpoint import CheckpointError, check_state_dict, unreadable
 
 try:  # numpy ≥ 2
@@ -95,6 +98,37 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: unsupported DensePose weights format {path.suffix!r} (use .pkl or .safetensors)")
 
 
+# the published chart models this package runs (detectron2's DensePose model zoo)
+R50_FPN_S1X_PATH = "densepose/model_final_162be9.pkl"
+R101_FPN_DL_S1X_URL = ("https://dl.fbaipublicfiles.com/densepose/densepose_rcnn_R_101_FPN_DL_s1x/165712116/"
+                       "model_final_844d15.pkl")
+R101_FPN_DL_S1X_PATH = "densepose/model_final_844d15.pkl"
+# float32 parameters and buffers of the architecture (4 bytes each, 85_206_562 values) plus the
+# pickle's framing: an estimate, not the published file's measured size (whose extra entries,
+# if any, the strict loader would refuse)
+R101_FPN_DL_S1X_APPROX_BYTES = 340_900_000
+# detectron2's model-zoo names end in the first 6 hex digits of the file's MD5 (MODEL_ZOO.md:
+# "any model on this page contains its md5 prefix in its file name"): 844d15
+R101_FPN_DL_S1X_MD5_PREFIX = "844d15"
+
+_RES4 = "backbone.bottom_up.res4."
+_ASPP = "roi_heads.densepose_head.ASPP."
+
+
+def config_from_state(state: dict[str, torch.Tensor], path: str | Path = "") -> RCNNConfig:
+    """The architecture of a DensePose R-CNN state dict: ResNet depth from the number of res4
+    blocks (6: R50, 23: R101), the DensePose head from its ASPP entries (DeepLab) or their
+    absence (ConvX). Anything else is a ``CheckpointError`` naming ``path``."""
+    blocks = {int(k[len(_RES4):].split(".", 1)[0]) for k in state if k.startswith(_RES4)}
+    depth = next((d for d, b in RESNET_BLOCKS.items() if blocks == set(range(b[2]))), None)
+    if depth is None:
+        found = f"{len(blocks)} res4 blocks" if blocks else f"no {_RES4}* entries"
+        raise CheckpointError(f"{path}: not a DensePose R-CNN R50/R101-FPN weights file ({found}; "
+                              f"R50 has {RESNET_BLOCKS[50][2]}, R101 {RESNET_BLOCKS[101][2]})")
+    head = DensePoseHeadKind.DEEPLAB if any(k.startswith(_ASPP) for k in state) else DensePoseHeadKind.CONV_X
+    return RCNNConfig(depth=depth, dp_head=head)
+
+
 def _expected_derived(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     out = {"pixel_mean": torch.tensor(cfg.pixel_mean).view(3, 1, 1),
@@ -104,33 +138,41 @@ def _expected_derived(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights for ``model`` from ``path``, checked: every name present, none unknown, every
-    shape equal (a ``CheckpointError`` names the file and the first offenders). Values are cast
-    to float32; derived buffers of older detectron2 versions are checked, then dropped."""
-    state = read_weights(path)
+def checked_state(state: dict[str, torch.Tensor], model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` (read from ``path``) checked against ``model``: every name present, none
+    unknown, every shape equal (a ``CheckpointError`` names the file and the first offenders).
+    Values are cast to float32; derived buffers of older detectron2 versions are checked, then
+    dropped."""
+    state = dict(state)
     derived = _expected_derived(model)
     for name in [k for k in state if k.startswith(DERIVED_BUFFERS)]:
         value = state.pop(name)
         want = derived.get(name)
         if want is None or value.shape != want.shape or not torch.allclose(value.float(), want, atol=1e-3):
-            raise CheckpointError(f"{path}: {name} does not hold the values of DensePose R50-FPN s1x")
+            raise CheckpointError(f"{path}: {name} does not hold the values of DensePose {model.cfg.name}")
     expected = model.state_dict()
     check_state_dict(expected, state, path)
     return {k: state[k].to(torch.float32) for k in expected}
 
 
+def load_weights(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights for ``model`` from ``path``, checked (``checked_state``)."""
+    return checked_state(read_weights(path), model, path)
+
+
 def convert(src: str | Path, dst: str | Path | None = None) -> Path:
-    """Check ``src`` (a ``.pkl``) against the model and write it as ``.safetensors``, atomically."""
+    """Check ``src`` (a ``.pkl``) against the model it describes and write it as ``.safetensors``,
+    atomically."""
     from safetensors.torch import save_file
 
     from preprocess.densepose.model import DensePoseRCNN
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
+    state = read_weights(src)
     with torch.device("meta"):
-        model = DensePoseRCNN()
-    state = {k: v.contiguous() for k, v in load_weights(src, model).items()}
+        model = DensePoseRCNN(config_from_state(state, src))
+    state = {k: v.contiguous() for k, v in checked_state(state, model, src).items()}
     tmp = dst.with_name(dst.name + ".partial")
     try:
         save_file(state, str(tmp), metadata={"source": src.name, "format": "pt"})
@@ -146,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="check a detectron2 .pkl and write it as .safetensors "
                                        "(later loads then skip the pickle)")
-    c.add_argument("pkl", type=Path, help="e.g. ckpts/densepose/model_final_162be9.pkl")
+    c.add_argument("pkl", type=Path, help="e.g. ckpts/densepose/model_final_162be9.pkl (R50-FPN) or "
+                                          "model_final_844d15.pkl (R101-FPN-DL)")
     c.add_argument("--out", type=Path, default=None, help="default: the same path with .safetensors")
     args = parser.parse_args(argv)
     try:
