@@ -138,7 +138,7 @@ def appearance_inputs(preprocessor: PreprocessorFactory, entry: ModelEntry, pers
     """A pose transfer's inputs for a model that conditions on appearance (MCLD): both photos framed
     around their people (or fitted whole, ``view``) into its picture; the target's pose from its
     photo or from ``densepose`` (an IUV image as MCLD's files hold it)."""
-    size, finder = picture_size(entry), entry.analyses[0]
+    size, finder = picture_size(entry), Analysis.DENSEPOSE_R101  # the people found by the model it runs anyway
     framings = {}
     if view.around_person:
         framed = {}

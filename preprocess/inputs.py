@@ -90,7 +90,8 @@ def image_key(img: Image.Image) -> str:
 
 
 class Preprocessor:
-    """Parsing + OpenPose + DensePose, lazily built from the given factories."""
+    """Parsing + OpenPose + DensePose (and, for MCLD, DensePose R101, the texture map's regions and
+    the face embedder), lazily built from the given factories."""
 
     def __init__(self, parser: Callable[[], HumanParser], pose: Callable[[], OpenPoseDetector],
                  densepose: Callable[[], DensePoseBackend], cache_size: int = 32, *,
