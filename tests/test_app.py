@@ -833,3 +833,18 @@ def test_real_models_are_counted_in_memory_under_the_chosen_preset(tmp_path):
     budget = engine.models.budget
     assert budget.preset is MemoryPreset.LOW and budget.device == "cpu" and engine.gpu is None
     assert budget.need(ModelKind.VITON_HD, MemoryPreset.FAST).resident > 7 * 10**9  # float32 on the CPU
+
+
+def test_choosing_mcld_sets_its_ranges_and_shows_its_intermediates(tmp_path):
+    from engine.service import Engine
+    from webapp.pose_tab import model_changed
+
+    engine = Engine.create(ModelSetup(), WeightSource(checkpoint_dir=tmp_path))  # loads nothing
+    steps, guidance, accel, record, focus_group, focus, appearance = model_changed(engine, "mcld")
+    assert (steps["minimum"], steps["maximum"], steps["value"]) == (10, 100, 20)
+    assert (guidance["minimum"], guidance["maximum"], guidance["value"]) == (1.0, 10.0, 3.5)
+    assert not accel["interactive"] and not record["interactive"] and not focus_group["visible"]
+    assert focus["value"] == 1.0 and appearance["visible"]
+    steps, guidance, accel, *_, appearance = model_changed(engine, "pose_transfer")
+    assert (steps["minimum"], steps["value"], guidance["maximum"]) == (30, 30, 5.0)
+    assert accel["interactive"] and not appearance["visible"]

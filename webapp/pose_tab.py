@@ -12,6 +12,7 @@ import gradio as gr
 from PIL import Image
 
 from engine import registry
+from engine.inputs import needs_appearance
 from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultView
 from engine.registry import Task
 from engine.service import Engine
@@ -105,15 +106,16 @@ def appearance_previews(inputs: PoseInputs) -> tuple[Image.Image | None, Image.I
 
 
 def model_changed(engine: Engine, name: str):
-    """The option components for the chosen model: its step and guidance ranges and defaults, and the
-    options it lacks turned off."""
+    """The option components for the chosen model: its step and guidance ranges and defaults, the
+    options it lacks turned off, and its own intermediate results shown."""
     model = registry.pose_entry(name)
     limits, supports = engine.limits_for(model), model.supports
     return (gr.update(minimum=limits.steps_min, maximum=limits.steps_max, value=limits.steps_default),
             gr.update(minimum=limits.guidance_min, maximum=limits.guidance_max, value=limits.guidance_default),
             gr.update(interactive=supports.ref_acceleration, value=False),
             gr.update(interactive=supports.attention_recording, value=False),
-            gr.update(visible=supports.attention_focus), gr.update(value=1.0))  # focus 1 = off
+            gr.update(visible=supports.attention_focus), gr.update(value=1.0),  # focus 1 = off
+            gr.update(visible=needs_appearance(model)))  # the texture map and face intermediates
 
 
 def build_pose_tab(engine: Engine) -> None:
@@ -136,12 +138,13 @@ def build_pose_tab(engine: Engine) -> None:
             with gr.Row():
                 densepose = intermediate("DensePose IUV of the target", "pose-densepose")
                 framing = intermediate("Framing: the boxes of the two photos the model sees", "pose-framing")
-            with gr.Row():
+            with gr.Row(visible=False) as appearance_row:  # MCLD's: shown while it is chosen
                 texture = intermediate("MCLD: texture map of the person to keep (body UV space)", "pose-texture")
                 face = intermediate("MCLD: the face whose identity is kept (none boxed: no face found)", "pose-face")
         group, step = attention_panel(column.image, state, "person")
     c["model"].change(functools.partial(model_changed, engine), c["model"],
-                      [c["steps"], c["guidance"], c["ref_acceleration"], c["record"], c["focus_group"], c["focus"]],
+                      [c["steps"], c["guidance"], c["ref_acceleration"], c["record"], c["focus_group"], c["focus"],
+                       appearance_row],
                       queue=False, api_visibility="private")
     wire_generation(column, functools.partial(pose_transfer, engine), {name: c[name] for name in POSE_PARAMETERS},
                     [densepose, state, group, step, framing, texture, face], "pose_transfer", intermediates)
