@@ -27,6 +27,7 @@ Prints Markdown tables; exits 1 when a threshold is missed.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,6 @@ BOX_TOL, EMB_TOL = 1e-3, 1e-4  # pixels; relative to the embedding's norm
 
 TEXTURE_ORACLE = textwrap.dedent("""
     import sys, time, cv2, numpy as np
-    sys.path.insert(0, '.')
     from preprocess_data.texture_interface import convert_texture_inpainting
     for name in sys.argv[1:]:
         start = time.perf_counter()
@@ -55,7 +55,7 @@ TEXTURE_ORACLE = textwrap.dedent("""
 """)
 
 FACE_ORACLE = textwrap.dedent("""
-    import sys, pickle, cv2, numpy as np
+    import sys, json, cv2, numpy as np
     from insightface.app import FaceAnalysis
     root, pack, w, h = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     app = FaceAnalysis(name=pack, root=root, providers=['CPUExecutionProvider'])
@@ -65,10 +65,12 @@ FACE_ORACLE = textwrap.dedent("""
         faces = app.get(cv2.imread(name + '.png'))
         best = sorted(faces, key=lambda x: (x['bbox'][2] - x['bbox'][0]) * (x['bbox'][3] - x['bbox'][1]))[-1] \\
             if faces else None
-        out[name] = dict(boxes=[f.bbox for f in faces], scores=[f.det_score for f in faces],
-                         kps=[f.kps for f in faces], embedding=None if best is None else best.embedding,
-                         best_box=None if best is None else best.bbox)
-    pickle.dump(out, open(root + '/theirs.pkl', 'wb'))
+        # float32 values as JSON numbers: exact (a Python float holds every float32)
+        out[name] = dict(boxes=[f.bbox.tolist() for f in faces], scores=[float(f.det_score) for f in faces],
+                         kps=[f.kps.tolist() for f in faces],
+                         embedding=None if best is None else best.embedding.tolist(),
+                         best_box=None if best is None else best.bbox.tolist())
+    json.dump(out, open(root + '/theirs.json', 'w'))
 """)
 
 
@@ -214,11 +216,9 @@ def face_rows(oracle: str, work: Path, det_size: tuple[int, int], pack: str) -> 
         cv2.imwrite(str(work / f"{name}.png"), image[..., ::-1])
     done = subprocess.run([oracle, "-c", FACE_ORACLE, str(work), pack, str(det_size[0]), str(det_size[1]),
                     *[str(work / n) for n in images]], check=False, capture_output=True, text=True)
-    if not (work / "theirs.pkl").is_file():
+    if not (work / "theirs.json").is_file():
         raise RuntimeError(f"the insightface oracle failed:\n{done.stderr[-3000:]}")
-    import pickle
-
-    theirs = pickle.loads((work / "theirs.pkl").read_bytes())
+    theirs = json.loads((work / "theirs.json").read_text())
     embedder = FaceEmbedder.from_files(model_dir / "det.onnx", model_dir / "rec.onnx", det_size=det_size)
     assert embedder.config == DetectorConfig(det_size=det_size)
     rows = []
@@ -227,13 +227,14 @@ def face_rows(oracle: str, work: Path, det_size: tuple[int, int], pack: str) -> 
         faces = embedder.faces(image)
         result = embedder.embed(image)
         n_ok = len(faces) == len(t["boxes"])
-        box = max((float(np.abs(f.box - b).max()) for f, b in zip(faces, t["boxes"])), default=0.0)
-        kps = max((float(np.abs(f.keypoints - k).max()) for f, k in zip(faces, t["kps"])), default=0.0)
+        box = max((float(np.abs(f.box - np.float32(b)).max()) for f, b in zip(faces, t["boxes"])), default=0.0)
+        kps = max((float(np.abs(f.keypoints - np.float32(k)).max()) for f, k in zip(faces, t["kps"])), default=0.0)
         score = max((abs(f.score - float(s)) for f, s in zip(faces, t["scores"])), default=0.0)
         if t["embedding"] is None:
             emb = 0.0 if not result.found and not result.embedding.any() else float("inf")
         else:
-            emb = float(np.abs(result.embedding - t["embedding"]).max() / np.linalg.norm(t["embedding"]))
+            embedding = np.asarray(t["embedding"], np.float32)
+            emb = float(np.abs(result.embedding - embedding).max() / np.linalg.norm(embedding))
             n_ok &= largest(faces) is not None and np.allclose(largest(faces).box, t["best_box"], atol=BOX_TOL)
         ok = n_ok and box <= BOX_TOL and kps <= BOX_TOL and score <= 1e-6 and emb <= EMB_TOL
         rows.append((f"{name} det {det_size[0]}×{det_size[1]}", f"{len(faces)}/{len(t['boxes'])}",

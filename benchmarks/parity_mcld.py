@@ -144,7 +144,6 @@ import json, sys, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
-from torchvision.transforms import ToTensor
 torch.set_num_threads(1)
 root, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
 from validation.pipeline_loader_cpu import MCLDPipelineLoader
@@ -154,7 +153,8 @@ loader = MCLDPipelineLoader(str(root / "train.yaml"), num_tokens=16, image_proj_
 loader.init_model(str(root / "ckpt") + "/", pipe_class=Pose2ImageIpMultiPipeline)
 results = {}
 for i, (batch, steps, guidance, _, via_forward) in enumerate(cases):
-    load = lambda n: torch.stack([ToTensor()(Image.open(root / f"case{i}_{n}{b}.png").convert("RGB")) for b in range(batch)])
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float() / 255  # ToTensor's
+    load = lambda n: torch.stack([to_tensor(Image.open(root / f"case{i}_{n}{b}.png")) for b in range(batch)])
     source, texture, pose = load("source"), load("texture"), load("pose")  # [0, 1], as their dataset (do_normalize False)
     face = torch.from_numpy(np.load(root / f"case{i}_face.npy"))[:, None]  # (B, 1, 512)
     loader.generator = torch.Generator().manual_seed(SEED)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| case | max abs diff (0–1) | mean abs diff | saved 256×176: max diff (0–255) | image std | "
               "theirs s | ours s |\n|---|---|---|---|---|---|---|")
         for i, name in enumerate(CASES):
-            theirs = torch.load(root / f"theirs{i}.pt")
+            theirs = torch.load(root / f"theirs{i}.pt", weights_only=True)
             diff = (theirs["images"] - ours[i]["images"]).abs()
             saved = (theirs["saved"].mul(255).round().int() - ours[i]["saved"].int()).abs().max().item()
             ok = diff.max().item() <= MAX_ABS_DIFF and saved <= MAX_SAVED_DIFF
