@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from preprocess.face import EMBEDDING_SIZE
+
 PICTURE = (704, 1024)  # (width, height) photos are framed into: DeepFashion's 352:512 at its resolution
-FACE_DIM = 512
 
 
 @dataclass
@@ -30,4 +31,5 @@ class AppearanceInputs:
 
 
 def no_face() -> np.ndarray:
-    return np.zeros(FACE_DIM, np.float32)
+    """The embedding of a photo without a face, as their data preparation stands it in: zeros."""
+    return np.zeros(EMBEDDING_SIZE, np.float32)

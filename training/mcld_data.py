@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from mcld.inputs import sample_tensors
 from preprocess.appearance import no_face
+from preprocess.face import EMBEDDING_SIZE
 from preprocess.images import load_image
 from training.datasets import DatasetError, _read_pairs
 
@@ -70,8 +71,8 @@ def read_face(path: Path) -> np.ndarray:
         embedding = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path} is not a readable .npy face embedding: {e}") from None
-    if embedding.size != 512 or not np.isfinite(embedding).all():
-        raise DatasetError(f"{path}: a face embedding has 512 finite values, this one {embedding.shape}")
+    if embedding.size != EMBEDDING_SIZE or not np.isfinite(embedding).all():
+        raise DatasetError(f"{path}: a face embedding has {EMBEDDING_SIZE} finite values, this one {embedding.shape}")
     return embedding.reshape(-1).astype(np.float32)
 
 
