@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="rescaled-CFG strength; default: the guidance scale, as the original; 0 = off")
     g.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    g.add_argument("--samples", type=int, default=1,
+                   help="variations, 1 to 4: sample k uses seed + k; with more than one, each is written beside "
+                        "--out with its seed in the name (out-seed42.png, ...)")
     g.add_argument("--ref-acceleration", action="store_true",
                    help="run the reference UNet once (faster, may slightly reduce quality)")
     g.add_argument("--size", type=_size, default=(768, 1024), metavar="WxH",
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(Task.TRYON.value, parents=[common, placing], help="virtual try-on")
     t.add_argument("--person", required=True, type=Path, help="photo of the person")
-    t.add_argument("--garment", required=True, type=Path, help="photo of the garment")
+    t.add_argument("--garment", required=True, type=Path, action="append",
+                   help="photo of the garment; twice for an outfit (an upper-body and a lower-body garment, put on "
+                        "in the order given, each followed by its --garment-type)")
     t.add_argument("--mask", type=Path, default=None,
                    help="inpainting mask (white = replace); default: computed from parsing + pose")
     t.add_argument("--densepose", type=Path, default=None,
@@ -129,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-type", choices=[e.mask_variant.value for e in for_task(Task.TRYON)],
                    default=TryOnModel.VITON_HD.value,
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
-    t.add_argument("--garment-type", choices=[g.value for g in GarmentType], default="upper_body",
-                   help="what the garment is (default upper_body)")
+    t.add_argument("--garment-type", choices=[g.value for g in GarmentType], action="append", default=None,
+                   help="what the garment is (default upper_body); one per --garment in an outfit. A lower-body "
+                        "garment or a dress goes to the DressCode model, whatever --model-type says")
     t.add_argument("--preprocess-garment", action="store_true",
                    help="the garment is a PNG cut-out with transparency: crop and centre it")
     t.add_argument("--keep-fixed-regions", action="store_true",
@@ -298,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             return _eval_command(args)
         from cli.run import run  # torch, diffusers and the models: only once the arguments are fine
 
-        path = run(args)
+        paths = run(args)
     except UserError as e:  # anything else is a bug: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"saved {path}")
+    for path in paths:
+        print(f"saved {path}")
     return 0

@@ -7,21 +7,22 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from engine import registry
 from engine import options as engine_options
+from engine.outfit import Garment, check_outfit, outfit_models
 from engine.options import CLI_NAMES, GenerateOptions, OptionCheck, OptionLimits, ResultView
-from engine.progress import DECODING, DENOISING
+from engine.progress import DECODING, DENOISING, LOADING
 from engine.registry import Task
 from engine.service import Engine
 from engine.setup import ModelSetup, WeightSource
 from errors import OptionError
+from preprocess.masks import GarmentType
 from preprocess.images import check_output_path, load_image, save_image_atomic
 from runtime.speed import SpeedOptions
 
-IMAGE_ARGS = {"person": "person image", "garment": "garment image", "target": "target-pose image",
+IMAGE_ARGS = {"person": "person image", "target": "target-pose image",
               "mask": "mask", "densepose": "DensePose image"}  # argument -> its name in messages
 
 
@@ -51,20 +52,48 @@ def options(args, check: OptionCheck, limits: OptionLimits) -> GenerateOptions:
     return GenerateOptions(limits.steps_default if args.steps is None else args.steps,
                            limits.guidance_default if args.guidance_scale is None else args.guidance_scale,
                            args.seed, args.ref_acceleration, getattr(args, "repaint", False), False,
-                           attention_focus(args, check), args.guidance_rescale)
+                           attention_focus(args, check), args.guidance_rescale, args.samples)
 
 
-def _read_images(args) -> dict[str, Image.Image | None]:
+def garment_types(args) -> tuple[GarmentType, ...]:
+    """Each ``--garment``'s type, by order (one garment: upper_body unless given), the outfit checked."""
+    types = args.garment_type or ([GarmentType.UPPER_BODY.value] if len(args.garment) == 1 else [])
+    if len(types) != len(args.garment):
+        raise OptionError(f"give one --garment-type per --garment, in the same order: got {len(args.garment)} "
+                          f"garments and {len(types)} types")
+    return check_outfit(types, what="--garment")
+
+
+def output_paths(out: Path, seeds: tuple[int, ...]) -> list[Path]:
+    """Where each sample goes: ``out`` itself for one, else ``out`` with its seed in the name."""
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-seed{seed}{out.suffix}") for seed in seeds]
+
+
+def _read_images(args) -> dict:
     """Every given image, read once (transparency kept for ``--preprocess-garment``), so that a
-    bad one is reported before any download or model; ``None`` for those not given."""
-    return {arg: None if getattr(args, arg, None) is None else
-            load_image(getattr(args, arg), name=name, keep_alpha=True) for arg, name in IMAGE_ARGS.items()}
+    bad one is reported before any download or model; ``None`` for those not given; ``garments``:
+    each ``--garment``'s."""
+    images = {arg: None if getattr(args, arg, None) is None else
+              load_image(getattr(args, arg), name=name, keep_alpha=True) for arg, name in IMAGE_ARGS.items()}
+    images["garments"] = [load_image(path, name="garment image", keep_alpha=True)
+                          for path in getattr(args, "garment", None) or ()]
+    return images
 
 
-def _bar_progress(bar: tqdm, steps: int):
-    """The engine's progress as a bar of denoising steps (the phases' shares: ``engine.progress``)."""
+def _bar_progress(bar: tqdm, steps: int, setup: ModelSetup):
+    """The engine's progress as a bar of denoising steps (the phases' shares: ``engine.progress``);
+    each model load said on its own line with the time it took (an outfit's models take turns)."""
+    loading: dict[str, float] = {}
 
     def progress(fraction: float, desc: str) -> None:
+        if fraction == LOADING:
+            loading["since"], loading["what"] = time.perf_counter(), desc.removeprefix("Loading ").split(" (")[0]
+            return
+        if "since" in loading:
+            bar.write(f"loaded {loading['what']} on {setup.device} ({setup.dtype}, --memory {setup.memory.value}) in "
+                      f"{time.perf_counter() - loading.pop('since'):.1f} s", file=sys.stderr)
         if fraction >= DENOISING:
             bar.n = min(steps, round(steps * (fraction - DENOISING) / (DECODING - DENOISING)))
             bar.refresh()
@@ -72,36 +101,48 @@ def _bar_progress(bar: tqdm, steps: int):
     return progress
 
 
-def run(args) -> Path:
+def run(args) -> list[Path]:
+    """The images written, one per sample."""
     task = Task(args.command)
-    check_output_path(args.out)  # before the slow part: a real write is tried
     if task is Task.POSE and args.target is None and args.densepose is None:
         raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
-    entry = registry.tryon_entry(args.model_type) if task is Task.TRYON else registry.pose_entry(args.model)
+    types = garment_types(args) if task is Task.TRYON else ()
+    entries = (outfit_models(args.model_type, types) if task is Task.TRYON else [registry.pose_entry(args.model)])
     setup = ModelSetup.resolve(args.device, args.dtype, args.memory,
                                SpeedOptions(args.fuse_qkv, args.channels_last, args.compile))
     engine = Engine.create(setup, weight_source(args))
     with OptionCheck() as check:  # every bad option in one message
-        checked = engine.checked(entry, options(args, check, engine.limits_for(entry)), check, CLI_NAMES)
+        checked = options(args, check, engine.limits_for(entries[0]))
+        for entry in dict.fromkeys(entries):
+            checked = engine.checked(entry, checked, check, CLI_NAMES)
+    paths = output_paths(args.out, engine.seeds(checked))
+    for path in paths:
+        check_output_path(path)  # before the slow part: a real write is tried
     images = _read_images(args)  # inputs first: fail before any download or slow load
     view = ResultView(args.result)
-    if task is Task.TRYON:
-        t = engine.tryon_inputs(images["person"], images["garment"], args.model_type, args.garment_type,
-                                args.preprocess_garment, args.keep_fixed_regions, densepose=images["densepose"],
-                                mask=images["mask"], size=args.size, view=view)
-        inputs, framings, appearance = (t.person, t.garment, t.mask, t.densepose), (t.framing,), None
-    else:
-        p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size, view, entry)
-        inputs, framings = (p.target, p.reference, p.mask, p.densepose), (p.reference_framing, p.target_framing)
-        appearance = p.appearance
+    bar = tqdm(total=checked.steps, desc="denoising", unit="step")
+    with bar:
+        if task is Task.TRYON:
+            garments = [Garment(image, kind, args.preprocess_garment) for image, kind in zip(images["garments"], types)]
+            if len(entries) > 1 or entries[0] is not registry.tryon_entry(args.model_type):
+                print("; ".join(f"{kind.value}: the {e.name} model" for e, kind in zip(entries, types)), file=sys.stderr)
+            result = engine.tryon(images["person"], garments, args.model_type, checked,
+                                  keep_fixed_regions=args.keep_fixed_regions, densepose=images["densepose"],
+                                  mask=images["mask"], size=args.size, view=view,
+                                  progress=_bar_progress(bar, checked.steps, setup), names=CLI_NAMES)
+            _say_who_was_framed(result.framing)
+            answers = [s.answer for s in result.samples]
+        else:
+            p = engine.pose_inputs(images["person"], images["target"], images["densepose"], args.size, view, entries[0])
+            _say_who_was_framed(p.reference_framing, p.target_framing)
+            generations = engine.generate(entries[0], p.target, p.reference, p.mask, p.densepose, checked,
+                                          progress=_bar_progress(bar, checked.steps, setup), names=CLI_NAMES,
+                                          appearance=p.appearance)
+            answers = [g.image for g in generations]
+    return [save_image_atomic(answer, path) for answer, path in zip(answers, paths)]
+
+
+def _say_who_was_framed(*framings) -> None:
     for framing in framings:
         if framing is not None and framing.people > 1:
             print(f"{framing.people} people in the photo: framed the largest", file=sys.stderr)
-    t0 = time.perf_counter()
-    engine.models.get(entry)
-    print(f"loaded {entry.name} on {setup.device} ({setup.dtype}, --memory {setup.memory.value}) in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    with tqdm(total=checked.steps, desc="denoising", unit="step") as bar:
-        gen = engine.generate(entry, *inputs, checked, progress=_bar_progress(bar, checked.steps), names=CLI_NAMES,
-                              appearance=appearance)
-    return save_image_atomic(engine.answer(gen.image, framings[0], inputs[2], view), args.out)

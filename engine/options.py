@@ -101,6 +101,7 @@ class GenerateOptions:
     record_attention: bool = False
     attention_focus: AttentionFocus | None = None  # experimental (leffa.attention.AttentionFocus)
     guidance_rescale: float | None = None  # rescaled-CFG strength; None: the guidance scale (published)
+    samples: int = 1  # variations: sample k is drawn with seed + k (one batch where memory allows)
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,12 @@ class OptionNames:
     record: str = "record"
     focus: str = "focus"
     focus_steps: str = "focus_start and focus_end"
+    samples: str = "samples"
 
 
 API_NAMES = OptionNames()
 CLI_NAMES = OptionNames("--steps", "--guidance-scale", "--guidance-rescale", "--seed", "--ref-acceleration",
-                        "--repaint", "--record", "--attention-focus", "--focus-steps")
+                        "--repaint", "--record", "--attention-focus", "--focus-steps", "--samples")
 
 
 def attention_focus(check: OptionCheck, temperature: float, levels: int = 1, steps: tuple[float, float] = (0.0, 1.0),
@@ -155,6 +157,7 @@ class OptionLimits:
     focus_min: float = 0.1
     focus_max: float = 2.0
     focus_levels_max: int = 4
+    samples_max: int = 4  # variations per request: one batch of up to 4 (a 2x2 gallery)
 
     def check(self, options: GenerateOptions, names: OptionNames = API_NAMES) -> GenerateOptions:
         """``options`` with their types and ranges checked (API callers bypass the sliders and the
@@ -167,10 +170,11 @@ class OptionLimits:
         """The generation options among an endpoint's raw values, by parameter name (``steps``,
         ``guidance``, ``seed``, ``random_seed``, ``ref_acceleration``, ``record``, the focus's
         ``focus``, ``focus_levels``, ``focus_start``, ``focus_end`` and, where the endpoint has it,
-        ``repaint``), checked into ``check``."""
+        ``repaint``; ``samples``, 1 when an older caller sends none), checked into ``check``."""
         random_seed = check.flag("random_seed", values["random_seed"])
         raw = GenerateOptions(values["steps"], values["guidance"], None if random_seed is True else values["seed"],
-                              values["ref_acceleration"], values.get("repaint", False), values["record"])
+                              values["ref_acceleration"], values.get("repaint", False), values["record"],
+                              samples=values.get("samples", 1))
         checked = self.checked(raw, check)
         checked.attention_focus = self._focus(values, check)
         return checked
@@ -189,11 +193,15 @@ class OptionLimits:
     def checked(self, options: GenerateOptions, check: OptionCheck, names: OptionNames = API_NAMES) -> GenerateOptions:
         """``options`` checked into ``check`` (see ``check``)."""
         rescale = options.guidance_rescale
+        samples = check.integer(names.samples, options.samples, 1, self.samples_max)
+        # sample k is drawn with seed + k: the last seed must be a seed too
+        last_seed = self.seed_max - (samples - 1 if isinstance(samples, int) and 1 <= samples else 0)
         return replace(
             options,
             steps=check.integer(names.steps, options.steps, self.steps_min, self.steps_max),
             guidance_scale=check.number(names.guidance, options.guidance_scale, self.guidance_min, self.guidance_max),
-            seed=None if options.seed is None else check.integer(names.seed, options.seed, 0, self.seed_max),
+            seed=None if options.seed is None else check.integer(names.seed, options.seed, 0, last_seed),
+            samples=samples,
             ref_acceleration=check.flag(names.ref_acceleration, options.ref_acceleration),
             repaint=check.flag(names.repaint, options.repaint),
             record_attention=check.flag(names.record, options.record_attention),

@@ -18,7 +18,7 @@ from engine.options import MCLD_LIMITS, MODEL_LIMITS, OptionLimits
 from errors import OptionError
 from leffa.weights import ModelKind
 from mcld.weights import MCLD_FILES
-from preprocess.masks import TryOnModel
+from preprocess.masks import GarmentType, TryOnModel
 from preprocess.weights import MASK_ANALYSES, Analysis, analysis_files
 from weightfiles.manifest import HubFile
 
@@ -99,6 +99,7 @@ class ModelEntry:
     gpu_seconds: GpuSeconds
     limits: OptionLimits = MODEL_LIMITS
     mask_variant: TryOnModel | None = None  # try-on: the published preprocessing it was trained with
+    garments: tuple[GarmentType, ...] = ()  # try-on: the garment types it was trained on
 
     def files_for(self, analyses, own_checkpoint: bool = False) -> list[HubFile]:
         """The published files a run needs: those of ``analyses`` and, unless an own checkpoint
@@ -117,11 +118,11 @@ ENTRIES = (
     ModelEntry("virtual_tryon", Family.LEFFA, Task.TRYON, "Leffa try-on, VITON-HD (upper body)",
                (ModelKind.VITON_HD.file,), (*MASK_ANALYSES, Analysis.DENSEPOSE),
                _LEFFA, WeightSet.TRYON, _SD15,
-               mask_variant=TryOnModel.VITON_HD),
+               mask_variant=TryOnModel.VITON_HD, garments=(GarmentType.UPPER_BODY,)),
     ModelEntry("virtual_tryon_dc", Family.LEFFA, Task.TRYON, "Leffa try-on, DressCode (upper, lower, dresses)",
                (ModelKind.DRESS_CODE.file,), (*MASK_ANALYSES, Analysis.DENSEPOSE),
                _LEFFA, WeightSet.TRYON_DC, _SD15,
-               mask_variant=TryOnModel.DRESS_CODE),
+               mask_variant=TryOnModel.DRESS_CODE, garments=tuple(GarmentType)),
     ModelEntry("pose_transfer", Family.LEFFA, Task.POSE, "Leffa pose transfer (DeepFashion, SDXL-sized)",
                (ModelKind.POSE_TRANSFER.file,), (Analysis.DENSEPOSE,), _LEFFA, WeightSet.POSE, _SDXL),
     ModelEntry("mcld", Family.MCLD, Task.POSE, "MCLD pose transfer (DeepFashion, SD1.5-sized; face identity kept)",
@@ -155,6 +156,16 @@ def tryon_entry(variant: TryOnModel | str) -> ModelEntry:
     the first entry with that variant."""
     variant = TryOnModel(variant)
     return next(e for e in for_task(Task.TRYON) if e.mask_variant is variant)
+
+
+def garment_entry(variant: TryOnModel | str, garment_type: GarmentType | str) -> ModelEntry:
+    """The try-on model for one garment: the ``variant``'s model when it was trained on that garment
+    type, else the first model that was (VITON-HD knows upper-body garments only: a lower-body garment
+    or a dress goes to DressCode)."""
+    chosen, garment_type = tryon_entry(variant), GarmentType(garment_type)
+    if garment_type in chosen.garments:
+        return chosen
+    return next(e for e in for_task(Task.TRYON) if garment_type in e.garments)
 
 
 def pose_entry(name: str | ModelEntry | None = None) -> ModelEntry:

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
 from engine import inputs, registry, weights
-from engine.adapters import GenerationCall
+from engine.adapters import GenerationCall, Pictures
 from engine.cache import MemoryBudget, Model, ModelCache, estimated_budget
+from engine.outfit import Garment, GarmentPass, TryOnResult, TryOnSample, check_outfit, outfit_models, union_mask
 from engine.options import API_NAMES, MAX_SEED, GenerateOptions, OptionCheck, OptionLimits, OptionNames, ResultView
 from engine.progress import DENOISING, Progress, ShouldStop, never_stop, no_progress, step_callback
 from engine.registry import ModelEntry, WeightSet
@@ -28,16 +29,28 @@ from preprocess.images import MODEL_SIZE, load_image
 from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor, TryOnInputs
 from preprocess.masks import GarmentType, TryOnModel
 from preprocess.weights import MASK_ANALYSES, Analysis, analysis_files
+from runtime.memory import free_memory, samples_that_fit
 from weightfiles.manifest import HubFile
 
 
 @dataclass
 class Generation:
+    """One sample of a request."""
+
     image: Image.Image
     seed: int
     steps: int  # denoising steps run
     reference: Image.Image  # the garment / the kept person: what the attention looks at
-    recorder: Any  # the attention recording (the family's recorder), or None
+    recorder: Any  # the attention recording of the sample's batch (the family's recorder), or None
+    row: int = 0  # the sample's row in that recording's batch
+
+
+def _sample(pictures: Pictures, k: int) -> Image.Image:
+    return pictures[k] if isinstance(pictures, tuple) else pictures
+
+
+def _samples(pictures: Pictures, chunk: slice) -> Pictures:
+    return pictures[chunk] if isinstance(pictures, tuple) else pictures
 
 
 def loader(setup: ModelSetup, source: WeightSource, device: str | None = None):
@@ -173,6 +186,55 @@ class Engine:
         return inputs.pose_inputs(lambda: self.preprocessor, entry, person, target, densepose=densepose, size=size,
                                   view=view)
 
+    def tryon(self, person: ImageSource, garments: Sequence[Garment], model_type: TryOnModel | str,
+              options: GenerateOptions, *, keep_fixed_regions: bool = False, densepose: ImageSource | None = None,
+              mask: ImageSource | None = None, edited_mask: Image.Image | None = None,
+              size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS,
+              progress: Progress = no_progress, should_stop: ShouldStop = never_stop,
+              names: OptionNames = API_NAMES) -> TryOnResult:
+        """A try-on of one garment or an outfit (``engine.outfit``): ``options.samples`` samples, each
+        garment put on every sample in turn by the model trained on its type (``model_type``'s when it
+        is), the later garments masked on each sample's own picture after the garment before, with the
+        sample's seed. ``mask`` and ``densepose`` (made for the whole photo) and ``edited_mask`` (the
+        mask editor's, of the model's picture) are the first garment's. Everything is checked, and
+        every file fetched, before any work; the models take turns in the cache (one garment's pass
+        for all the samples, then the next)."""
+        types = check_outfit([g.garment_type for g in garments])
+        entries = outfit_models(model_type, types)
+        with OptionCheck() as check:
+            for entry in dict.fromkeys(entries):
+                options = self.checked(entry, options, check, names)
+        if len(entries) > 1 and tuple(size) != MODEL_SIZE:
+            raise OptionError("an outfit's later garments are masked automatically, which works at 768x1024: "
+                              "drop --size")
+        first_analyses = inputs.tryon_analyses(entries[0], mask is not None or edited_mask is not None,
+                                               densepose is not None)
+        inputs.check_size(first_analyses, size)
+        self.fetch(list(dict.fromkeys([*self.request_files(entries[0], first_analyses),
+                                       *(f for e in entries[1:] for f in self.request_files(e, e.analyses))])))
+        first = self.tryon_inputs(person, garments[0].image, entries[0].mask_variant, types[0], garments[0].cut_out,
+                                  keep_fixed_regions, densepose=densepose, mask=mask, size=size, view=view)
+        if edited_mask is not None:
+            first.mask = edited_mask
+        generations = self.generate(entries[0], first.person, first.garment, first.mask, first.densepose, options,
+                                    progress, should_stop, names)
+        passes = [[GarmentPass(entries[0], types[0], first)] for _ in generations]
+        options = replace(options, seed=generations[0].seed)  # every garment's pass: the samples' own seeds
+        for entry, garment in zip(entries[1:], garments[1:]):
+            later = [self.tryon_inputs(g.image, garment.image, entry.mask_variant, garment.garment_type,
+                                       garment.cut_out, keep_fixed_regions) for g in generations]
+            generations = self.generate(entry, *(tuple(getattr(i, name) for i in later)
+                                                 for name in ("person", "garment", "mask", "densepose")),
+                                        options, progress, should_stop, names)
+            for sample, sample_inputs in zip(passes, later):
+                sample.append(GarmentPass(entry, garment.garment_type, sample_inputs))
+        samples = []
+        for generation, sample_passes in zip(generations, passes):
+            blend = union_mask([p.inputs.mask for p in sample_passes])
+            samples.append(TryOnSample(self.answer(generation.image, first.framing, blend, view), generation,
+                                       sample_passes))
+        return TryOnResult(samples, first.framing)
+
     @staticmethod
     def answer(image: Image.Image, framing: Framing | None, mask: Image.Image, view: ResultView) -> Image.Image:
         """What a request answers with: in the photo view, the generated ``image`` blended back into
@@ -189,14 +251,16 @@ class Engine:
         for model in models or (registry.default_for(registry.Task.TRYON),):
             self.models.get(model)
 
-    def generate(self, model: Model, src: Image.Image, ref: Image.Image, mask: Image.Image,
-                 densepose: Image.Image, options: GenerateOptions, progress: Progress = no_progress,
-                 should_stop: ShouldStop = never_stop, names: OptionNames = API_NAMES,
-                 appearance: AppearanceInputs | None = None) -> Generation:
-        """Load the model if needed, denoise and decode, reporting each phase to ``progress``.
-        ``should_stop`` is asked before the model is loaded and after every denoising step: once it
-        says True, ``GenerationStopped`` is raised (the request was cancelled or its client left).
-        ``appearance``: the kept person's texture map and face, for a model that needs them (MCLD)."""
+    def generate(self, model: Model, src: Pictures, ref: Pictures, mask: Pictures, densepose: Pictures,
+                 options: GenerateOptions, progress: Progress = no_progress, should_stop: ShouldStop = never_stop,
+                 names: OptionNames = API_NAMES, appearance: AppearanceInputs | None = None) -> list[Generation]:
+        """``options.samples`` samples, sample k drawn with seed + k (a drawn seed when ``options.seed``
+        is None), in as few batches as memory allows (``samples_per_batch``); each equals the run of
+        its seed alone. Loads the model if needed, denoises and decodes, reporting each phase to
+        ``progress``. ``should_stop`` is asked before the model is loaded and after every denoising
+        step: once it says True, ``GenerationStopped`` is raised (the request was cancelled or its
+        client left). A picture is shared by the samples, or a tuple of one per sample. ``appearance``:
+        the kept person's texture map and face, for a model that needs them (MCLD)."""
         entry = registry.entry(model)
         options = self.check(entry, options, names)
         if inputs.needs_appearance(entry) and appearance is None:
@@ -205,16 +269,39 @@ class Engine:
         if should_stop():
             raise GenerationStopped("stopped before generating")
         loaded = self.models.get(entry, progress)
-        seed = random.randint(0, MAX_SEED) if options.seed is None else options.seed
-        call = GenerationCall(entry.name, src, ref, mask, densepose, options, seed,
-                              *((appearance.texture, appearance.face_embedding) if appearance is not None else ()))
-        if self.gpu is None:
-            progress(DENOISING, f"Denoising step 0/{options.steps}")
-            image, recorder = entry.adapter().generate(loaded, call, step_callback(progress, should_stop))
-        else:
-            progress(DENOISING, f"Denoising {options.steps} steps on a GPU")
-            image, recorder = self.gpu(call)
-        return Generation(image, seed, options.steps, ref, recorder)
+        seeds = self.seeds(options)
+        per_batch = self.samples_per_batch(entry, len(seeds))
+        extra = (appearance.texture, appearance.face_embedding) if appearance is not None else ()
+        generations = []
+        for start in range(0, len(seeds), per_batch):
+            chunk = slice(start, start + per_batch)
+            call = GenerationCall(entry.name, *(_samples(p, chunk) for p in (src, ref, mask, densepose)), options,
+                                  seeds[chunk], *extra)
+            if self.gpu is None:
+                progress(DENOISING, f"Denoising step 0/{options.steps}")
+                images, recorder = entry.adapter().generate(loaded, call, step_callback(progress, should_stop))
+            else:
+                progress(DENOISING, f"Denoising {options.steps} steps on a GPU")
+                images, recorder = self.gpu(call)
+            generations += [Generation(image, seed, options.steps, _sample(ref, start + row), recorder, row)
+                            for row, (image, seed) in enumerate(zip(images, call.seeds))]
+        return generations
+
+    @staticmethod
+    def seeds(options: GenerateOptions) -> tuple[int, ...]:
+        """The samples' seeds: ``options.seed`` (or a drawn one), + 1, + 2, ..."""
+        first = random.randint(0, MAX_SEED - options.samples + 1) if options.seed is None else options.seed
+        return tuple(range(first, first + options.samples))
+
+    def samples_per_batch(self, entry: ModelEntry, samples: int) -> int:
+        """How many samples to denoise in one batch: all of them with the tiny models and on an
+        on-demand GPU (lent whole per call), else as many as the free memory holds beside the loaded
+        model, by its estimated working memory per sample (``runtime.memory.samples_that_fit``)."""
+        if samples == 1 or self.tiny or self.gpu is not None:
+            return samples
+        setup = self.setup
+        need = entry.adapter().memory_need(setup.memory, setup.device, setup.dtype, setup.speed.fuse_qkv)
+        return samples_that_fit(need.working, free_memory(setup.device).device, samples)
 
     def generate_batch(self, model: Model, batch: dict[str, torch.Tensor], options: GenerateOptions,
                        generators: Sequence[torch.Generator]) -> list[Image.Image]:

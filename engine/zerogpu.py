@@ -45,9 +45,10 @@ class OnDemandGPU:
     def seconds(self, call: GenerationCall) -> int:
         """The GPU time to ask for (``spaces`` passes the decorated call's arguments)."""
         cost = registry.entry(call.model).gpu_seconds
-        return math.ceil(cost.fixed + call.options.steps * cost.per_step * PRESET_SLOWDOWN[self.setup.memory])
+        per_step = cost.per_step * len(call.seeds) * PRESET_SLOWDOWN[self.setup.memory]  # a batch: one step each
+        return math.ceil(cost.fixed + call.options.steps * per_step)
 
-    def _on_gpu(self, call: GenerationCall) -> tuple[Image.Image, Any]:
+    def _on_gpu(self, call: GenerationCall) -> tuple[list[Image.Image], Any]:
         adapter = registry.entry(call.model).adapter()
         loaded = self.models.get(call.model)  # loaded on the CPU before the call
         try:
@@ -56,5 +57,5 @@ class OnDemandGPU:
         finally:
             adapter.place(loaded, "cpu", self.setup)
 
-    def __call__(self, call: GenerationCall) -> tuple[Image.Image, Any]:
+    def __call__(self, call: GenerationCall) -> tuple[list[Image.Image], Any]:
         return self._run(call)

@@ -116,6 +116,12 @@ def free_memory(device: torch.device | str) -> FreeMemory:
     return FreeMemory(host, host)
 
 
+def samples_that_fit(working: int, free: int, samples: int) -> int:
+    """How many of ``samples`` to generate in one batch when each needs ``working`` bytes beyond the
+    loaded weights and ``free`` bytes are free (at least one: one alone is what a request needs)."""
+    return max(1, min(samples, free // max(working, 1)))
+
+
 def free_accelerator_memory() -> None:
     """Give memory back after dropping models or an out-of-memory error: collect the garbage
     (the dropped tensors) and return the CUDA caching allocator's free blocks to the device, so

@@ -305,7 +305,7 @@ def test_tryon_request_from_values():
     values = dict(zip(TRYON_PARAMETERS, [{"path": PERSON}, GARMENT, None, None, None, "dress_code", "lower_body",
                                          5, 1.5, 7.0, False, True, True, True, False, False, *FOCUS_OFF]))
     r = TryOnRequest.from_values(values, TINY_LIMITS)
-    assert (r.person, r.garment, r.mask_upload, r.entry.name) == (PERSON, GARMENT, None, ModelKind.DRESS_CODE)
+    assert (r.person, r.garment, r.mask_upload, r.model_type) == (PERSON, GARMENT, None, TryOnModel.DRESS_CODE)
     assert (r.model_type, r.garment_type) == (TryOnModel.DRESS_CODE, GarmentType.LOWER_BODY)  # enums, not strings
     assert (r.preprocess_garment, r.keep_fixed) == (True, False)
     o = r.options
@@ -541,7 +541,7 @@ def test_generate_reports_its_phases_and_stops_when_asked():
 
     engine = Engine(ModelCache(TINY_MODELS), preprocessor=None, limits=TINY_LIMITS)
     reports = []
-    gen = engine.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
+    (gen,) = engine.generate(ModelKind.VITON_HD, *_small_inputs(), GenerateOptions(steps=3),
                              progress=lambda fraction, desc: reports.append((fraction, desc)))
     assert gen.steps == 3 and gen.image.size == (48, 64)
     descs = [desc for _, desc in reports]

@@ -196,6 +196,13 @@ def test_given_inputs_need_no_preprocessor(tmp_path):
 
 
 # -- every family through the same path ----------------------------------------------------------------
+def _same_picture(a: Image.Image, b: Image.Image) -> bool:
+    """Equal but for float rounding: a batch's kernels round differently from one sample's (about 2e-6
+    here), which moves a pixel by at most one level now and then."""
+    diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    return diff.max() <= 1 and (diff > 0).mean() < 0.005
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_each_entry_generates_through_the_engine(tmp_path, name):
     """Each registry entry's tiny configuration: inputs, options, cache, adapter, seed; the same
@@ -218,11 +225,22 @@ def test_each_entry_generates_through_the_engine(tmp_path, name):
     supports = entry.supports
     options = GenerateOptions(steps=2, seed=3, ref_acceleration=supports.ref_acceleration,
                               record_attention=supports.attention_recording)
-    first, again = (engine.generate(entry, *images, options, appearance=appearance) for _ in range(2))
+    (first,), (again,) = (engine.generate(entry, *images, options, appearance=appearance) for _ in range(2))
     assert first.image.size == size and first.seed == 3
     assert first.recorder is None if not supports.attention_recording else first.recorder.steps() == [1]
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
     assert engine.models.loaded() == [name]
+    # variations: one batch, sample k drawn with seed + k, each equal to the run of its seed alone
+    samples = engine.generate(entry, *images, dataclasses.replace(options, samples=3), appearance=appearance)
+    (fourth,) = engine.generate(entry, *images, dataclasses.replace(options, seed=4), appearance=appearance)
+    assert [s.seed for s in samples] == [3, 4, 5] and [s.row for s in samples] == [0, 1, 2]
+    for sample, alone in ((samples[0], first), (samples[1], fourth)):  # equal up to float rounding in a batch
+        assert _same_picture(sample.image, alone.image)
+    assert not _same_picture(samples[1].image, samples[2].image)
+    if supports.attention_recording:  # one recording of the batch: sample k is its row k
+        assert samples[0].recorder is samples[2].recorder
+        name0 = samples[0].recorder.layers()[0]
+        assert samples[0].recorder.flow(1, name0).shape[0] == 3
     tensors = (_tensors(*images) if appearance is None else
                sample_tensors(images[1], appearance.texture, images[3], appearance.face_embedding))
     batch = engine.generate_batch(entry, {k: torch.stack([v] * 2) for k, v in tensors.items()},

@@ -230,15 +230,16 @@ def test_bad_photos_are_clear_messages(engine, tmp_path):
 def test_a_click_on_the_photo_maps_through_the_box_the_model_saw():
     from engine.service import Generation
     from errors import UserError
-    from webapp.components import Shown
+    from webapp.components import Sample, Shown
 
     gen = Generation(Image.new("RGB", MODEL_SIZE), 0, 1, Image.new("RGB", MODEL_SIZE), None)
-    shown = Shown(gen, Box(1000, 500, 1768, 1524))  # the photo is shown; the model saw this box of it
+    samples = (Sample(Image.new("RGB", (3000, 2000)), gen),)
+    shown = Shown(samples, Box(1000, 500, 1768, 1524))  # the photo is shown; the model saw this box of it
     assert shown.point(1384, 1012, on_result=True) == (0.5, 0.5)
     with pytest.raises(UserError, match="outside the part of your photo the model saw"):
         shown.point(0, 0, on_result=True)
     assert shown.point(384, 512, on_result=False) == (0.5, 0.5)  # on the model's picture itself
-    assert Shown(gen).point(384, 512, on_result=True) == (0.5, 0.5)  # the model's picture is shown
+    assert Shown(samples).point(384, 512, on_result=True) == (0.5, 0.5)  # the model's picture is shown
 
 
 def test_the_progress_says_how_long_is_left_once_steps_have_run():

@@ -376,11 +376,11 @@ def test_the_adapter_end_to_end_through_a_tiny_setup():
     rng = np.random.default_rng(0)
     picture = lambda: Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))
     call = GenerationCall("mcld", picture(), picture(), Image.new("L", (512, 512), 255), picture(),
-                          GenerateOptions(steps=2, guidance_scale=3.5), seed=3, texture=picture(),
+                          GenerateOptions(steps=2, guidance_scale=3.5), seeds=(3,), texture=picture(),
                           face_embedding=rng.standard_normal(512).astype(np.float32))
     seen = []
-    image, recording = adapter.generate(loaded, call, callback=lambda i, n: seen.append(i))
-    again, _ = adapter.generate(loaded, call)
+    (image,), recording = adapter.generate(loaded, call, callback=lambda i, n: seen.append(i))
+    (again,), _ = adapter.generate(loaded, call)
     assert image.size == (352, 512) and recording is None and seen == [1, 2]
     assert np.array_equal(np.asarray(image), np.asarray(again))
     source, texture, pose, face = _inputs(batch=2)

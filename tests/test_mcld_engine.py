@@ -87,8 +87,8 @@ def test_generation_through_the_tiny_model(engine):
     person, target = _people()
     p = engine.pose_inputs(person, target, view=ResultView.FRAMED, model=MCLD)
     options = GenerateOptions(steps=2, guidance_scale=3.5, seed=3)
-    a = engine.generate(MCLD, p.target, p.reference, p.mask, p.densepose, options, appearance=p.appearance)
-    b = engine.generate(MCLD, p.target, p.reference, p.mask, p.densepose, options, appearance=p.appearance)
+    (a,) = engine.generate(MCLD, p.target, p.reference, p.mask, p.densepose, options, appearance=p.appearance)
+    (b,) = engine.generate(MCLD, p.target, p.reference, p.mask, p.densepose, options, appearance=p.appearance)
     assert a.image.size == (352, 512) and a.seed == 3
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))  # the seed decides
     with pytest.raises(OptionError, match="needs the kept person's texture map and face"):

@@ -505,13 +505,15 @@ def test_on_spaces_generations_run_inside_spaces_gpu(monkeypatch):
         (str(device), len(spaces.calls))), real_place(device, *a, **k))[1])
     images = [Image.new("RGB", (48, 64), "gray"), Image.new("RGB", (48, 64), "red"), Image.new("L", (48, 64), 255),
               Image.new("RGB", (48, 64), "blue")]
-    gen = engine.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3, record_attention=True))
+    (gen,) = engine.generate(ModelKind.VITON_HD, *images, GenerateOptions(steps=3, record_attention=True))
     assert gen.image.size == (48, 64) and gen.recorder.steps() == [1, 2]  # the recording came back too
-    call = GenerationCall(ModelKind.VITON_HD, *images, GenerateOptions(steps=3), 42)
+    call = GenerationCall(ModelKind.VITON_HD, *images, GenerateOptions(steps=3), (42,))
     assert spaces.calls == [("enter", engine.gpu.seconds(call)), ("exit",)]
     assert placed == [("cpu", 1), ("cpu", 1)]  # onto the setup's device inside the call, back to the CPU after
-    call30 = GenerationCall(ModelKind.POSE_TRANSFER, *images, GenerateOptions(steps=30), 42)
+    call30 = GenerationCall(ModelKind.POSE_TRANSFER, *images, GenerateOptions(steps=30), (42,))
     assert engine.gpu.seconds(call30) == math.ceil(20 + 30 * 0.5 * 1.5)  # SDXL, balanced
+    call4 = GenerationCall(ModelKind.POSE_TRANSFER, *images, GenerateOptions(steps=30), (1, 2, 3, 4))
+    assert engine.gpu.seconds(call4) == math.ceil(20 + 30 * 0.5 * 4 * 1.5)  # a batch of 4: each step 4 times
 
 
 def test_on_spaces_the_app_loads_the_tryon_model_at_start(monkeypatch):

@@ -31,10 +31,10 @@ def colourize(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap_overlay(recorder: AttentionRecorder, step: int, layers: list[str], point: tuple[float, float],
-                    reference: Image.Image) -> Image.Image:
+                    reference: Image.Image, row: int = 0) -> Image.Image:
     """Mean attention of the query under ``point`` (fractions of width, height) over ``layers``,
-    as a JET heatmap blended onto ``reference``."""
-    maps = torch.stack([recorder.heatmap(step, name, [point])[0, 0].float() for name in layers]).mean(0)
+    as a JET heatmap blended onto ``reference``; ``row``: the sample's row of the recorded batch."""
+    maps = torch.stack([recorder.heatmap(step, name, [point])[row, 0].float() for name in layers]).mean(0)
     maps = maps / maps.max().clamp_min(1e-12)
     w, h = reference.size
     up = F.interpolate(maps[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
@@ -77,10 +77,10 @@ def mark_point(image: Image.Image, point: tuple[float, float]) -> Image.Image:
 
 
 def warped_reference(recorder: AttentionRecorder, step: int, layers: list[str],
-                     reference: Image.Image) -> Image.Image:
+                     reference: Image.Image, row: int = 0) -> Image.Image:
     """``reference`` resampled by the mean attention flow of ``layers``: each output pixel takes
-    the colour of where its query looked."""
-    flow = torch.stack([recorder.flow(step, name)[0].float() for name in layers]).mean(0)  # (h, w, 2)
+    the colour of where its query looked (``row``: the sample's row of the recorded batch)."""
+    flow = torch.stack([recorder.flow(step, name)[row].float() for name in layers]).mean(0)  # (h, w, 2)
     ref = torch.from_numpy(np.asarray(reference.convert("RGB"), np.float32) / 255).permute(2, 0, 1)[None]
     warped = warp_with_flow(ref, flow[None])
     return Image.fromarray((warped[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

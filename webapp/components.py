@@ -13,7 +13,8 @@ import html
 import logging
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -195,12 +196,37 @@ def stop_requested() -> ShouldStop:
 
 
 @dataclass(frozen=True)
-class Shown:
-    """A tab's result, for the attention panel: the ``generation`` and, when the result shown is the
-    person's photo, the ``box`` of it that the model's picture is (a click maps through it)."""
+class Sample:
+    """One sample of a tab's result: what it answers with (the photo, or the model's picture), its
+    generation, and the tab's own pictures of it (the try-on tab: an outfit's later passes)."""
 
+    answer: Image.Image
     generation: Generation
+    pictures: tuple = ()
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A tab's result, for the gallery, the attention panel and the chain buttons: its ``samples``,
+    the ``chosen`` one and, when the result shown is the person's photo, the ``box`` of it that the
+    model's picture is (a click maps through it)."""
+
+    samples: tuple[Sample, ...]
     box: Box | None = None
+    chosen: int = 0
+
+    @property
+    def sample(self) -> Sample:
+        return self.samples[self.chosen]
+
+    @property
+    def generation(self) -> Generation:
+        return self.sample.generation
+
+    def choose(self, index: int) -> Shown:
+        if not 0 <= index < len(self.samples):
+            raise UserError("Choose one of the samples in the gallery.")
+        return replace(self, chosen=index)
 
     def point(self, x: float, y: float, on_result: bool) -> tuple[float, float]:
         """A click at pixel (x, y), as a point of the model's picture in [0, 1]²; a click on the
@@ -216,15 +242,42 @@ class Shown:
         return min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)
 
 
-def attention_outputs(gen: Generation, shown_box: Box | None = None):
-    """(state, layer-group dropdown, step dropdown) after a generation. The steps are listed
-    1-based as the progress counts them ("2/4": after the second of four steps); their values are
-    the recorder's 0-based step indices."""
+def gallery_value(samples: Sequence[Sample]) -> list[tuple[Image.Image, str]]:
+    """The samples as the gallery shows them (and the API returns them): each answer with its seed."""
+    return [(s.answer, f"seed {s.generation.seed}") for s in samples]
+
+
+def result_outputs(samples: Sequence[Sample], shown_box: Box | None = None):
+    """(result, seed used, state, layer-group dropdown, step dropdown, gallery) after a generation:
+    the first sample chosen. The steps are listed 1-based as the progress counts them ("2/4": after
+    the second of four steps); their values are the recorder's 0-based step indices."""
+    state = Shown(tuple(samples), shown_box)
+    gen = state.generation
+    gallery = gr.update(value=gallery_value(samples), visible=len(samples) > 1, selected_index=0)
     if gen.recorder is None:
-        return None, gr.update(choices=[], value=None), gr.update(choices=[], value=None)
-    groups = list(layer_groups(gen.recorder))
-    steps = [(f"{step + 1}/{gen.steps}", step) for step in gen.recorder.steps()]
-    return Shown(gen, shown_box), gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
+        dropdowns = gr.update(choices=[], value=None), gr.update(choices=[], value=None)
+    else:
+        groups = list(layer_groups(gen.recorder))
+        steps = [(f"{step + 1}/{gen.steps}", step) for step in gen.recorder.steps()]
+        dropdowns = gr.update(choices=groups, value=groups[0]), gr.update(choices=steps, value=steps[-1][1])
+    return state.sample.answer, gen.seed, state, *dropdowns, gallery
+
+
+@user_errors
+def choose_sample(state: Shown | None, evt: gr.SelectData):
+    """A sample clicked in the gallery becomes the result: (result, seed used, state, its pictures)."""
+    if state is None:
+        raise UserError("Generate first.")
+    chosen = state.choose(evt.index)
+    return chosen.sample.answer, chosen.generation.seed, chosen, *chosen.sample.pictures
+
+
+@user_errors
+def chosen_result(state: Shown | None) -> Image.Image:
+    """The chosen sample's answer (what the chain buttons pass on)."""
+    if state is None:
+        raise UserError("Generate a result first.")
+    return state.sample.answer
 
 
 def _recorded(state: Shown | None) -> Shown:
@@ -241,7 +294,8 @@ def show_attention(state: Shown | None, group, step, evt: gr.SelectData, on_resu
     state = _recorded(state)
     gen = state.generation
     point = state.point(*evt.index, on_result)
-    heat = heatmap_overlay(gen.recorder, int(step), layer_groups(gen.recorder)[group], point, gen.reference)
+    heat = heatmap_overlay(gen.recorder, int(step), layer_groups(gen.recorder)[group], point, gen.reference,
+                           gen.row)
     return mark_point(gen.image, point), with_colour_legend(heat)
 
 
@@ -254,7 +308,7 @@ def show_attention_on_result(state: Shown | None, group, step, evt: gr.SelectDat
 def warp(state: Shown | None, group, step):
     """The reference warped by the attention flow."""
     gen = _recorded(state).generation
-    return warped_reference(gen.recorder, int(step), layer_groups(gen.recorder)[group], gen.reference)
+    return warped_reference(gen.recorder, int(step), layer_groups(gen.recorder)[group], gen.reference, gen.row)
 
 
 def framing_preview(*framings: Framing | None) -> Image.Image | None:
@@ -292,6 +346,8 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
     with gr.Row():
         c["seed"] = gr.Number(limits.seed_default, precision=0, minimum=0, maximum=limits.seed_max, label="Seed")
         c["random_seed"] = gr.Checkbox(False, label="Random seed")
+    c["samples"] = gr.Slider(1, limits.samples_max, value=1, step=1, label="Samples",
+                             info="Variations to choose from: sample k uses seed + k (one batch where memory allows)")
     c["ref_acceleration"] = gr.Checkbox(False, label="Reference acceleration (~30% faster, may slightly reduce quality)")
     if with_repaint:
         c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
@@ -315,10 +371,24 @@ class ResultColumn:
     seed_used: gr.Number  # hidden until a generation has reported its seed
     run: gr.Button
     stop: gr.Button
+    gallery: gr.Gallery  # the samples, shown when there are several
+    state: gr.State  # the result shown (``Shown``)
+    chains: dict[str, gr.Button]  # the buttons that pass the chosen result on, by key
 
 
-def input_row(prefix: str, *uploads_spec: tuple[str, str, str]) -> tuple[list[gr.Image], ResultColumn]:
-    """Uploads with their example galleries, and the result column.
+@dataclass(frozen=True)
+class TabParts:
+    """What a tab shows the others: the upload a chained result goes into, and its result column."""
+
+    person: gr.Image
+    column: ResultColumn
+
+
+def input_row(prefix: str, *uploads_spec: tuple[str, str, str],
+              chains: Sequence[tuple[str, str]] = ()) -> tuple[list[gr.Image], ResultColumn]:
+    """Uploads with their example galleries, and the result column: the result, Generate and Stop,
+    the seed used, the samples' gallery and the ``chains`` buttons ((key, label) each: they pass the
+    chosen result on; the tab wires them).
 
     ``uploads_spec``: (label, examples folder, element-id suffix) per upload."""
     uploads = []
@@ -336,14 +406,19 @@ def input_row(prefix: str, *uploads_spec: tuple[str, str, str]) -> tuple[list[gr
                 stop = gr.Button("Stop", variant="secondary", interactive=False, elem_id=f"{prefix}-stop", scale=1)
             seed_used = gr.Number(label="Seed used", interactive=False, precision=0, visible=False,
                                   elem_id=f"{prefix}-seed")
-    return uploads, ResultColumn(result, seed_used, run, stop)
+            gallery = gr.Gallery(label="Samples: click one to make it the result", columns=4, height=220,
+                                 visible=False, allow_preview=False, format="png", elem_id=f"{prefix}-samples")
+            with gr.Row():
+                buttons = {key: gr.Button(label, size="sm", elem_id=f"{prefix}-{key}") for key, label in chains}
+    return uploads, ResultColumn(result, seed_used, run, stop, gallery, gr.State(None), buttons)
 
 
 def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.components.Component], outputs: list,
-                    api_name: str, intermediates: gr.Accordion) -> None:
+                    api_name: str, intermediates: gr.Accordion, sample_pictures: Sequence[gr.Image] = ()) -> None:
     """``column.run`` runs ``handler`` (in the one model slot); ``column.stop``, quiet until then,
     cancels it (the handler stops at its next denoising step); the seed shows and the
-    ``intermediates`` open once a generation succeeds; a refused one leaves no error mark on the result."""
+    ``intermediates`` open once a generation succeeds; a refused one leaves no error mark on the result.
+    A sample clicked in the gallery becomes the result, with its ``sample_pictures`` (``Sample.pictures``)."""
     column.run.click(_stop_ready, None, column.stop, queue=False, api_visibility="private")
     event = column.run.click(handler, inputs_kwargs=inputs, outputs=[column.image, column.seed_used, *outputs],
                              api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
@@ -351,6 +426,8 @@ def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.componen
                   api_visibility="private")
     event.failure(_unchanged, None, [column.image, column.stop], queue=False, api_visibility="private")
     column.stop.click(_stop_quiet, None, column.stop, cancels=[event], queue=False, api_visibility="private")
+    column.gallery.select(choose_sample, column.state, [column.image, column.seed_used, column.state, *sample_pictures],
+                          queue=False, api_visibility="private")
 
 
 def _reveal():

@@ -20,14 +20,15 @@ from errors import UserError
 from preprocess.framing import Box, box_drawn
 from preprocess.inputs import PoseInputs
 from preprocess.openpose import NoPersonError
-from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, attention_outputs,
-                               attention_panel, framing_preview, generation_options, input_row, intermediate, need,
-                               notice_tab, reporter, say_who_was_framed, stop_requested, tab_limits, task_notice,
-                               upload_path, user_errors, wire_generation)
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, Sample, TabParts,
+                               attention_panel, chosen_result, framing_preview, generation_options, input_row,
+                               intermediate, need, notice_tab, reporter, result_outputs, say_who_was_framed,
+                               stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
 
 POSE_HELP = """Upload the person to keep and a person in the target pose (or, under the photos, the target's
 DensePose IUV image), then **Generate**. To see where a point of the result looked in the person, tick
-*Record attention maps* (advanced options) before generating, then click the result."""
+*Record attention maps* (advanced options) before generating, then click the result. Ask for several samples to
+choose from; pass the chosen result on with *Use as person to keep* or *Send to try-on*."""
 MODEL_HELP = ("Leffa keeps the person through attention to the photo; MCLD (SD1.5-sized, less memory) through "
               "a texture map of the body and the identity of the face.")
 # what to do when DensePose finds nobody in the target photo: this tab's own upload field
@@ -69,7 +70,8 @@ class PoseRequest:
 
 
 POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS,
-                   "result", "model")
+                   "result", "model", "samples")
+CHAINS = (("use-person", "Use as person to keep"), ("to-tryon", "Send to try-on"))
 
 
 @user_errors
@@ -86,11 +88,12 @@ def pose_transfer(engine: Engine, progress=gr.Progress(track_tqdm=True), **value
             raise
         raise NoPersonError(f"{str(e).rstrip('.')}.\n{POSE_DENSEPOSE_HINT}") from None
     say_who_was_framed(inputs.reference_framing, inputs.target_framing)
-    gen = engine.generate(request.model, inputs.target, inputs.reference, inputs.mask, inputs.densepose,
-                          request.options, reporter(progress), should_stop, appearance=inputs.appearance)
+    generations = engine.generate(request.model, inputs.target, inputs.reference, inputs.mask, inputs.densepose,
+                                  request.options, reporter(progress), should_stop, appearance=inputs.appearance)
     texture, face = appearance_previews(inputs)
-    return (gen.image, gen.seed, inputs.densepose, *attention_outputs(gen),
-            framing_preview(inputs.reference_framing, inputs.target_framing), texture, face)
+    answer, seed, state, group, step, gallery = result_outputs([Sample(g.image, g) for g in generations])
+    return (answer, seed, inputs.densepose, state, group, step,
+            framing_preview(inputs.reference_framing, inputs.target_framing), texture, face, gallery)
 
 
 def appearance_previews(inputs: PoseInputs) -> tuple[Image.Image | None, Image.Image | None]:
@@ -118,14 +121,16 @@ def model_changed(engine: Engine, name: str):
             gr.update(visible=needs_appearance(model)))  # the texture map and face intermediates
 
 
-def build_pose_tab(engine: Engine) -> None:
+def build_pose_tab(engine: Engine) -> TabParts:
+    """The tab; returns its person upload and result column (the demo wires the chains across tabs)."""
     with gr.Tab("Pose transfer", id="pose"):
         gr.Markdown(POSE_HELP)
         notice_tab(task_notice(engine, Task.POSE), "pose-weights")
-        state = gr.State(None)
         c = {}
         (c["person"], c["target"]), column = input_row(
-            "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"))
+            "pose", ("Person to keep", "person", "person"), ("Person in the target pose", "pose", "target"),
+            chains=CHAINS)
+        state = column.state
         c["densepose_upload"] = gr.Image(label="…or the target pose as a DensePose IUV image (optional: replaces "
                                                "the target photo's)", type="filepath", height=INTERMEDIATE_HEIGHT,
                                          elem_id="pose-densepose-upload")
@@ -147,4 +152,7 @@ def build_pose_tab(engine: Engine) -> None:
                        appearance_row],
                       queue=False, api_visibility="private")
     wire_generation(column, functools.partial(pose_transfer, engine), {name: c[name] for name in POSE_PARAMETERS},
-                    [densepose, state, group, step, framing, texture, face], "pose_transfer", intermediates)
+                    [densepose, state, group, step, framing, texture, face, column.gallery], "pose_transfer",
+                    intermediates)
+    column.chains["use-person"].click(chosen_result, state, c["person"], api_visibility="private")
+    return TabParts(c["person"], column)

@@ -12,20 +12,25 @@ from PIL import Image
 
 from engine import registry
 from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultView
-from engine.registry import ModelEntry, Task
+from engine.outfit import Garment, TryOnSample, check_outfit
+from engine.registry import Task
 from engine.service import Engine
-from errors import UserError
+from errors import OptionError, UserError
 from preprocess.images import fit_label_image, fit_to_canvas, load_image
 from preprocess.masks import GarmentType, TryOnModel
-from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, attention_outputs,
-                               attention_panel, framing_preview, generation_options, input_row, intermediate, need,
-                               notice_tab, reporter, say_who_was_framed, stop_requested, tab_limits, task_notice,
-                               upload_path, user_errors, wire_generation)
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, Sample, TabParts,
+                               attention_panel, chosen_result, framing_preview, generation_options, input_row,
+                               intermediate, need, notice_tab, reporter, result_outputs, say_who_was_framed,
+                               stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
 
 MASK_COLOUR = (255, 0, 255)
 TRYON_HELP = """Upload a person and a garment, check the mask (paint to add, erase to remove), then **Generate**.
 To see where a point of the result looked in the garment, tick *Record attention maps* (advanced options)
-before generating, then click the result."""
+before generating, then click the result. Add a second garment for an outfit; ask for several samples to choose from;
+pass the chosen result on with *Use as person* (another garment) or *Send to pose transfer*."""
+OUTFIT_HELP = ("Put on after the first garment, masked on its result. Each garment goes to the model trained on "
+               "its type (VITON-HD: upper body; DressCode: upper, lower, dresses). An upper and a lower garment; "
+               "a dress alone.")
 
 
 def editor_value(person: Image.Image, mask: Image.Image) -> dict:
@@ -71,6 +76,8 @@ class TryOnRequest:
     keep_fixed: bool  # never mask other clothes, shoes and hands
     options: GenerateOptions
     view: ResultView  # the photo (default), the framed picture, or the canvas
+    garment2: str | None = None  # an outfit's second garment, put on after the first
+    garment2_type: GarmentType = GarmentType.LOWER_BODY
 
     @classmethod
     def from_values(cls, values: dict[str, Any], limits: OptionLimits) -> TryOnRequest:
@@ -86,16 +93,28 @@ class TryOnRequest:
                        check.flag("keep_fixed", values["keep_fixed"]))
             options = limits.options(values, check)
             view = check.choice("result", ResultView, values.get("result", ResultView.PHOTO.value))  # appended last
-        return cls(*uploads, *choices, options, view)
+            garment2 = upload_path(values.get("garment2"), "second garment photo")
+            garment2_type = check.choice("garment2_type", GarmentType,
+                                         values.get("garment2_type") or GarmentType.LOWER_BODY.value)
+            if garment2 is not None and not check.problems:
+                try:
+                    check_outfit([choices[1], garment2_type], what="garment (garment2_type)")
+                except OptionError as e:
+                    check.problems.append(str(e))
+        return cls(*uploads, *choices, options, view, garment2, garment2_type)
 
     @property
-    def entry(self) -> ModelEntry:
-        return registry.tryon_entry(self.model_type)
+    def garments(self) -> list[Garment]:
+        """The garments, in the order they are put on."""
+        pieces = [(self.garment, self.garment_type)] + ([(self.garment2, self.garment2_type)] if self.garment2 else [])
+        return [Garment(image, kind, self.preprocess_garment) for image, kind in pieces]
 
 
+# the later additions last, so that the parameters before keep their positions
 TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
                     *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record",
-                    *FOCUS_PARAMETERS, "result")
+                    *FOCUS_PARAMETERS, "result", "samples", "garment2", "garment2_type")
+CHAINS = (("use-person", "Use as person"), ("to-pose", "Send to pose transfer"))
 RESULT_CHOICES = [("Your photo, at its own size (the garment blended in)", ResultView.PHOTO.value),
                   ("The model's 768×1024 picture, framed around the person", ResultView.FRAMED.value),
                   ("The whole photo fitted onto 768×1024 (as the original app)", ResultView.CANVAS.value)]
@@ -142,28 +161,44 @@ def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
     progress(0.0, desc="Preprocessing the photos")
     # an uploaded mask or DensePose image was made for the whole photo: then the engine fits it whole
     # (as the mask editor did, compute_mask), else it frames the photo around the person
-    inputs = engine.tryon_inputs(request.person, request.garment, request.model_type, request.garment_type,
-                                 request.preprocess_garment, request.keep_fixed, densepose=request.densepose_upload,
-                                 mask=request.mask_upload, view=request.view)
-    mask = inputs.mask if request.mask_upload is not None else mask_from_editor(request.editor) or inputs.mask
-    gen = engine.generate(request.entry, inputs.person, inputs.garment, mask, inputs.densepose, request.options,
-                          reporter(progress), should_stop)
-    framing = inputs.framing
-    answer = engine.answer(gen.image, framing, mask, request.view)
+    edited = None if request.mask_upload is not None else mask_from_editor(request.editor)
+    result = engine.tryon(request.person, request.garments, request.model_type, request.options,
+                          keep_fixed_regions=request.keep_fixed, densepose=request.densepose_upload,
+                          mask=request.mask_upload, edited_mask=edited, view=request.view,
+                          progress=reporter(progress), should_stop=should_stop)
+    framing, first = result.framing, result.samples[0].passes[0].inputs
     say_who_was_framed(framing)
-    shown = framing.box if answer is not gen.image else None  # the photo is shown: clicks map through the box
-    return (answer, gen.seed, inputs.parsing, inputs.pose_image, mask, inputs.densepose,
-            *attention_outputs(gen, shown), framing_preview(framing))
+    photo_shown = request.view is ResultView.PHOTO and framing is not None  # clicks map through the box
+    samples = [Sample(s.answer, s.generation, later_pass_pictures(s)) for s in result.samples]
+    answer, seed, state, group, step, gallery = result_outputs(samples, framing.box if photo_shown else None)
+    return (answer, seed, first.parsing, first.pose_image, first.mask, first.densepose, state, group, step,
+            framing_preview(framing), gallery, gr.update(visible=len(request.garments) > 1), *samples[0].pictures)
 
 
-def build_tryon_tab(engine: Engine) -> None:
+def later_pass_pictures(sample: TryOnSample) -> tuple:
+    """The second garment's parsing, mask and DensePose image of a sample (None each: one garment)."""
+    if len(sample.passes) < 2:
+        return None, None, None
+    later = sample.passes[1].inputs
+    return later.parsing, later.mask, later.densepose
+
+
+def build_tryon_tab(engine: Engine) -> TabParts:
+    """The tab; returns its person upload and result column (the demo wires the chains across tabs)."""
     with gr.Tab("Virtual try-on", id="tryon"):
         gr.Markdown(TRYON_HELP)
         notice_tab(task_notice(engine, Task.TRYON), "tryon-weights")
-        state = gr.State(None)
         c = {}
         (c["person"], c["garment"]), column = input_row(
-            "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"))
+            "tryon", ("Person", "person", "person"), ("Garment", "garment", "garment"), chains=CHAINS)
+        state = column.state
+        with gr.Accordion("Outfit: a second garment, put on after the first", open=False):
+            with gr.Row():
+                c["garment2"] = gr.Image(label="Second garment (optional)", type="filepath", height=260,
+                                         elem_id="tryon-garment2")
+                c["garment2_type"] = gr.Radio([(g.label, g.value) for g in GarmentType],
+                                              value=GarmentType.LOWER_BODY.value, label="Second garment type",
+                                              info=OUTFIT_HELP)
         with gr.Accordion("Mask and DensePose", open=True), gr.Row():
             with gr.Column(visible=False) as mask_editor:  # shown once there is a person; the uploads stay
                 c["editor"] = gr.ImageEditor(
@@ -193,6 +228,9 @@ def build_tryon_tab(engine: Engine) -> None:
             framing = intermediate("Framing: the box of your photo the model sees", "tryon-framing")
             parsing, keypoints = intermediate("Human parsing"), intermediate("Keypoints")
             mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
+        with gr.Row(visible=False) as second_row:  # an outfit's second garment: on the chosen sample
+            second = (intermediate("Second garment: human parsing of the first one's result"),
+                      intermediate("Second garment: mask used"), intermediate("Second garment: DensePose"))
         group, step = attention_panel(column.image, state, "garment")
 
     mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed", "result", "mask_upload",
@@ -204,4 +242,7 @@ def build_tryon_tab(engine: Engine) -> None:
     clear.click(photo_without_strokes, [c["person"], c["editor"]], c["editor"], api_visibility="private",
                 preprocess=False)
     wire_generation(column, functools.partial(tryon, engine), {name: c[name] for name in TRYON_PARAMETERS},
-                    [parsing, keypoints, mask_used, densepose, state, group, step, framing], "tryon", intermediates)
+                    [parsing, keypoints, mask_used, densepose, state, group, step, framing, column.gallery,
+                     second_row, *second], "tryon", intermediates, sample_pictures=second)
+    column.chains["use-person"].click(chosen_result, state, c["person"], api_visibility="private")
+    return TabParts(c["person"], column)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.service import Engine
-from webapp.components import EXAMPLES, ROOT
+from webapp.components import EXAMPLES, ROOT, TabParts, chosen_result
 from webapp.pose_tab import build_pose_tab
 from webapp.tryon_tab import build_tryon_tab
 
@@ -42,9 +42,18 @@ def create_demo(engine: Engine) -> gr.Blocks:
         gr.Markdown(header(engine.tiny))
         if engine.tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
-        build_tryon_tab(engine)
-        build_pose_tab(engine)
+        with gr.Tabs() as tabs:
+            tryon = build_tryon_tab(engine)
+            pose = build_pose_tab(engine)
+        chain(tryon.column.chains["to-pose"], tryon, pose, tabs, "pose")
+        chain(pose.column.chains["to-tryon"], pose, tryon, tabs, "tryon")
     return demo
+
+
+def chain(button: gr.Button, source: TabParts, target: TabParts, tabs: gr.Tabs, tab_id: str) -> None:
+    """``button`` puts ``source``'s chosen result into ``target``'s person upload and opens its tab."""
+    button.click(lambda state: (chosen_result(state), gr.Tabs(selected=tab_id)), source.column.state,
+                 [target.person, tabs], api_visibility="private")
 
 
 def launch(demo: gr.Blocks, settings, **kwargs):

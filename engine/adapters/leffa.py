@@ -44,16 +44,17 @@ class Adapter:
         loaded.model.place(device, setup.dtype, memory=setup.memory)  # its speed options stay
 
     def generate(self, loaded: LeffaPipeline, call: GenerationCall,
-                 callback: StepCallback | None = None) -> tuple[Image.Image, AttentionRecorder | None]:
-        """The generated image, and the attention recording if asked (the middle and the last step,
-        every layer, float16 on the CPU)."""
+                 callback: StepCallback | None = None) -> tuple[list[Image.Image], AttentionRecorder | None]:
+        """The generated images, and the attention recording if asked (the middle and the last step,
+        every layer, float16 on the CPU; sample k is its batch row k)."""
         options, recorder = call.options, None
         if options.record_attention:
             n = options.steps
             recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
-        out = loaded(call.src, call.ref, call.mask, call.densepose, generator=torch.Generator().manual_seed(call.seed),
-                     attention_recorder=recorder, callback=callback, **_pipeline_options(options))
-        return out.images[0], recorder
+        out = loaded(*(call.batch(p) for p in (call.src, call.ref, call.mask, call.densepose)),
+                     generator=call.generators(), attention_recorder=recorder, callback=callback,
+                     **_pipeline_options(options))
+        return out.images, recorder
 
     def generate_batch(self, loaded: LeffaPipeline, inputs: dict[str, torch.Tensor], options: GenerateOptions,
                        generators: Sequence[torch.Generator]) -> list[Image.Image]:

@@ -57,19 +57,22 @@ class Adapter:
         loaded.model.place(device, setup.dtype, memory=setup.memory)
 
     def generate(self, loaded: MCLDPipeline, call: GenerationCall,
-                 callback: StepCallback | None = None) -> tuple[Image.Image, None]:
-        """The generated picture (``ref``'s size); MCLD records no attention."""
+                 callback: StepCallback | None = None) -> tuple[list[Image.Image], None]:
+        """The generated pictures, one per seed (352×512); MCLD records no attention."""
         if call.texture is None:
             raise UserError(f"{self.entry.name} needs the kept person's texture map")
-        size = loaded.model.config.image_size
-        source, texture, pose = (model_image(i) for i in (call.ref, call.texture, call.densepose))
-        source, texture = _fit(source, size, Image.BICUBIC), _fit(texture, size, Image.BICUBIC)
-        pose = _fit(pose, size, Image.NEAREST)
+        size, n = loaded.model.config.image_size, len(call.seeds)
+
+        def fitted(picture: Image.Image, resample: int) -> Image.Image:
+            return _fit(model_image(picture), size, resample)
+
+        source, pose = (call.batch(tuple(fitted(p, resample) for p in call.per_sample(pictures)))
+                        for pictures, resample in ((call.ref, Image.BICUBIC), (call.densepose, Image.NEAREST)))
+        texture = call.batch(fitted(call.texture, Image.BICUBIC))
         face = np.zeros(FACE_DIM, np.float32) if call.face_embedding is None else call.face_embedding
-        out = loaded(source, texture, pose, np.asarray(face, np.float32).reshape(1, -1),
-                     generator=torch.Generator().manual_seed(call.seed), callback=callback,
-                     **_pipeline_options(call.options))
-        return _answers(out.tensors)[0], None
+        out = loaded(source, texture, pose, np.repeat(np.asarray(face, np.float32).reshape(1, -1), n, axis=0),
+                     generator=call.generators(), callback=callback, **_pipeline_options(call.options))
+        return _answers(out.tensors), None
 
     def generate_batch(self, loaded: MCLDPipeline, inputs: dict[str, torch.Tensor], options: GenerateOptions,
                        generators: Sequence[torch.Generator]) -> list[Image.Image]:
