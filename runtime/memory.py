@@ -119,7 +119,7 @@ def free_memory(device: torch.device | str) -> FreeMemory:
 def samples_that_fit(working: int, free: int, samples: int) -> int:
     """How many of ``samples`` to generate in one batch when each needs ``working`` bytes beyond the
     loaded weights and ``free`` bytes are free (at least one: one alone is what a request needs)."""
-    return max(1, min(samples, free // max(working, 1)))
+    return samples if working <= 0 else max(1, min(samples, free // working))
 
 
 def free_accelerator_memory() -> None:

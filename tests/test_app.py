@@ -56,7 +56,7 @@ def submit_tryon(client, steps=STEPS, **overrides):
 
     values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
                                          "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF,
-                                         "canvas"]))
+                                         "canvas", 1, None, "lower_body"]))
     values.update(overrides)
     return client.submit(*values.values(), api_name="/tryon")
 

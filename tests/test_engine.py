@@ -198,9 +198,10 @@ def test_given_inputs_need_no_preprocessor(tmp_path):
 # -- every family through the same path ----------------------------------------------------------------
 def _same_picture(a: Image.Image, b: Image.Image) -> bool:
     """Equal but for float rounding: a batch's kernels round differently from one sample's (about 2e-6
-    here), which moves a pixel by at most one level now and then."""
+    in float at 48x64), which moves a value by one level now and then (1 % of them at 768x1024 through
+    the random tiny models); two different samples differ by far more."""
     diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
-    return diff.max() <= 1 and (diff > 0).mean() < 0.005
+    return diff.max() <= 1 and (diff > 0).mean() < 0.02
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -253,7 +253,7 @@ def result_outputs(samples: Sequence[Sample], shown_box: Box | None = None):
     the second of four steps); their values are the recorder's 0-based step indices."""
     state = Shown(tuple(samples), shown_box)
     gen = state.generation
-    gallery = gr.update(value=gallery_value(samples), visible=len(samples) > 1, selected_index=0)
+    gallery = gallery_value(samples)  # a plain value for API callers; shown by ``_gallery_shown``
     if gen.recorder is None:
         dropdowns = gr.update(choices=[], value=None), gr.update(choices=[], value=None)
     else:
@@ -424,6 +424,7 @@ def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.componen
                              api_name=api_name, api_description=False, preprocess=False, concurrency_id=MODEL_SLOT)
     event.success(_reveal, None, [column.seed_used, intermediates, column.stop], queue=False,
                   api_visibility="private")
+    event.success(_gallery_shown, column.state, column.gallery, queue=False, api_visibility="private")
     event.failure(_unchanged, None, [column.image, column.stop], queue=False, api_visibility="private")
     column.stop.click(_stop_quiet, None, column.stop, cancels=[event], queue=False, api_visibility="private")
     column.gallery.select(choose_sample, column.state, [column.image, column.seed_used, column.state, *sample_pictures],
@@ -432,6 +433,12 @@ def wire_generation(column: ResultColumn, handler, inputs: dict[str, gr.componen
 
 def _reveal():
     return gr.update(visible=True), gr.update(open=True), _stop_quiet()
+
+
+def _gallery_shown(state: Shown | None):
+    """The samples' gallery, shown when there are several to choose from, the first one chosen."""
+    several = state is not None and len(state.samples) > 1
+    return gr.update(visible=several, selected_index=0 if several else None)
 
 
 def _unchanged():
