@@ -88,7 +88,7 @@ def test_tryon_answers_with_the_photo_by_default(client, tmp_path):
     result = pixels(out[0])
     assert result.shape == (1000, 1500, 3)
     assert np.array_equal(result[:, :600], np.asarray(photo)[:, :600])  # far from the person: the photo itself
-    assert Image.open(out[-1]).size[0] > Image.open(out[-1]).size[1]  # the framing preview: the landscape photo
+    assert Image.open(out[8]).size[0] > Image.open(out[8]).size[1]  # the framing preview: the landscape photo
     framed = tryon(client, person=str(tmp_path / "landscape.png"), result="framed")
     assert Image.open(framed[0]).size == (768, 1024)
 
@@ -144,7 +144,7 @@ def test_pose_endpoint_runs_mcld_and_shows_its_texture_map_and_face(client):
     out = client.predict(handle_file(PERSON), handle_file(str(ROOT / "examples/pose/astronaut_mirrored.png")), None,
                          STEPS, 3.5, 7, False, False, False, *FOCUS_OFF, "framed", "mcld", api_name="/pose_transfer")
     assert Image.open(out[0]).size == (352, 512) and out[1] == 7
-    texture, face = out[-2:]
+    texture, face = out[-3:-1]  # before the gallery, the last output
     assert Image.open(texture).size == (512, 512) and Image.open(face).size[1] > 0
 
 
@@ -190,7 +190,7 @@ def test_api_refuses_nan_sent_as_raw_json(app_url):
     with open(PERSON, "rb") as f:
         (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
     photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
-    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer"]}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1]}}'
     event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
     answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
@@ -201,9 +201,9 @@ def test_what_gradio_itself_refuses_reaches_a_raw_client_with_a_message(app_url)
     import httpx
 
     api = app_url + "gradio_api"
-    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 15, got: 4)"),
+    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 16, got: 4)"),
                           ('[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, null, null, 30, 2.5, 42, '
-                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer"]', "/etc/hostname")):
+                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1]', "/etc/hostname")):
         event = httpx.post(f"{api}/call/pose_transfer", content=f'{{"data": {data}}}',
                            headers={"content-type": "application/json"})
         answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
@@ -268,9 +268,14 @@ def test_endpoint_parameters_are_the_documented_ones(client):
     focus = ["focus", "focus_levels", "focus_start", "focus_end"]
     assert names["/tryon"] == ["person", "garment", "editor", "mask_upload", "densepose_upload", "model_type",
                                "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
-                               "repaint", "preprocess_garment", "keep_fixed", "record", *focus, "result"]
+                               "repaint", "preprocess_garment", "keep_fixed", "record", *focus, "result",
+                               "samples", "garment2", "garment2_type"]
     assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
-                                       "random_seed", "ref_acceleration", "record", *focus, "result", "model"]
+                                       "random_seed", "ref_acceleration", "record", *focus, "result", "model",
+                                       "samples"]
+    # what came after the first release may be left out by a client written before it
+    optional = {p["parameter_name"] for p in api["/tryon"]["parameters"] if p["parameter_has_default"]}
+    assert {"samples", "garment2", "garment2_type"} <= optional
 
 
 def test_attention_recording_reports_groups_and_steps(client):

@@ -154,9 +154,11 @@ def photo_without_strokes(person, editor=None):
 
 
 @user_errors
-def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), **values):
-    """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``."""
-    request = TryOnRequest.from_values(values, tab_limits(engine, Task.TRYON))  # before the slow part
+def tryon(engine: Engine, progress=gr.Progress(track_tqdm=True), *, garment2=None, **values):
+    """``/tryon``: ``values`` are named by ``TRYON_PARAMETERS``. ``garment2`` is named here, with its
+    default, so that API clients written before outfits existed may leave it out (Gradio makes a
+    parameter optional when its component has a value or its argument defaults to None)."""
+    request = TryOnRequest.from_values({**values, "garment2": garment2}, tab_limits(engine, Task.TRYON))
     should_stop = stop_requested()
     progress(0.0, desc="Preprocessing the photos")
     # an uploaded mask or DensePose image was made for the whole photo: then the engine fits it whole
