@@ -240,3 +240,75 @@ def test_a_landscape_photo_comes_back_landscape(page, tmp_path):
     page.wait_for_function("([img, old]) => img.src && img.src !== old && img.complete && img.naturalWidth > 0",
                            arg=[result.element_handle(), before])
     assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1200, 800]
+
+
+def _trousers(path: Path) -> Path:
+    """A lower-body garment: dark trousers on white."""
+    img = Image.new("RGB", (768, 1024), "white")
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    draw.polygon([(220, 120), (548, 120), (600, 940), (420, 940), (384, 420), (348, 940), (168, 940)],
+                 fill=(40, 50, 90))
+    img.save(path)
+    return path
+
+
+def _shown(page, locator) -> np.ndarray:
+    """The picture an <img> shows, fetched at its own size (not as scaled on the page)."""
+    locator.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=locator.element_handle())
+    return np.asarray(Image.open(io.BytesIO(page.request.get(locator.get_attribute("src")).body())).convert("RGB"))
+
+
+def test_outfit_samples_gallery_and_chains(page, shots, tmp_path):
+    """An outfit with three samples: a gallery with each seed under its image, the second pass's
+    intermediates; a sample clicked becomes the result (its seed shown); the chain buttons move the
+    chosen result into the other tab's person (and open that tab) or into this tab's person."""
+    page.get_by_role("tab", name="Virtual try-on").click()
+    _close_toasts(page)
+    _upload(page, "tryon-person", ROOT / "examples/person/astronaut.png")
+    _upload(page, "tryon-garment", ROOT / "examples/garment/striped_tee.png")
+    _open(page, "Outfit: a second garment, put on after the first")
+    _upload(page, "tryon-garment2", _trousers(tmp_path / "trousers.png"))
+    _set_steps(page, 2)
+    box = page.get_by_label("number input for Samples").first
+    box.fill("3")
+    box.press("Enter")
+    result = page.locator("#tryon-result img").first
+    before = result.get_attribute("src")
+    page.locator("#tryon-generate").click()
+    gallery = page.locator("#tryon-samples")
+    gallery.wait_for()  # shown once there are samples to choose from
+    for seed in (42, 43, 44):
+        gallery.get_by_text(f"seed {seed}", exact=True).first.wait_for()
+    assert _error_toasts(page).count() == 0
+    assert page.locator("#tryon-seed input").input_value() == "42" and result.get_attribute("src") != before
+    page.locator("#tryon-mask2 img").first.wait_for()  # the second pass's mask, from the first pass's result
+
+    first = _shown(page, result)
+    gallery.get_by_text("seed 43", exact=True).first.click()
+    _wait_for(lambda: page.locator("#tryon-seed input").input_value() == "43", "the chosen sample's seed")
+    _wait_for(lambda: not np.array_equal(_shown(page, result), first), "the chosen sample as the result")
+    chosen = _shown(page, result)
+    page.screenshot(path=str(shots / "tryon_outfit.png"), full_page=True)
+
+    # try-on → pose transfer: the chosen sample becomes the person to keep, on the pose tab
+    page.locator("#tryon-to-pose").click()
+    pose_person = page.locator("#pose-person img").first
+    _wait_for(lambda: pose_person.is_visible() and _shown(page, pose_person).shape == chosen.shape
+              and np.abs(_shown(page, pose_person).astype(int) - chosen).mean() < 1, "the result as the pose person")
+    assert page.get_by_role("tab", name="Pose transfer", selected=True).count() == 1
+
+    # pose transfer → try-on: the pose tab's result (test_pose_transfer's) becomes the try-on person
+    posed = _shown(page, page.locator("#pose-result img").first)
+    page.locator("#pose-to-tryon").click()
+    person = page.locator("#tryon-person img").first
+    _wait_for(lambda: person.is_visible() and _shown(page, person).shape == posed.shape
+              and np.abs(_shown(page, person).astype(int) - posed).mean() < 1, "the pose result as the try-on person")
+    assert page.get_by_role("tab", name="Virtual try-on", selected=True).count() == 1
+
+    # "Use as person": the chosen try-on sample back as this tab's person, for another garment
+    page.locator("#tryon-use-person").click()
+    _wait_for(lambda: _shown(page, person).shape == chosen.shape
+              and np.abs(_shown(page, person).astype(int) - chosen).mean() < 1, "the result as the try-on person")

@@ -226,13 +226,15 @@ def build_tryon_tab(engine: Engine) -> TabParts:
             c["keep_fixed"] = gr.Checkbox(False, label="Never mask other clothes, shoes and hands (full-body photos)")
             c["result"] = gr.Radio(RESULT_CHOICES, value=ResultView.PHOTO.value, label="Result")
             c.update(generation_options(tab_limits(engine, Task.TRYON), with_repaint=True))
-        with gr.Accordion("Intermediate results", open=False) as intermediates, gr.Row():
-            framing = intermediate("Framing: the box of your photo the model sees", "tryon-framing")
-            parsing, keypoints = intermediate("Human parsing"), intermediate("Keypoints")
-            mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
-        with gr.Row(visible=False) as second_row:  # an outfit's second garment: on the chosen sample
-            second = (intermediate("Second garment: human parsing of the first one's result"),
-                      intermediate("Second garment: mask used"), intermediate("Second garment: DensePose"))
+        with gr.Accordion("Intermediate results", open=False) as intermediates:
+            with gr.Row():
+                framing = intermediate("Framing: the box of your photo the model sees", "tryon-framing")
+                parsing, keypoints = intermediate("Human parsing"), intermediate("Keypoints")
+                mask_used, densepose = intermediate("Mask used"), intermediate("DensePose")
+            with gr.Row(visible=False) as second_row:  # an outfit's second garment: on the chosen sample
+                second = (intermediate("Second garment: human parsing of the first one's result"),
+                          intermediate("Second garment: mask used", "tryon-mask2"),
+                          intermediate("Second garment: DensePose"))
         group, step = attention_panel(column.image, state, "garment")
 
     mask_inputs = [c[name] for name in ("person", "model_type", "garment_type", "keep_fixed", "result", "mask_upload",
