@@ -395,7 +395,8 @@ def input_row(prefix: str, *uploads_spec: tuple[str, str, str],
     with gr.Row():
         for label, folder, key in uploads_spec:
             with gr.Column():
-                image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}")
+                # PNG: a result chained in (``chosen_result``) is kept losslessly, not as Gradio's default WebP
+                image = gr.Image(label=label, type="filepath", height=420, elem_id=f"{prefix}-{key}", format="png")
                 gr.Examples(examples(folder), inputs=image, label=f"Examples: {folder}")
                 uploads.append(image)
         with gr.Column():
