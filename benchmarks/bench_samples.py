@@ -79,23 +79,25 @@ def main() -> None:
         sync()
         return time.perf_counter() - start, [np.asarray(im, dtype=np.int16) for im in out.images]
 
-    if warmup:
-        run([args.seed])
-    seeds = [args.seed + k for k in range(n)]
-    alone = [run([s]) for s in seeds]  # sample k alone, with seed s + k (the first: the 1-sample request)
-    t_batch, batched = run(seeds)
-    t_alone = sum(t for t, _ in alone)
-    diffs = [int(np.abs(b - a[1][0]).max()) for b, a in zip(batched, alone)]
-    distinct = len({im.tobytes() for im in batched}) == n
-
     print(f"\n{args.model} model ({args.variant if args.model == 'full' else 'tiny config'}), "
           f"{size[0]}x{size[1]}, {steps} steps, guidance 2.5, {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads, warm-up {'on' if warmup else 'off'}\n")
     print("| request | seconds | seconds per image |")
-    print("|---|---|---|")
-    print(f"| 1 sample | {alone[0][0]:.2f} | {alone[0][0]:.2f} |")
-    print(f"| {n} samples, one by one | {t_alone:.2f} | {t_alone / n:.2f} |")
+    print("|---|---|---|", flush=True)  # each row as soon as it is measured: a full-size CPU run takes long
+    if warmup:
+        run([args.seed])
+    seeds = [args.seed + k for k in range(n)]
+    alone = []
+    for s in seeds:  # sample k alone, with seed s + k (the first: the 1-sample request)
+        alone.append(run([s]))
+        if len(alone) == 1:
+            print(f"| 1 sample | {alone[0][0]:.2f} | {alone[0][0]:.2f} |", flush=True)
+    t_alone = sum(t for t, _ in alone)
+    print(f"| {n} samples, one by one | {t_alone:.2f} | {t_alone / n:.2f} |", flush=True)
+    t_batch, batched = run(seeds)
     print(f"| {n} samples, one batch | {t_batch:.2f} | {t_batch / n:.2f} |")
+    diffs = [int(np.abs(b - a[1][0]).max()) for b, a in zip(batched, alone)]
+    distinct = len({im.tobytes() for im in batched}) == n
     print(f"\nbatched / one by one: {t_batch / t_alone:.2f}x the time ({t_alone / t_batch:.2f}x faster); "
           f"samples distinct: {distinct}; max |batched − single-seed run| per sample (8-bit levels): {diffs}")
 
