@@ -122,6 +122,9 @@ class LeffaAttentionState:
     # the denoising step (0-based) of num_steps, set by the pipeline's loop for the focus's steps
     step: int | None = None
     num_steps: int = 0
+    # the rows of the reference features the generative batch uses: None all, or the conditional
+    # half at a step outside the guidance interval when the features are reused (leffa.sampling)
+    reference_rows: slice | None = None
 
     def set_step(self, step: int | None, num_steps: int = 0) -> None:
         self.step, self.num_steps = step, num_steps
@@ -147,6 +150,7 @@ class LeffaAttentionState:
         self.recorder = None
         self.cache_reference_kv = False
         self.attention_focus = None
+        self.reference_rows = None
         self.set_step(None)
 
 
@@ -254,10 +258,14 @@ class ReferenceAttnProcessor:
         r = self.state.ref_features.get(self.name)
         if r is None:
             raise RuntimeError(f"no reference feature for layer {self.name}: run the reference UNet first")
-        if r.shape[0] != x.shape[0] or r.shape[2] != x.shape[2]:
-            raise RuntimeError(f"{self.name}: reference feature {tuple(r.shape)} does not fit {tuple(x.shape)}")
+        rows = self.state.reference_rows
+        if len(range(r.shape[0])[rows or slice(None)]) != x.shape[0] or r.shape[2] != x.shape[2]:
+            raise RuntimeError(f"{self.name}: reference feature {tuple(r.shape)} (rows {rows}) does not fit "
+                               f"{tuple(x.shape)}")
         q, k_x, v_x = _qkv(attn, x)  # (B, h, n, d) each
         k_r, v_r = self._reference_kv(attn, r.to(x.dtype))  # (B, h, n_r, d)
+        if rows is not None:  # the whole batch's K/V stay cached for the steps that guide
+            k_r, v_r = k_r[rows], v_r[rows]
         focus = self.state.focus_at(self.level)
         if focus is not None:
             k_x, k_r = focus_keys(focus, k_x, k_r)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from torch import nn
 
 from leffa.attention import AttentionFocus, LeffaAttentionState, install_processors
 from leffa.memory import leffa_placement, place_model
+from leffa.sampling import Sampler, make_scheduler
 from runtime.placement import Placement
 from runtime.presets import MemoryPreset
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
@@ -248,7 +249,7 @@ class LeffaModel(nn.Module):
         placement = self.placement
         return placement.dtype if placement is not None and placement.memory.float8 else self.unet.conv_in.weight.dtype
 
-    def make_scheduler(self) -> DDPMScheduler:
-        """DDPM from the base scheduler config; zero-SNR rescaled betas for SDXL (spec §4.5)."""
-        cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        return DDPMScheduler.from_config(cfg, rescale_betas_zero_snr=self.is_sdxl)
+    def make_scheduler(self, sampler: Sampler = Sampler.DDPM) -> SchedulerMixin:
+        """``sampler``'s scheduler (the published DDPM by default) from the base scheduler config;
+        zero-SNR rescaled betas for SDXL (spec §4.5)."""
+        return make_scheduler(self.scheduler_config, sampler, zero_snr=self.is_sdxl)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from errors import GenerationStopped
+from errors import GenerationStopped, OptionError
 from leffa.attention import AttentionFocus, run_reference_unet
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
+from leffa.sampling import FeatureCache, GuidanceInterval, Sampler, check_cache_interval, step_kwargs
 from runtime.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
 from runtime.placement import Phase, enter_phase, idle_after
 
@@ -126,6 +127,9 @@ class LeffaPipeline:
         callback: Callable[[int, int], bool | None] | None = None,
         attention_recorder: AttentionRecorder | None = None,
         attention_focus: AttentionFocus | None = None,
+        sampler: Sampler = Sampler.DDPM,
+        guidance_interval: GuidanceInterval = GuidanceInterval(),
+        cache_interval: int = 1,
     ) -> LeffaPipelineOutput:
         """Generate.
 
@@ -154,13 +158,29 @@ class LeffaPipeline:
                 focus it records the focused attention.
             attention_focus: experimental, off by default: sharpen (or flatten) the attention
                 over the reference in chosen layers and steps (``leffa.attention.AttentionFocus``).
+            sampler: the scheduler that steps the latents (``leffa.sampling.Sampler``); the
+                published DDPM by default. The multistep solvers need far fewer steps.
+            guidance_interval: guide only at the steps whose timestep lies in it (fractions of
+                the training schedule); the conditional prediction alone, one UNet row instead of
+                two, elsewhere. The default ``(0, 1)`` guides every step.
+            cache_interval: run the whole generative UNet every ``cache_interval`` steps and only
+                its shallow blocks in between, reusing the deep features (DeepCache); 1 = off.
         """
         self.check_inputs(num_inference_steps, output_type)
+        sampler, cache_interval = Sampler(sampler), check_cache_interval(cache_interval)
+        if not isinstance(guidance_interval, GuidanceInterval):
+            guidance_interval = GuidanceInterval(*guidance_interval)
+        placement = self.model.placement
+        if cache_interval > 1 and placement is not None and placement.memory.group_offload:
+            raise OptionError(f"the feature cache cannot run under the {placement.memory.value!r} memory preset: "
+                              "block-by-block offloading must run every block of the UNet in order; use the "
+                              "'balanced' preset, or cache interval 1")
         rescale = guidance_scale if guidance_rescale is None else guidance_rescale
         # one generation at a time per model (its attention state and this scheduler)
         # under an offloading memory preset, each phase brings what it runs (leffa.memory)
         with self.model.attention_session(recorder=attention_recorder, cache_reference_kv=ref_acceleration,
                                           attention_focus=attention_focus), idle_after(self.model):
+            self.scheduler = self.model.make_scheduler(sampler)
             # 1. Check and convert the inputs.
             inputs = self.prepare_inputs(src_image, ref_image, mask, densepose)
             if latents is not None and tuple(latents.shape) != self.latent_shape(inputs):
@@ -170,8 +190,9 @@ class LeffaPipeline:
             # 4. Timesteps and initial noise.
             timesteps, latents = self.prepare_latents(inputs, num_inference_steps, generator, latents)
             # 5.–7. Reference passes and the denoising loop.
-            latents = self.denoise(latents, timesteps, ref_latents, cond, guidance_scale, rescale, generator,
-                                   ref_acceleration, callback, attention_recorder)
+            guidance = Guidance(guidance_scale, rescale, guidance_interval)
+            latents = self.denoise(latents, timesteps, ref_latents, cond, guidance, generator, ref_acceleration,
+                                   callback, attention_recorder, FeatureCache(self.model.unet, cache_interval))
             # 8. Decode and optionally repaint (spec §4.10–11).
             images = self._decode(latents)
             if repaint:
@@ -220,38 +241,60 @@ class LeffaPipeline:
         return self.scheduler.timesteps, latents.to(self.device, self.model.dtype) * self.scheduler.init_noise_sigma
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
-                cond: torch.Tensor, guidance_scale: float, rescale: float, generator: torch.Generator | None,
+                cond: torch.Tensor, guidance: Guidance, generator: torch.Generator | None,
                 ref_acceleration: bool, callback: Callable[[int, int], bool | None] | None,
-                recorder: AttentionRecorder | None) -> torch.Tensor:
-        """Steps 5–7: the reference passes and the denoising loop (spec §4.7–9)."""
-        model = self.model
+                recorder: AttentionRecorder | None, cache: FeatureCache) -> torch.Tensor:
+        """Steps 5–7: the reference passes and the denoising loop (spec §4.7–9). A step outside the
+        guidance interval runs the conditional rows alone: the second half of the CFG batch."""
+        model, scheduler = self.model, self.scheduler
         batch = latents.shape[0]
+        cond_rows = slice(batch, 2 * batch)
+        extra = step_kwargs(scheduler, generator)
+        num_train = scheduler.config.num_train_timesteps
         if recorder is not None:
-            recorder.begin(tuple(latents.shape[-2:]), batch=slice(batch, 2 * batch))
+            recorder.begin(tuple(latents.shape[-2:]), batch=cond_rows)
         try:
             if ref_acceleration:  # one reference pass at timesteps[n // 2] (spec §4.9)
                 enter_phase(model, Phase.REFERENCE)
                 self.run_reference(ref_latents, timesteps[len(timesteps) // 2])
             enter_phase(model, Phase.DENOISE, ref_acceleration)
             for i, t in enumerate(timesteps):
+                guided = guidance.interval.guides(t, num_train)
                 model.attn_state.set_step(i, len(timesteps))
+                model.attn_state.reference_rows = None if guided or not ref_acceleration else cond_rows
                 if recorder is not None:
                     recorder.set_step(i)
+                    recorder.keep_rows(cond_rows if guided else slice(None))
                 if not ref_acceleration:
-                    self.run_reference(ref_latents, t)
-                x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                eps = model.unet(torch.cat([x, cond], dim=1), t, encoder_hidden_states=None, return_dict=False)[0]
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                if rescale > 0:
-                    eps = rescale_guidance(eps, eps_cond, rescale)
-                latents = self.scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+                    self.run_reference(ref_latents if guided else ref_latents[cond_rows], t)
+                if guided:
+                    x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    eps = cache.run(i, torch.cat([x, cond], dim=1), t)
+                    eps = guidance.combine(*eps.chunk(2))
+                else:
+                    x = scheduler.scale_model_input(latents, t)
+                    eps = cache.run(i, torch.cat([x, cond[cond_rows]], dim=1), t)
+                latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
                 if callback is not None and callback(i + 1, len(timesteps)) is False:
                     raise GenerationStopped(f"stopped after step {i + 1} of {len(timesteps)}")
         finally:
             if recorder is not None:
                 recorder.set_step(None)
+            model.attn_state.reference_rows = None
         return latents
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: scale ``g``, rescale strength, and the steps it applies to."""
+
+    scale: float
+    rescale: float
+    interval: GuidanceInterval = GuidanceInterval()
+
+    def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+        eps = eps_uncond + self.scale * (eps_cond - eps_uncond)
+        return rescale_guidance(eps, eps_cond, self.rescale) if self.rescale > 0 else eps
 
 
 def _output(images: torch.Tensor, output_type: OutputType) -> LeffaPipelineOutput:

@@ -89,6 +89,11 @@ class AttentionRecorder:
     def set_step(self, step: int | None) -> None:
         self.step = step
 
+    def keep_rows(self, batch: slice) -> None:
+        """Which rows of the UNet batch to keep from now on (the pipeline's steps outside the guidance
+        interval run the conditional rows alone)."""
+        self._batch = batch
+
     def wants(self, name: str) -> bool:
         if self.step is None or self._latent_hw is None:
             return False

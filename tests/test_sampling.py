@@ -1,0 +1,189 @@
+"""Samplers, guidance in an interval and the feature cache (issue 24) on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from errors import OptionError
+from leffa import LeffaPipeline
+from leffa.pipeline import rescale_guidance
+from leffa.recording import AttentionRecorder
+from leffa.sampling import FeatureCache, GuidanceInterval, Sampler, make_scheduler
+from runtime.presets import MemoryPreset
+from runtime.sampling import check_cache_interval
+from tests.conftest import make_inputs, tiny_model
+
+STEPS = 4
+
+
+def _run(model, seed=0, inputs=None, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return LeffaPipeline(model)(**(inputs or make_inputs()), generator=torch.Generator().manual_seed(seed),
+                                output_type="pt", **kw).images
+
+
+def _published_loop(model, inputs, seed, steps, guidance, ref_acceleration):
+    """Spec §4's loop written out by hand: DDPM, CFG with the zero reference at every step, rescaled by
+    the guidance scale, the reference UNet at every step (or once at timesteps[n // 2])."""
+    pipe = LeffaPipeline(model)
+    g = torch.Generator().manual_seed(seed)
+    with model.attention_session(cache_reference_kv=ref_acceleration):
+        prepared = pipe.prepare_inputs(**inputs)
+        ref_latents, cond = pipe.prepare_conditioning(prepared, g)
+        timesteps, latents = pipe.prepare_latents(prepared, steps, g, None)
+        scheduler = pipe.scheduler
+        if ref_acceleration:
+            pipe.run_reference(ref_latents, timesteps[len(timesteps) // 2])
+        for i, t in enumerate(timesteps):
+            model.attn_state.set_step(i, len(timesteps))
+            if not ref_acceleration:
+                pipe.run_reference(ref_latents, t)
+            eps_uncond, eps_cond = model.unet(torch.cat([torch.cat([latents] * 2), cond], 1), t,
+                                              encoder_hidden_states=None, return_dict=False)[0].chunk(2)
+            eps = rescale_guidance(eps_uncond + guidance * (eps_cond - eps_uncond), eps_cond, guidance)
+            latents = scheduler.step(eps, t, latents, generator=g, return_dict=False)[0]
+        return pipe._decode(latents).cpu()
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_default_is_the_published_loop_bit_for_bit(model, accel):
+    assert isinstance(LeffaPipeline(model).scheduler, type(make_scheduler({}, Sampler.DDPM)))
+    inputs = make_inputs()
+    ours = _run(model, 3, inputs, ref_acceleration=accel, guidance_scale=2.5)
+    assert torch.equal(ours, _published_loop(model, inputs, 3, STEPS, 2.5, accel))
+
+
+@pytest.mark.parametrize("sampler", list(Sampler))
+def test_each_sampler_is_reproducible_and_its_own(model, sampler):
+    a, b = _run(model, 1, sampler=sampler), _run(model, 1, sampler=sampler)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    if not sampler.published:
+        assert (a - _run(model, 1)).abs().max() > 1e-3  # not the DDPM image
+        assert LeffaPipeline(model).model.make_scheduler(sampler).__class__.__name__ != "DDPMScheduler"
+
+
+def test_schedulers_read_the_base_config_and_sdxls_zero_snr(base_dirs):
+    sdxl = tiny_model(base_dirs["sdxl"])
+    for sampler in Sampler:
+        s = sdxl.make_scheduler(sampler)
+        assert s.config.beta_schedule == "scaled_linear" and s.config.rescale_betas_zero_snr
+        assert s.alphas_cumprod[0] == sdxl.make_scheduler().alphas_cumprod[0]
+    s = make_scheduler({"beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "linear"}, Sampler.DPM_SOLVER)
+    assert s.config.algorithm_type == "dpmsolver++" and s.config.solver_order == 2
+    assert s.betas[0].item() == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("preset", [MemoryPreset.BALANCED, MemoryPreset.LOW])
+@pytest.mark.parametrize("sampler", list(Sampler))
+def test_each_sampler_under_the_memory_presets(base_dirs, variant, preset, sampler):
+    plain = tiny_model(base_dirs[variant])
+    placed = tiny_model(base_dirs[variant]).place("cpu", memory=preset)
+    for accel in (False, True):
+        kw = {"sampler": sampler, "ref_acceleration": accel, "guidance_interval": (0.2, 0.8)}
+        assert torch.equal(_run(placed, 2, **kw), _run(plain, 2, **kw))
+
+
+def test_full_guidance_interval_equals_plain_cfg(model):
+    # 0.9999 makes every step go through the comparison (timesteps are at most 999 of 1000)
+    for accel in (False, True):
+        plain = _run(model, 4, ref_acceleration=accel)
+        assert torch.equal(_run(model, 4, ref_acceleration=accel, guidance_interval=(0.0, 0.9999)), plain)
+        assert torch.equal(_run(model, 4, ref_acceleration=accel, guidance_interval=GuidanceInterval(0, 1)), plain)
+
+
+@pytest.mark.parametrize("accel", [False, True])
+def test_outside_the_interval_the_conditional_rows_alone(model, accel):
+    """An empty interval is guidance scale 1 (eps_u + 1·(eps_c − eps_u) = eps_c) computed with half
+    the rows: the reference rows used must be the conditional ones."""
+    inputs = make_inputs(batch=2)
+    unguided = _run(model, 5, inputs, ref_acceleration=accel, guidance_interval=(0.0, 0.0))
+    scale_one = _run(model, 5, inputs, ref_acceleration=accel, guidance_scale=1.0)
+    torch.testing.assert_close(unguided, scale_one, atol=2e-5, rtol=0)
+    assert (unguided - _run(model, 5, inputs, ref_acceleration=accel)).abs().max() > 1e-3
+
+
+def test_interval_guides_only_its_steps(model):
+    rows = {"unet": [], "reference_unet": []}
+    hooks = [getattr(model, name).register_forward_pre_hook(lambda m, a, name=name: rows[name].append(a[0].shape[0]))
+             for name in rows]
+    try:
+        pipe = LeffaPipeline(model)
+        pipe(**make_inputs(batch=3), num_inference_steps=STEPS, guidance_interval=(0.3, 0.8), output_type="pt")
+    finally:
+        for h in hooks:
+            h.remove()
+    guided = [0.3 <= int(t) / 1000 <= 0.8 for t in pipe.scheduler.timesteps]
+    assert 0 < sum(guided) < STEPS
+    assert rows["unet"] == [6 if g else 3 for g in guided] == rows["reference_unet"]
+
+
+def test_recording_keeps_the_conditional_rows_at_every_step(model):
+    rec = AttentionRecorder()
+    _run(model, 0, make_inputs(batch=2), guidance_interval=(0.4, 1.0), attention_recorder=rec)
+    assert rec.steps() == list(range(STEPS))
+    for (step, _name), record in rec.records.items():
+        assert record.q.shape[0] == 2
+
+
+# -- the feature cache -----------------------------------------------------------------------------
+def test_shallow_path_with_this_steps_deep_features_is_the_whole_unet(model):
+    unet = model.reference_unet  # 4 input channels; SDXL's tiny UNet has attention in its shallow blocks
+    cache = FeatureCache(unet, 3)
+    x, t = torch.randn(2, 4, 8, 6), torch.tensor(500)
+    with torch.no_grad():
+        whole = cache.full(x, t)
+        torch.testing.assert_close(cache.shallow(x, t, cache.deep), whole, atol=1e-5, rtol=0)
+        assert (cache.shallow(x, torch.tensor(100), cache.deep) - whole).abs().max() > 1e-4
+
+
+def test_cache_interval_one_is_no_cache_and_more_skips_the_deep_blocks(model):
+    deep_calls = []
+    hook = model.unet.mid_block.register_forward_pre_hook(lambda m, a: deep_calls.append(1))
+    try:
+        plain = _run(model, 6)
+        assert len(deep_calls) == STEPS
+        assert torch.equal(_run(model, 6, cache_interval=1), plain)
+        deep_calls.clear()
+        cached = _run(model, 6, cache_interval=2)
+        assert len(deep_calls) == STEPS // 2  # steps 0 and 2
+    finally:
+        hook.remove()
+    assert torch.equal(cached, _run(model, 6, cache_interval=2))  # reproducible
+    assert 0 < (cached - plain).abs().max() < 0.5
+
+
+def test_cache_composes_with_the_interval_acceleration_and_balanced(base_dirs, variant):
+    plain = tiny_model(base_dirs[variant])
+    placed = tiny_model(base_dirs[variant]).place("cpu", memory=MemoryPreset.BALANCED)
+    for accel in (False, True):
+        kw = {"sampler": Sampler.DPM_SOLVER, "ref_acceleration": accel, "guidance_interval": (0.3, 0.8),
+              "cache_interval": 2}
+        image = _run(plain, 7, **kw)
+        assert torch.isfinite(image).all() and torch.equal(_run(placed, 7, **kw), image)
+
+
+def test_cache_is_refused_under_block_offloading(base_dirs):
+    model = tiny_model(base_dirs["sd15"]).place("cpu", memory=MemoryPreset.LOW)
+    with pytest.raises(OptionError, match="feature cache cannot run under the 'low' memory preset.*balanced"):
+        _run(model, cache_interval=3)
+
+
+# -- option checks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    ({"sampler": "euler"}, "'euler' is not a valid Sampler"),
+    ({"guidance_interval": (0.8, 0.2)}, r"0 <= start <= end <= 1.*\(0.8, 0.2\)"),
+    ({"guidance_interval": (float("nan"), 1.0)}, "guidance interval"),
+    ({"guidance_interval": (0.0, 1.5)}, "guidance interval"),
+    ({"cache_interval": 0}, "whole number >= 1.*got 0"),
+    ({"cache_interval": True}, "cache interval"),
+    ({"cache_interval": 2.5}, "cache interval"),
+])
+def test_bad_sampling_options_are_refused(model, bad, message):
+    with pytest.raises((OptionError, ValueError), match=message):
+        _run(model, **bad)
+
+
+def test_checks_accept_what_they_should():
+    assert check_cache_interval(3.0) == 3 and GuidanceInterval(0, 1).everywhere
+    assert GuidanceInterval(0.25, 0.25).guides(250, 1000) and not GuidanceInterval(0.3, 0.5).guides(999, 1000)
