@@ -14,12 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-from engine.options import ResultView
+from engine.options import SAMPLING_PRESET_NAMES, ResultView
 from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
 from preprocess.face_files import FACE_PACKS
 from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
 from runtime.presets import DTYPE_NAMES, MEMORY_PRESETS
+from runtime.sampling import SAMPLERS
 from training.layouts import DatasetLayout
 from weightfiles.hub import ENV_CHECKPOINT_DIR
 
@@ -92,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--out with its seed in the name (out-seed42.png, ...)")
     g.add_argument("--ref-acceleration", action="store_true",
                    help="run the reference UNet once (faster, may slightly reduce quality)")
+    q = common.add_argument_group("fast sampling (Leffa models; README \"Fast sampling\")")
+    q.add_argument("--sampling", choices=SAMPLING_PRESET_NAMES, default=None,
+                   help="a preset of the four options below: published (30 DDPM steps), fast, preview; the "
+                        "options given beside it win")
+    q.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: the model's own (DDPM for Leffa); the multistep samplers need far fewer steps")
+    q.add_argument("--guidance-interval", type=_fractions, default=None, metavar="START:END",
+                   help="guide only at noise levels t/1000 in START:END, one UNet pass instead of two elsewhere "
+                        "(default 0:1, every step; 0.07:0.81 is Kynkäänniemi et al.'s interval)")
+    q.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="run the whole UNet every N steps, only its outer blocks between (DeepCache; default 1 "
+                        "= off); not with --memory low or low-fp8")
     g.add_argument("--size", type=_size, default=(768, 1024), metavar="WxH",
                    help="canvas the inputs are fitted into (default 768x1024, what the models were trained on)")
     m = common.add_argument_group("model")
@@ -275,6 +288,8 @@ def _infer_command(args) -> int:
         base_config=args.base_config, checkpoint_dir=args.checkpoint_dir, revision=args.revision, tiny=args.tiny,
         inputs=InputSource.PREPROCESS if args.preprocess else InputSource.DATASET, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        sampling=args.sampling, sampler=args.sampler, guidance_interval=args.guidance_interval,
+        cache_interval=args.cache_interval,
         ref_acceleration=args.ref_acceleration, repaint=args.repaint, attention_focus=focus,
         seed=args.seed, size=args.size,
         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, device=args.device,

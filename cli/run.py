@@ -49,10 +49,17 @@ def weight_source(args) -> WeightSource:
 def options(args, check: OptionCheck, limits: OptionLimits) -> GenerateOptions:
     """The generation options as given, the model's defaults (``limits``) for those not given (the
     focus checked into ``check``; ``Engine.checked`` checks the rest)."""
-    return GenerateOptions(limits.steps_default if args.steps is None else args.steps,
-                           limits.guidance_default if args.guidance_scale is None else args.guidance_scale,
-                           args.seed, args.ref_acceleration, getattr(args, "repaint", False), False,
-                           attention_focus(args, check), args.guidance_rescale, args.samples)
+    given = GenerateOptions(limits.steps_default,
+                            limits.guidance_default if args.guidance_scale is None else args.guidance_scale,
+                            args.seed, args.ref_acceleration, getattr(args, "repaint", False), False,
+                            attention_focus(args, check), args.guidance_rescale, getattr(args, "samples", 1))
+    return sampling_options(args, given)
+
+
+def sampling_options(args, options: GenerateOptions) -> GenerateOptions:
+    """``options`` with ``--sampling``'s preset, then ``--steps`` and the sampling flags given over it."""
+    return engine_options.with_sampling(options, args.sampling, steps=args.steps, sampler=args.sampler,
+                                        guidance_interval=args.guidance_interval, cache_interval=args.cache_interval)
 
 
 def garment_types(args) -> tuple[GarmentType, ...]:

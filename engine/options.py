@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from errors import OptionError, enum_option
+from runtime.sampling import GuidanceInterval, Sampler
 
 if TYPE_CHECKING:  # pragma: no cover
     from leffa.attention import AttentionFocus
@@ -102,6 +103,15 @@ class GenerateOptions:
     attention_focus: AttentionFocus | None = None  # experimental (leffa.attention.AttentionFocus)
     guidance_rescale: float | None = None  # rescaled-CFG strength; None: the guidance scale (published)
     samples: int = 1  # variations: sample k is drawn with seed + k (one batch where memory allows)
+    # cheaper sampling (leffa.sampling): None = the model's own sampler (Leffa: the published DDPM)
+    sampler: Sampler | None = None
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide at t/1000 in [start, end]; (0, 1): every step
+    cache_interval: int = 1  # the whole UNet every N steps, its shallow blocks between (DeepCache); 1 = off
+
+    @property
+    def fast_sampling(self) -> bool:
+        """Whether any of the sampling options differs from the model's own sampling."""
+        return self.sampler is not None or tuple(self.guidance_interval) != (0.0, 1.0) or self.cache_interval != 1
 
 
 @dataclass(frozen=True)
@@ -119,11 +129,65 @@ class OptionNames:
     focus: str = "focus"
     focus_steps: str = "focus_start and focus_end"
     samples: str = "samples"
+    sampler: str = "sampler"
+    guidance_interval: str = "guidance_start and guidance_end"
+    cache_interval: str = "cache_interval"
 
 
 API_NAMES = OptionNames()
 CLI_NAMES = OptionNames("--steps", "--guidance-scale", "--guidance-rescale", "--seed", "--ref-acceleration",
-                        "--repaint", "--record", "--attention-focus", "--focus-steps", "--samples")
+                        "--repaint", "--record", "--attention-focus", "--focus-steps", "--samples", "--sampler",
+                        "--guidance-interval", "--cache-interval")
+MODEL_SAMPLER = "model"  # the API's and the app's name for ``sampler=None``: the model's own sampler
+
+
+class SamplingPreset(str, Enum):
+    """The app's and the command line's sampling presets (``--sampling``), chosen from the toy
+    measurements of ``experiments.toy_sampling`` (README, "Fast sampling")."""
+
+    PUBLISHED = "published"
+    FAST = "fast"
+    PREVIEW = "preview"
+
+    @property
+    def setting(self) -> SamplingSetting:
+        return SAMPLING_PRESETS[self]
+
+
+SAMPLING_PRESET_NAMES = tuple(p.value for p in SamplingPreset)
+
+
+@dataclass(frozen=True)
+class SamplingSetting:
+    """What a sampling preset sets: the steps and the three sampling options."""
+
+    steps: int
+    sampler: Sampler | None
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cache_interval: int = 1
+
+    def applied(self, options: GenerateOptions) -> GenerateOptions:
+        return replace(options, steps=self.steps, sampler=self.sampler, guidance_interval=self.guidance_interval,
+                       cache_interval=self.cache_interval)
+
+
+def with_sampling(options: GenerateOptions, preset: SamplingPreset | str | None = None, *, steps: Any = None,
+                  sampler: Any = None, guidance_interval: Any = None, cache_interval: Any = None,
+                  preset_name: str = "--sampling") -> GenerateOptions:
+    """``options`` with a sampling preset's setting (None: no preset), then each value given (None: not
+    given) over it: the command line's ``--sampling fast --steps 16``."""
+    if preset is not None:
+        options = enum_option(SamplingPreset, preset, preset_name).setting.applied(options)
+    given = {"steps": steps, "sampler": sampler, "guidance_interval": guidance_interval,
+             "cache_interval": cache_interval}
+    return replace(options, **{k: v for k, v in given.items() if v is not None})
+
+
+SAMPLING_PRESETS = {
+    SamplingPreset.PUBLISHED: SamplingSetting(30, None),
+    SamplingPreset.FAST: SamplingSetting(12, Sampler.DPM_SOLVER, (0.07, 0.81), 2),
+    SamplingPreset.PREVIEW: SamplingSetting(5, Sampler.UNIPC, (0.07, 0.81)),
+}
 
 
 def attention_focus(check: OptionCheck, temperature: float, levels: int = 1, steps: tuple[float, float] = (0.0, 1.0),
@@ -158,6 +222,13 @@ class OptionLimits:
     focus_max: float = 2.0
     focus_levels_max: int = 4
     samples_max: int = 4  # variations per request: one batch of up to 4 (a 2x2 gallery)
+    # with a multistep sampler (not DDPM) the steps may go down to this (leffa.sampling)
+    solver_steps_min: int = 4
+    cache_interval_max: int = 10
+
+    def steps_min_for(self, sampler: Sampler | None) -> int:
+        """The fewest steps allowed with ``sampler`` (None: the model's own)."""
+        return self.steps_min if sampler in (None, Sampler.DDPM) else min(self.steps_min, self.solver_steps_min)
 
     def check(self, options: GenerateOptions, names: OptionNames = API_NAMES) -> GenerateOptions:
         """``options`` with their types and ranges checked (API callers bypass the sliders and the
@@ -172,9 +243,13 @@ class OptionLimits:
         ``focus``, ``focus_levels``, ``focus_start``, ``focus_end`` and, where the endpoint has it,
         ``repaint``; ``samples``, 1 when an older caller sends none), checked into ``check``."""
         random_seed = check.flag("random_seed", values["random_seed"])
+        sampler = values.get("sampler", MODEL_SAMPLER)  # the sampling options: appended last, optional
         raw = GenerateOptions(values["steps"], values["guidance"], None if random_seed is True else values["seed"],
                               values["ref_acceleration"], values.get("repaint", False), values["record"],
-                              samples=values.get("samples", 1))
+                              samples=values.get("samples", 1),
+                              sampler=None if sampler in (None, MODEL_SAMPLER) else sampler,
+                              guidance_interval=(values.get("guidance_start", 0.0), values.get("guidance_end", 1.0)),
+                              cache_interval=values.get("cache_interval", 1))
         checked = self.checked(raw, check)
         checked.attention_focus = self._focus(values, check)
         return checked
@@ -194,14 +269,19 @@ class OptionLimits:
         """``options`` checked into ``check`` (see ``check``)."""
         rescale = options.guidance_rescale
         samples = check.integer(names.samples, options.samples, 1, self.samples_max)
+        sampler = None if options.sampler is None else check.choice(names.sampler, Sampler, options.sampler)
+        interval = self._guidance_interval(options.guidance_interval, check, names)
         # sample k is drawn with seed + k: the last seed must be a seed too
         last_seed = self.seed_max - (samples - 1 if isinstance(samples, int) and 1 <= samples else 0)
         return replace(
             options,
-            steps=check.integer(names.steps, options.steps, self.steps_min, self.steps_max),
+            steps=self._steps(options.steps, sampler, check, names),
             guidance_scale=check.number(names.guidance, options.guidance_scale, self.guidance_min, self.guidance_max),
             seed=None if options.seed is None else check.integer(names.seed, options.seed, 0, last_seed),
             samples=samples,
+            sampler=sampler,
+            guidance_interval=interval,
+            cache_interval=check.integer(names.cache_interval, options.cache_interval, 1, self.cache_interval_max),
             ref_acceleration=check.flag(names.ref_acceleration, options.ref_acceleration),
             repaint=check.flag(names.repaint, options.repaint),
             record_attention=check.flag(names.record, options.record_attention),
@@ -210,9 +290,33 @@ class OptionLimits:
                                                                        self.guidance_max))
 
 
+    def _steps(self, steps: Any, sampler: Sampler | None, check: OptionCheck, names: OptionNames) -> int:
+        low = self.steps_min_for(sampler if isinstance(sampler, Sampler) else None)
+        problems = len(check.problems)
+        steps = check.integer(names.steps, steps, low, self.steps_max)
+        if len(check.problems) > problems and low > self.solver_steps_min and isinstance(steps, int) and steps < low:
+            check.problems[-1] += (f" with the DDPM sampler (from {self.solver_steps_min} with a multistep "
+                                   f"sampler: {names.sampler} dpm++2m, unipc or ddim)")
+        return steps
+
+    @staticmethod
+    def _guidance_interval(interval: Any, check: OptionCheck, names: OptionNames) -> tuple[float, float]:
+        try:
+            start, end = interval
+            checked = GuidanceInterval(start, end)
+        except OptionError as e:
+            check.problems.append(f"{names.guidance_interval}: {e}")
+            return interval
+        except (TypeError, ValueError):
+            check.problems.append(f"{names.guidance_interval} must be two fractions, got {_shown(interval)}")
+            return interval
+        return checked.start, checked.end
+
+
 MODEL_LIMITS = OptionLimits()  # the published Leffa models
 # MCLD (configs/inference: 20 DDIM steps, guidance 3.5); fewer steps than Leffa's 30 are its published setting
-MCLD_LIMITS = OptionLimits(steps_min=10, steps_default=20, guidance_min=1.0, guidance_max=10.0, guidance_default=3.5)
+MCLD_LIMITS = OptionLimits(steps_min=10, steps_default=20, guidance_min=1.0, guidance_max=10.0, guidance_default=3.5,
+                           solver_steps_min=10)  # its own DDIM only
 TINY_LIMITS = OptionLimits(steps_min=1, steps_default=4)  # the untrained --tiny model: a few steps are enough
 # an own checkpoint (--checkpoint: a model being trained or tried): any number of steps
 CHECKPOINT_LIMITS = OptionLimits(steps_min=1, steps_max=None)

@@ -72,6 +72,7 @@ class Supports:
     ref_acceleration: bool = False  # run the reference network once
     attention_recording: bool = False  # attention maps and flow fields
     attention_focus: bool = False  # the experimental training-free focus
+    fast_sampling: bool = False  # another sampler, guidance in an interval, the feature cache (leffa.sampling)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class ModelEntry:
         return importlib.import_module(self.family.adapter_path).Adapter(self)
 
 
-_LEFFA = Supports(repaint=True, ref_acceleration=True, attention_recording=True, attention_focus=True)
+_LEFFA = Supports(repaint=True, ref_acceleration=True, attention_recording=True, attention_focus=True,
+                  fast_sampling=True)
 _SD15, _SDXL = GpuSeconds(10.0, 0.25), GpuSeconds(20.0, 0.5)
 
 ENTRIES = (

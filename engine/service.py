@@ -125,9 +125,15 @@ class Engine:
         for asked, supported, name in ((options.repaint, supports.repaint, names.repaint),
                                        (options.ref_acceleration, supports.ref_acceleration, names.ref_acceleration),
                                        (options.record_attention, supports.attention_recording, names.record),
-                                       (options.attention_focus is not None, supports.attention_focus, names.focus)):
+                                       (options.attention_focus is not None, supports.attention_focus, names.focus),
+                                       (options.fast_sampling, supports.fast_sampling,
+                                        f"{names.sampler}, {names.guidance_interval}, {names.cache_interval}")):
             if asked is True and not supported:
                 check.unsupported(name, f"the {entry.name} model does not support it")
+        memory = self.setup.memory
+        if options.cache_interval not in (1, None) and memory.group_offload:
+            check.unsupported(names.cache_interval, f"the feature cache cannot run under the {memory.value!r} memory "
+                                                    "preset (it offloads the UNet block by block); use 'balanced'")
         return checked
 
     # -- weights ----------------------------------------------------------------------------------

@@ -152,10 +152,11 @@ def build_model(seed: int, calibration: list[dict]) -> LeffaModel:
 
 
 def train_run(model: LeffaModel, data: list[dict], steps: int, lam: float, batch: int, lr: float, seed: int,
-              log=print) -> None:
+              log=print, ref_dropout: float = 0.0) -> None:
     """``steps`` AdamW steps of ``training.trainer.training_step`` (λ = 0: the diffusion loss only).
-    The batches, noise and timesteps depend on ``seed`` only, not on λ."""
-    cfg = TrainConfig(output_dir="", data_root="", lambda_leffa=lam, ref_dropout=0.0)
+    The batches, noise and timesteps depend on ``seed`` only, not on λ. ``ref_dropout`` > 0 trains
+    guidance's unconditional branch too (``experiments.toy_sampling``)."""
+    cfg = TrainConfig(output_dir="", data_root="", lambda_leffa=lam, ref_dropout=ref_dropout)
     module = LeffaTrainingModule(model).train()
     model.vae.requires_grad_(False)
     params = [p for u in (model.unet, model.reference_unet) for p in u.parameters()]

@@ -21,14 +21,12 @@ touches, and why that keeps Leffa's images (tests/test_memory.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from runtime import speed
 from runtime.speed import SpeedOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
 
     from leffa.model import LeffaModel
 

@@ -43,7 +43,7 @@ class GuidanceInterval:
         values = (self.start, self.end)
         if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in values) \
                 or not 0.0 <= self.start <= self.end <= 1.0:
-            raise OptionError(f"the guidance interval must be (start, end) with 0 <= start <= end <= 1 "
+            raise OptionError(f"the guidance interval must be (start, end) with 0 ≤ start ≤ end ≤ 1 "
                               f"(fractions of the noise schedule; (0, 1) guides every step), got {values!r}")
         object.__setattr__(self, "start", float(self.start))
         object.__setattr__(self, "end", float(self.end))

@@ -15,6 +15,7 @@ from PIL import Image
 
 from leffa import ModelKind
 from engine.cache import ModelCache
+from engine.options import MODEL_LIMITS, GenerateOptions, SamplingPreset
 from engine.service import loader
 from engine.setup import ModelSetup, WeightSource
 from webapp.settings import parse_args
@@ -56,7 +57,7 @@ def submit_tryon(client, steps=STEPS, **overrides):
 
     values = dict(zip(TRYON_PARAMETERS, [handle_file(PERSON), handle_file(GARMENT), None, None, None, "viton_hd",
                                          "upper_body", steps, 2.5, 42, False, False, False, False, False, False, *FOCUS_OFF,
-                                         "canvas", 1, None, "lower_body"]))
+                                         "canvas", 1, None, "lower_body", "model", 0.0, 1.0, 1]))
     values.update(overrides)
     return client.submit(*values.values(), api_name="/tryon")
 
@@ -160,6 +161,10 @@ def test_pose_endpoint_runs_mcld_and_shows_its_texture_map_and_face(client):
     (dict(garment_type=3), "garment_type must be one of upper_body, lower_body, dresses; got 3"),
     (dict(random_seed="no"), "random_seed must be true or false, got 'no'"),
     (dict(record=1), "record must be true or false, got 1"),
+    (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpm++2m, unipc; got 'euler'"),
+    (dict(guidance_start=0.9, guidance_end=0.1), "guidance_start and guidance_end: the guidance interval must be "
+                                                  "(start, end) with 0 ≤ start ≤ end ≤ 1"),
+    (dict(cache_interval=0), "cache_interval must be a whole number between 1 and 10, got 0"),
 ])
 def test_api_refuses_bad_options_with_a_message(client, overrides, message):
     """The server checks every option itself (the events skip Gradio's preprocessing): a readable
@@ -168,6 +173,23 @@ def test_api_refuses_bad_options_with_a_message(client, overrides, message):
 
     with pytest.raises(AppError, match=re.escape(message)):
         submit_tryon(client, **overrides).result()
+
+
+def test_fast_sampling_through_the_api(client):
+    """The sampling options reach the pipeline: another sampler, an interval and the cache give another
+    image of the same seed, the same one twice; MCLD refuses them by name."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    fast = dict(sampler="dpm++2m", guidance_start=0.07, guidance_end=0.81, cache_interval=2)
+    first, again = (pixels(submit_tryon(client, **fast).result()[0]) for _ in range(2))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, pixels(submit_tryon(client).result()[0]))
+    with pytest.raises(AppError, match=re.escape("sampler, guidance_start and guidance_end, cache_interval: the mcld "
+                                                 "model does not support it")):
+        client.predict(handle_file(PERSON), handle_file(str(ROOT / "examples/pose/astronaut_mirrored.png")), None,
+                       STEPS, 3.5, 7, False, False, False, *FOCUS_OFF, "framed", "mcld", 1, "unipc",
+                       api_name="/pose_transfer")
 
 
 def test_pose_api_refuses_bad_options_with_a_message(client):
@@ -190,7 +212,7 @@ def test_api_refuses_nan_sent_as_raw_json(app_url):
     with open(PERSON, "rb") as f:
         (path,) = httpx.post(f"{api}/upload", files={"files": ("person.png", f, "image/png")}).json()
     photo = f'{{"path": "{path}", "meta": {{"_type": "gradio.FileData"}}}}'
-    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1]}}'
+    body = f'{{"data": [{photo}, {photo}, null, 30, NaN, 42, false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1, "model", 0.0, 1.0, 1]}}'
     event = httpx.post(f"{api}/call/pose_transfer", content=body, headers={"content-type": "application/json"})
     answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in answer and "guidance must be a number between 0.1 and 5.0, got nan" in answer
@@ -201,9 +223,10 @@ def test_what_gradio_itself_refuses_reaches_a_raw_client_with_a_message(app_url)
     import httpx
 
     api = app_url + "gradio_api"
-    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 16, got: 4)"),
+    for data, message in (("[null, null, null, 30]", "didn't receive enough input values (needed: 20, got: 4)"),
                           ('[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, null, null, 30, 2.5, 42, '
-                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1]', "/etc/hostname")):
+                           'false, false, false, 1.0, 1, 0.0, 1.0, "framed", "pose_transfer", 1, "model", 0.0, 1.0, 1]',
+                           "/etc/hostname")):
         event = httpx.post(f"{api}/call/pose_transfer", content=f'{{"data": {data}}}',
                            headers={"content-type": "application/json"})
         answer = httpx.get(f"{api}/call/pose_transfer/{event.json()['event_id']}", timeout=60).text
@@ -266,16 +289,18 @@ def test_endpoint_parameters_are_the_documented_ones(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = {name: [p["parameter_name"] for p in info["parameters"]] for name, info in api.items()}
     focus = ["focus", "focus_levels", "focus_start", "focus_end"]
+    sampling = ["sampler", "guidance_start", "guidance_end", "cache_interval"]
     assert names["/tryon"] == ["person", "garment", "editor", "mask_upload", "densepose_upload", "model_type",
                                "garment_type", "steps", "guidance", "seed", "random_seed", "ref_acceleration",
                                "repaint", "preprocess_garment", "keep_fixed", "record", *focus, "result",
-                               "samples", "garment2", "garment2_type"]
+                               "samples", "garment2", "garment2_type", *sampling]
     assert names["/pose_transfer"] == ["person", "target", "densepose_upload", "steps", "guidance", "seed",
                                        "random_seed", "ref_acceleration", "record", *focus, "result", "model",
-                                       "samples"]
+                                       "samples", *sampling]
     # what came after the first release may be left out by a client written before it
-    optional = {p["parameter_name"] for p in api["/tryon"]["parameters"] if p["parameter_has_default"]}
-    assert {"samples", "garment2", "garment2_type"} <= optional
+    for endpoint, later in (("/tryon", {"samples", "garment2", "garment2_type", *sampling}),
+                            ("/pose_transfer", {"model", "samples", *sampling})):
+        assert later <= {p["parameter_name"] for p in api[endpoint]["parameters"] if p["parameter_has_default"]}
 
 
 def test_attention_recording_reports_groups_and_steps(client):
@@ -840,16 +865,29 @@ def test_real_models_are_counted_in_memory_under_the_chosen_preset(tmp_path):
     assert budget.need(ModelKind.VITON_HD, MemoryPreset.FAST).resident > 7 * 10**9  # float32 on the CPU
 
 
+def test_sampling_presets_set_the_steps_and_options():
+    from webapp.components import preset_chosen
+
+    assert preset_chosen(30, "published") == (30, "model", 0.0, 1.0, 1)
+    for preset in ("fast", "preview"):
+        setting = SamplingPreset(preset).setting
+        assert preset_chosen(30, preset) == (setting.steps, setting.sampler.value, *setting.guidance_interval,
+                                             setting.cache_interval)
+        assert MODEL_LIMITS.check(setting.applied(GenerateOptions())).steps < 30  # the check accepts them
+
+
 def test_choosing_mcld_sets_its_ranges_and_shows_its_intermediates(tmp_path):
     from engine.service import Engine
     from webapp.pose_tab import model_changed
 
     engine = Engine.create(ModelSetup(), WeightSource(checkpoint_dir=tmp_path))  # loads nothing
-    steps, guidance, accel, record, focus_group, focus, appearance = model_changed(engine, "mcld")
+    steps, guidance, accel, record, focus_group, focus, appearance, sampling, *values = model_changed(engine, "mcld")
     assert (steps["minimum"], steps["maximum"], steps["value"]) == (10, 100, 20)
     assert (guidance["minimum"], guidance["maximum"], guidance["value"]) == (1.0, 10.0, 3.5)
     assert not accel["interactive"] and not record["interactive"] and not focus_group["visible"]
     assert focus["value"] == 1.0 and appearance["visible"]
-    steps, guidance, accel, *_, appearance = model_changed(engine, "pose_transfer")
-    assert (steps["minimum"], steps["value"], guidance["maximum"]) == (30, 30, 5.0)
-    assert accel["interactive"] and not appearance["visible"]
+    assert not sampling["visible"] and values == ["model", 0.0, 1.0, 1]  # its own sampling, refused otherwise
+    steps, guidance, accel, *_, appearance, sampling, sampler, start, end, cache = model_changed(engine, "pose_transfer")
+    # 30 DDPM steps by default; a multistep sampler from 4 (the check says so for DDPM below 30)
+    assert (steps["minimum"], steps["value"], guidance["maximum"]) == (4, 30, 5.0)
+    assert accel["interactive"] and not appearance["visible"] and sampling["visible"] and sampler == {"__type__": "update"}

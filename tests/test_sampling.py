@@ -172,7 +172,7 @@ def test_cache_is_refused_under_block_offloading(base_dirs):
 # -- option checks -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, message", [
     ({"sampler": "euler"}, "'euler' is not a valid Sampler"),
-    ({"guidance_interval": (0.8, 0.2)}, r"0 <= start <= end <= 1.*\(0.8, 0.2\)"),
+    ({"guidance_interval": (0.8, 0.2)}, r"0 ≤ start ≤ end ≤ 1.*\(0.8, 0.2\)"),
     ({"guidance_interval": (float("nan"), 1.0)}, "guidance interval"),
     ({"guidance_interval": (0.0, 1.5)}, "guidance interval"),
     ({"cache_interval": 0}, "whole number >= 1.*got 0"),
@@ -187,3 +187,78 @@ def test_bad_sampling_options_are_refused(model, bad, message):
 def test_checks_accept_what_they_should():
     assert check_cache_interval(3.0) == 3 and GuidanceInterval(0, 1).everywhere
     assert GuidanceInterval(0.25, 0.25).guides(250, 1000) and not GuidanceInterval(0.3, 0.5).guides(999, 1000)
+
+
+# -- the applications' options ------------------------------------------------------------------------
+def test_limits_allow_fewer_steps_with_a_multistep_sampler_and_say_so():
+    from engine.options import MODEL_LIMITS, GenerateOptions
+
+    assert MODEL_LIMITS.check(GenerateOptions(steps=8, sampler="unipc")).sampler is Sampler.UNIPC
+    with pytest.raises(OptionError, match="between 30 and 100, got 12 with the DDPM sampler .from 4 with a multistep"):
+        MODEL_LIMITS.check(GenerateOptions(steps=12))
+    with pytest.raises(OptionError, match="between 4 and 100, got 3"):
+        MODEL_LIMITS.check(GenerateOptions(steps=3, sampler="dpm++2m"))
+
+
+def test_cli_preset_then_the_flags_given(tmp_path):
+    from cli.main import build_parser
+    from cli.run import options
+    from engine.options import MODEL_LIMITS, OptionCheck, SamplingPreset
+
+    def parsed(*flags):
+        args = build_parser().parse_args(["tryon", "--person", "p.png", "--garment", "g.png", "--out", "o.png", *flags])
+        with OptionCheck() as check:
+            return options(args, check, MODEL_LIMITS)
+
+    assert parsed().steps == 30 and not parsed().fast_sampling
+    fast = SamplingPreset.FAST.setting
+    assert (parsed("--sampling", "fast").steps, parsed("--sampling", "fast").sampler) == (fast.steps, fast.sampler)
+    given = parsed("--sampling", "fast", "--steps", "16", "--sampler", "ddim", "--guidance-interval", "0.2:0.9",
+                   "--cache-interval", "3")
+    assert (given.steps, given.sampler, given.guidance_interval, given.cache_interval) == (16, "ddim", (0.2, 0.9), 3)
+    with pytest.raises(SystemExit):
+        parsed("--sampler", "euler")
+
+
+def _tiny_cli(tmp_path, *args):
+    from cli.main import main
+    from tests.conftest import ROOT
+    from tests.test_outfits import _photo
+
+    _photo().save(tmp_path / "person.png")
+    return main(["tryon", "--tiny", "--person", str(tmp_path / "person.png"), "--garment",
+                 str(ROOT / "examples/garment/striped_tee.png"), "--result", "canvas", *args])
+
+
+def test_cli_runs_a_fast_preset(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    fast, plain = tmp_path / "fast.png", tmp_path / "plain.png"
+    assert _tiny_cli(tmp_path, "--sampling", "preview", "--steps", "3", "--out", str(fast)) == 0
+    assert _tiny_cli(tmp_path, "--steps", "3", "--out", str(plain)) == 0
+    assert not np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(plain)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-interval", "2", "--memory", "low"], "--cache-interval: the feature cache cannot run under the 'low'"),
+    (["--guidance-interval", "0.9:0.1"], "--guidance-interval: the guidance interval must be (start, end)"),
+    (["--cache-interval", "0"], "--cache-interval must be a whole number between 1 and 10, got 0"),
+])
+def test_cli_refuses_sampling_options_before_any_work(tmp_path, capsys, monkeypatch, args, message):
+    import cli.run as cli_module
+
+    monkeypatch.setattr(cli_module, "_read_images", lambda *a: pytest.fail("read the inputs before the checks"))
+    assert _tiny_cli(tmp_path, *args, "--out", str(tmp_path / "o.png")) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+
+
+def test_dataset_inference_takes_the_sampling_options(tmp_path):
+    from engine.options import SamplingPreset
+    from training.inference import InferenceConfig
+
+    config = InferenceConfig(tmp_path, "viton_hd", tmp_path / "out", sampling="fast", cache_interval=4)
+    options = config.options
+    fast = SamplingPreset.FAST.setting
+    assert (options.steps, options.sampler, options.cache_interval) == (fast.steps, fast.sampler, 4)
+    assert InferenceConfig(tmp_path, "viton_hd", tmp_path / "out").options.sampler is None

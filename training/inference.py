@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from engine import inputs as model_inputs
 from engine import registry
-from engine.options import CLI_NAMES, GenerateOptions
+from engine.options import CLI_NAMES, GenerateOptions, SamplingPreset, with_sampling
 from engine.registry import ModelEntry, Task
 from engine.service import Engine
 from engine.setup import ModelSetup, WeightSource
@@ -63,6 +63,7 @@ from leffa.attention import AttentionFocus
 from preprocess.images import MODEL_SIZE, save_image_atomic
 from preprocess.masks import GarmentType, TryOnModel
 from runtime.devices import resolve_device
+from runtime.sampling import Sampler
 from runtime.image_tensors import image_to_tensor, mask_to_tensor
 from mcld.inputs import sample_tensors
 from training.datasets import DatasetError, DatasetLayout, LeffaDataset, Sample
@@ -116,6 +117,11 @@ class InferenceConfig:
     repaint: bool = False
     seed: int = 42
     attention_focus: AttentionFocus | None = None  # experimental (leffa.attention.AttentionFocus)
+    # fast sampling (leffa.sampling): a preset, then the values given over it (None: not given)
+    sampling: SamplingPreset | None = None
+    sampler: Sampler | None = None
+    guidance_interval: tuple[float, float] | None = None
+    cache_interval: int | None = None
     size: tuple[int, int] = MODEL_SIZE  # (width, height)
     batch_size: int = 1
     num_workers: int = 2  # data-loading workers per process (dataset inputs only)
@@ -149,10 +155,13 @@ class InferenceConfig:
     def options(self) -> GenerateOptions:
         """The generation options (checked against the model's limits by ``Engine.check``)."""
         limits = self.source.limits(self.entry)
-        return GenerateOptions(limits.steps_default if self.steps is None else self.steps,
-                               limits.guidance_default if self.guidance_scale is None else self.guidance_scale,
-                               self.seed, self.ref_acceleration, self.repaint,
-                               False, self.attention_focus, self.guidance_rescale)
+        options = GenerateOptions(limits.steps_default,
+                                  limits.guidance_default if self.guidance_scale is None else self.guidance_scale,
+                                  self.seed, self.ref_acceleration, self.repaint,
+                                  False, self.attention_focus, self.guidance_rescale)
+        return with_sampling(options, self.sampling, steps=self.steps, sampler=self.sampler,
+                             guidance_interval=self.guidance_interval, cache_interval=self.cache_interval,
+                             preset_name="sampling")
 
     def check(self) -> None:
         """``OptionError`` for settings that cannot work together."""

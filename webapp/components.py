@@ -21,12 +21,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from engine.options import OptionLimits
+from engine.options import MODEL_SAMPLER, OptionLimits, SamplingPreset
 from engine.progress import Progress, ShouldStop, never_stop
 from engine.registry import Task, WeightSet, default_for, for_task
 from engine.service import Engine, Generation
 from errors import GenerationStopped, UserError
 from runtime.memory import free_accelerator_memory
+from runtime.sampling import Sampler
 from preprocess.framing import Box, Framing, box_drawn
 from webapp.attention_view import heatmap_overlay, layer_groups, mark_point, warped_reference, with_colour_legend
 from weightfiles.manifest import download_size
@@ -140,6 +141,15 @@ def examples(folder: str) -> list[str]:
 GENERATION_PARAMETERS = ("steps", "guidance", "seed", "random_seed", "ref_acceleration")
 # the experimental attention focus: last, so that the parameters before keep their positions
 FOCUS_PARAMETERS = ("focus", "focus_levels", "focus_start", "focus_end")
+# fast sampling (leffa.sampling): appended after every earlier parameter, each optional
+SAMPLING_PARAMETERS = ("sampler", "guidance_start", "guidance_end", "cache_interval")
+SAMPLER_CHOICES = [("The model's own (Leffa: DDPM, as published)", MODEL_SAMPLER),
+                   ("DPM-Solver++ 2M", Sampler.DPM_SOLVER.value), ("UniPC", Sampler.UNIPC.value),
+                   ("DDIM", Sampler.DDIM.value), ("DDPM", Sampler.DDPM.value)]
+PRESET_CHOICES = [("Published (30 DDPM steps)", SamplingPreset.PUBLISHED.value),
+                  ("Fast", SamplingPreset.FAST.value), ("Preview", SamplingPreset.PREVIEW.value)]
+SAMPLING_HELP = ("Fewer, cheaper denoising steps without retraining. Presets chosen on a trained toy model "
+                 "(README, *Fast sampling*): Fast kept the published quality there; Preview is for a quick look.")
 
 
 # -- handlers: module-level, the engine bound with functools.partial -------------------------------
@@ -337,10 +347,19 @@ FOCUS_HELP = ("Divides the attention logits over the garment (or the kept person
               "(see the README's *Attention focus*).")
 
 
+def preset_chosen(published_steps: int, preset: str):
+    """The steps and the sampling options of a preset (the published one: the model's default steps)."""
+    setting = SamplingPreset(preset).setting
+    steps = published_steps if preset == SamplingPreset.PUBLISHED.value else setting.steps
+    return (steps, setting.sampler.value if setting.sampler else MODEL_SAMPLER, *setting.guidance_interval,
+            setting.cache_interval)
+
+
 # -- layout: shared parts, one builder per tab, the demo --------------------------------------------
 def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr.components.Component]:
     """The generation option components, by endpoint parameter name; ranges from ``limits``."""
-    c = {"steps": gr.Slider(limits.steps_min, limits.steps_max, value=limits.steps_default, step=1, label="Steps"),
+    c = {"steps": gr.Slider(limits.steps_min_for(Sampler.DPM_SOLVER), limits.steps_max, value=limits.steps_default,
+                            step=1, label="Steps"),
          "guidance": gr.Slider(limits.guidance_min, limits.guidance_max, value=limits.guidance_default, step=0.1,
                                label="Guidance scale")}
     with gr.Row():
@@ -352,6 +371,20 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
     if with_repaint:
         c["repaint"] = gr.Checkbox(False, label="Repaint (keep the person's pixels outside the mask)")
     c["record"] = gr.Checkbox(False, label="Record attention maps (slower; enables the attention panel)")
+    with gr.Accordion("Fast sampling", open=False) as c["sampling_group"]:
+        c["sampling"] = gr.Radio(PRESET_CHOICES, value=SamplingPreset.PUBLISHED.value,
+                                 label="Preset (sets the steps and the options below)", info=SAMPLING_HELP)
+        c["sampler"] = gr.Dropdown(SAMPLER_CHOICES, value=MODEL_SAMPLER, label="Sampler",
+                                   info=f"DDPM needs {limits.steps_min}+ steps; the multistep samplers far fewer")
+        with gr.Row():
+            c["guidance_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Guide from noise level",
+                                            info="t/1000; guidance outside runs one UNet pass instead of two")
+            c["guidance_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="…up to noise level")
+        c["cache_interval"] = gr.Slider(1, limits.cache_interval_max, value=1, step=1, label="Feature cache interval",
+                                        info="the whole UNet every N steps, its outer blocks between (1 = off)")
+    c["sampling"].change(functools.partial(preset_chosen, limits.steps_default), c["sampling"],
+                         [c["steps"], *(c[name] for name in SAMPLING_PARAMETERS)], queue=False,
+                         api_visibility="private")
     with gr.Accordion("Experimental: attention focus", open=False) as c["focus_group"]:
         c["focus"] = gr.Slider(limits.focus_min, limits.focus_max, value=1.0, step=0.05,
                                label="Focus temperature τ (1 = off; < 1 sharpens)", info=FOCUS_HELP)

@@ -13,14 +13,16 @@ from PIL import Image
 
 from engine import registry
 from engine.inputs import needs_appearance
-from engine.options import GenerateOptions, OptionCheck, OptionLimits, ResultView
+from engine.options import MODEL_SAMPLER, GenerateOptions, OptionCheck, OptionLimits, ResultView
 from engine.registry import Task
 from engine.service import Engine
 from errors import UserError
 from preprocess.framing import Box, box_drawn
 from preprocess.inputs import PoseInputs
 from preprocess.openpose import NoPersonError
-from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, Sample, TabParts,
+from runtime.sampling import Sampler
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, SAMPLING_PARAMETERS,
+                               Sample, TabParts,
                                attention_panel, chosen_result, framing_preview, generation_options, input_row,
                                intermediate, need, notice_tab, reporter, result_outputs, say_who_was_framed,
                                stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
@@ -70,7 +72,7 @@ class PoseRequest:
 
 
 POSE_PARAMETERS = ("person", "target", "densepose_upload", *GENERATION_PARAMETERS, "record", *FOCUS_PARAMETERS,
-                   "result", "model", "samples")
+                   "result", "model", "samples", *SAMPLING_PARAMETERS)
 CHAINS = (("use-person", "Use as person to keep"), ("to-tryon", "Send to try-on"))
 
 
@@ -113,12 +115,16 @@ def model_changed(engine: Engine, name: str):
     options it lacks turned off, and its own intermediate results shown."""
     model = registry.pose_entry(name)
     limits, supports = engine.limits_for(model), model.supports
-    return (gr.update(minimum=limits.steps_min, maximum=limits.steps_max, value=limits.steps_default),
+    fast = supports.fast_sampling
+    return (gr.update(minimum=limits.steps_min_for(Sampler.DPM_SOLVER), maximum=limits.steps_max,
+                      value=limits.steps_default),
             gr.update(minimum=limits.guidance_min, maximum=limits.guidance_max, value=limits.guidance_default),
             gr.update(interactive=supports.ref_acceleration, value=False),
             gr.update(interactive=supports.attention_recording, value=False),
             gr.update(visible=supports.attention_focus), gr.update(value=1.0),  # focus 1 = off
-            gr.update(visible=needs_appearance(model)))  # the texture map and face intermediates
+            gr.update(visible=needs_appearance(model)),  # the texture map and face intermediates
+            # fast sampling: Leffa's; back to the model's own sampling for the others
+            gr.update(visible=fast), *((gr.update(),) * 4 if fast else (MODEL_SAMPLER, 0.0, 1.0, 1)))
 
 
 def build_pose_tab(engine: Engine) -> TabParts:
@@ -149,7 +155,7 @@ def build_pose_tab(engine: Engine) -> TabParts:
         group, step = attention_panel(column.image, state, "person")
     c["model"].change(functools.partial(model_changed, engine), c["model"],
                       [c["steps"], c["guidance"], c["ref_acceleration"], c["record"], c["focus_group"], c["focus"],
-                       appearance_row],
+                       appearance_row, c["sampling_group"], *(c[n] for n in SAMPLING_PARAMETERS)],
                       queue=False, api_visibility="private")
     wire_generation(column, functools.partial(pose_transfer, engine), {name: c[name] for name in POSE_PARAMETERS},
                     [densepose, state, group, step, framing, texture, face, column.gallery], "pose_transfer",

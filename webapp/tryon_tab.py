@@ -18,7 +18,8 @@ from engine.service import Engine
 from errors import OptionError, UserError
 from preprocess.images import fit_label_image, fit_to_canvas, load_image
 from preprocess.masks import GarmentType, TryOnModel
-from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, Sample, TabParts,
+from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, MODEL_SLOT, SAMPLING_PARAMETERS, Sample,
+                               TabParts,
                                attention_panel, chosen_result, framing_preview, generation_options, input_row,
                                intermediate, need, notice_tab, reporter, result_outputs, say_who_was_framed,
                                stop_requested, tab_limits, task_notice, upload_path, user_errors, wire_generation)
@@ -113,7 +114,7 @@ class TryOnRequest:
 # the later additions last, so that the parameters before keep their positions
 TRYON_PARAMETERS = ("person", "garment", "editor", "mask_upload", "densepose_upload", "model_type", "garment_type",
                     *GENERATION_PARAMETERS, "repaint", "preprocess_garment", "keep_fixed", "record",
-                    *FOCUS_PARAMETERS, "result", "samples", "garment2", "garment2_type")
+                    *FOCUS_PARAMETERS, "result", "samples", "garment2", "garment2_type", *SAMPLING_PARAMETERS)
 CHAINS = (("use-person", "Use as person"), ("to-pose", "Send to pose transfer"))
 RESULT_CHOICES = [("Your photo, at its own size (the garment blended in)", ResultView.PHOTO.value),
                   ("The model's 768×1024 picture, framed around the person", ResultView.FRAMED.value),

@@ -17,6 +17,7 @@ from leffa.memory import estimate_memory, meta_model
 from leffa.model import LeffaModel
 from leffa.pipeline import LeffaPipeline
 from leffa.recording import AttentionRecorder
+from leffa.sampling import GuidanceInterval, Sampler
 from leffa.weights import ModelKind
 from runtime.memory import MemoryNeed
 from runtime.presets import MemoryPreset
@@ -69,4 +70,7 @@ class Adapter:
 def _pipeline_options(options: GenerateOptions) -> dict:
     return {"num_inference_steps": options.steps, "guidance_scale": options.guidance_scale,
             "guidance_rescale": options.guidance_rescale, "ref_acceleration": options.ref_acceleration,
-            "repaint": options.repaint, "attention_focus": options.attention_focus}
+            "repaint": options.repaint, "attention_focus": options.attention_focus,
+            "sampler": options.sampler or Sampler.DDPM,
+            "guidance_interval": GuidanceInterval(*options.guidance_interval),
+            "cache_interval": options.cache_interval}

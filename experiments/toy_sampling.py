@@ -1,0 +1,225 @@
+"""Which cheaper sampling settings keep the published 30-DDPM-step quality, measured on a trained toy.
+
+    python -m experiments.toy_sampling                       # train the toy (~10 min on 2 cores), then the table
+    python -m experiments.toy_sampling --model docs/toy/sampling_model.pt   # reuse the trained toy
+
+Untrained weights cannot judge a sampler: every setting turns their noise into other noise. So this
+trains ``experiments.toy_flow``'s tiny Leffa model on its synthetic try-on task (a textured garment
+warped onto a target by a known affine transform) with the diffusion loss, the Leffa loss and 10 %
+reference dropout (so that guidance's unconditional branch is learnt, as in ``training.trainer``),
+then generates the held-out targets with each setting of ``leffa.sampling`` (sampler and steps,
+guidance interval, feature cache), for 3 seeds. Per setting: generative-UNet passes per image (rows
+through the UNet: 2 per guided step, 1 per unguided one; how many of them ran the shallow path
+only), seconds per image, and the distance to the held-out ground truth and to the published
+setting's image of the same seed: SSIM (``evaluation.ssim``, 7×7 Gaussian window as the authors'
+torchmetrics), PSNR, and LPIPS (``evaluation.lpips``) when ``--lpips-weights`` names a folder with
+its published files. Each figure is the mean over the seeds of the mean over images, ± the standard
+deviation over the seeds.
+
+The toy is a proxy: a 2-block UNet on 128×96 images with 16×12 latents, trained for minutes. It
+shows whether a setting reaches the same images as 30 DDPM steps of a model that has learnt its
+task; it cannot show how the published models' textures, faces or text survive fewer steps, which
+a GPU run with the published weights must confirm (README, "Fast sampling").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.ssim import ssim
+from experiments.toy_flow import batch_of, build_model, make_set, train_run
+from leffa.model import LeffaModel
+from leffa.pipeline import LeffaPipeline
+from leffa.sampling import GuidanceInterval, Sampler
+
+PAPER_INTERVAL = (0.07, 0.81)  # Kynkäänniemi et al.'s σ ∈ (0.28, 5.42] on Stable Diffusion's schedule (t/1000)
+GUIDANCE = 2.5
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: Sampler
+    steps: int
+    interval: tuple[float, float] = (0.0, 1.0)
+    cache: int = 1
+
+    @property
+    def name(self) -> str:
+        parts = [f"{self.sampler.value} {self.steps}"]
+        if self.interval != (0.0, 1.0):
+            parts.append(f"guide {self.interval[0]:g}-{self.interval[1]:g}")
+        if self.cache > 1:
+            parts.append(f"cache {self.cache}")
+        return ", ".join(parts)
+
+
+PUBLISHED = Setting(Sampler.DDPM, 30)
+SETTINGS = [
+    PUBLISHED, Setting(Sampler.DDPM, 15),
+    Setting(Sampler.DDIM, 20), Setting(Sampler.DDIM, 10),
+    Setting(Sampler.DPM_SOLVER, 20), Setting(Sampler.DPM_SOLVER, 12), Setting(Sampler.DPM_SOLVER, 8),
+    Setting(Sampler.DPM_SOLVER, 5),
+    Setting(Sampler.UNIPC, 12), Setting(Sampler.UNIPC, 8), Setting(Sampler.UNIPC, 5),
+    Setting(Sampler.DDPM, 30, PAPER_INTERVAL), Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL),
+    Setting(Sampler.DPM_SOLVER, 8, PAPER_INTERVAL), Setting(Sampler.UNIPC, 8, PAPER_INTERVAL),
+    Setting(Sampler.DDPM, 30, cache=2), Setting(Sampler.DDPM, 30, cache=3),
+    Setting(Sampler.DPM_SOLVER, 12, cache=2), Setting(Sampler.UNIPC, 8, cache=2),
+    Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL, 2), Setting(Sampler.UNIPC, 8, PAPER_INTERVAL, 2),
+    Setting(Sampler.UNIPC, 5, PAPER_INTERVAL),
+]
+
+
+class PassCounter:
+    """Rows through the generative UNet, whole and shallow only (its mid block runs on whole passes)."""
+
+    def __init__(self, model: LeffaModel):
+        self.rows = self.whole = 0
+        self.hooks = [model.unet.up_blocks[-1].register_forward_pre_hook(self._last, with_kwargs=True),
+                      model.unet.mid_block.register_forward_pre_hook(self._mid)]
+
+    def _last(self, module, args, kwargs):  # every pass, whole or shallow, ends with the last up block
+        self.rows += kwargs["hidden_states"].shape[0]
+
+    def _mid(self, module, args):
+        self.whole += args[0].shape[0]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def generate(model: LeffaModel, batch: dict, setting: Setting, seed: int) -> tuple[torch.Tensor, float, int, int]:
+    """Images (B, 3, H, W) in [0, 1], seconds, generative-UNet rows and whole-UNet rows."""
+    counter = PassCounter(model)
+    start = time.perf_counter()
+    try:
+        images = LeffaPipeline(model)(
+            batch["src_image"], batch["ref_image"], batch["mask"], batch["densepose"],
+            num_inference_steps=setting.steps, guidance_scale=GUIDANCE, sampler=setting.sampler,
+            guidance_interval=GuidanceInterval(*setting.interval), cache_interval=setting.cache,
+            generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    finally:
+        counter.close()
+    return images, time.perf_counter() - start, counter.rows, counter.whole
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    mse = ((x - y) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def train_toy(args) -> LeffaModel:
+    train_set = make_set(args.train_size, 0)
+    model = build_model(0, train_set[:64])
+    start = time.perf_counter()
+    train_run(model, train_set, args.train_steps, args.lambda_leffa, args.batch, args.lr, 0,
+              log=lambda line: print(line, flush=True), ref_dropout=0.1)
+    print(f"trained {args.train_steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    tmp = args.out / ".sampling_model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(args.out / "sampling_model.pt")
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="a toy state dict saved by an earlier run (skips training)")
+    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--train-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lambda-leffa", type=float, default=1.0)
+    p.add_argument("--test-size", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", type=int, default=len(SETTINGS), help="the first N settings only (quick checks)")
+    p.add_argument("--lpips-weights", type=Path, help="folder with LPIPS' published files (evaluation.weights)")
+    p.add_argument("--out", type=Path, default=Path("docs/toy"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+    calibration = make_set(64, 0)
+    if args.model:
+        model = build_model(0, calibration)
+        model.load_state_dict(torch.load(args.model, map_location="cpu"))
+    else:
+        with torch.enable_grad():
+            model = train_toy(args)
+    model.eval()
+    untrained = build_model(0, calibration).eval()
+    lpips = None
+    if args.lpips_weights:
+        from evaluation.lpips import LPIPS, LpipsNet
+        backbone, linear = LpipsNet.SQUEEZE.files
+        lpips = LPIPS.from_files(LpipsNet.SQUEEZE, args.lpips_weights / backbone.name, args.lpips_weights / linear.name)
+
+    batch = batch_of(make_set(args.test_size, 10_000))
+    truth = (batch["src_image"] + 1) / 2
+    n = args.test_size
+
+    def scores(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+        out = {"ssim": float(ssim(images, reference).mean()), "psnr": float(psnr(images, reference).mean())}
+        if lpips is not None:
+            out["lpips"] = float(lpips(images * 2 - 1, reference * 2 - 1).mean())
+        return out
+
+    rows, published = [], {}
+    runs = [("untrained model", untrained, PUBLISHED)] + [(s.name, model, s) for s in SETTINGS[:args.settings]]
+    for label, net, setting in runs:
+        per_seed = []
+        for seed in args.seeds:
+            images, seconds, passes, whole = generate(net, batch, setting, seed)
+            if net is model and setting == PUBLISHED:
+                published[seed] = images
+            per_seed.append({"seconds_per_image": seconds / n, "passes": passes / n, "whole": whole / n,
+                             **{f"truth_{k}": v for k, v in scores(images, truth).items()},
+                             **({f"published_{k}": v for k, v in scores(images, published[seed]).items()}
+                                if net is model else {})})
+        row = {"setting": label, **asdict(setting), "sampler": setting.sampler.value}
+        for key in per_seed[0]:
+            values = [r[key] for r in per_seed]
+            row[key] = round(float(np.mean(values)), 4)
+            row[key + "_std"] = round(float(np.std(values)), 4)
+        rows.append(row)
+        print(table_line(row), flush=True)
+    presets = choose_presets(rows)
+    report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "guidance_scale": GUIDANCE, "rows": rows, "presets": presets}
+    tmp = args.out / ".sampling_results.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out / "sampling_results.json")
+    print(json.dumps(presets, indent=2))
+    return report
+
+
+def table_line(row: dict) -> str:
+    def pm(key: str, fmt: str = ".3f") -> str:
+        return f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}" if key in row else "–"
+    return (f"| {row['setting']} | {row['passes']:.0f} ({row['passes'] - row['whole']:.0f} shallow) "
+            f"| {row['seconds_per_image'] * 1000:.1f} ms | {pm('truth_ssim')} | {pm('truth_psnr', '.2f')} "
+            f"| {pm('published_ssim')} | {pm('published_psnr', '.2f')} |")
+
+
+def choose_presets(rows: list[dict]) -> dict[str, str]:
+    """Fast: the fewest passes whose SSIM to the ground truth is within the published setting's spread
+    over seeds (mean − std or better). Preview: the fewest passes within 3 such spreads (or 0.02)."""
+    trained = [r for r in rows if r["setting"] != "untrained model"]
+    base = next(r for r in trained if r["setting"] == PUBLISHED.name)
+    spread = max(base["truth_ssim_std"], 1e-3)
+    cost = lambda r: (r["passes"], r["whole"], r["seconds_per_image"])  # noqa: E731
+
+    def cheapest(slack: float) -> str:
+        ok = [r for r in trained if r["truth_ssim"] >= base["truth_ssim"] - slack]
+        return min(ok, key=cost)["setting"]
+
+    return {"Published": base["setting"], "Fast": cheapest(spread), "Preview": cheapest(max(3 * spread, 0.02))}
+
+
+if __name__ == "__main__":
+    main()
