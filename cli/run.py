@@ -53,12 +53,8 @@ def options(args, check: OptionCheck, limits: OptionLimits) -> GenerateOptions:
                             limits.guidance_default if args.guidance_scale is None else args.guidance_scale,
                             args.seed, args.ref_acceleration, getattr(args, "repaint", False), False,
                             attention_focus(args, check), args.guidance_rescale, getattr(args, "samples", 1))
-    return sampling_options(args, given)
-
-
-def sampling_options(args, options: GenerateOptions) -> GenerateOptions:
-    """``options`` with ``--sampling``'s preset, then ``--steps`` and the sampling flags given over it."""
-    return engine_options.with_sampling(options, args.sampling, steps=args.steps, sampler=args.sampler,
+    # --sampling's preset, then --steps and the sampling flags given over it
+    return engine_options.with_sampling(given, args.sampling, steps=args.steps, sampler=args.sampler,
                                         guidance_interval=args.guidance_interval, cache_interval=args.cache_interval)
 
 

@@ -131,7 +131,7 @@ class Engine:
             if asked is True and not supported:
                 check.unsupported(name, f"the {entry.name} model does not support it")
         memory = self.setup.memory
-        if options.cache_interval not in (1, None) and memory.group_offload:
+        if isinstance(checked.cache_interval, int) and checked.cache_interval > 1 and memory.group_offload:
             check.unsupported(names.cache_interval, f"the feature cache cannot run under the {memory.value!r} memory "
                                                     "preset (it offloads the UNet block by block); use 'balanced'")
         return checked

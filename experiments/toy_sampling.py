@@ -7,7 +7,8 @@ Untrained weights cannot judge a sampler: every setting turns their noise into o
 trains ``experiments.toy_flow``'s tiny Leffa model on its synthetic try-on task (a textured garment
 warped onto a target by a known affine transform) with the diffusion loss, the Leffa loss and 10 %
 reference dropout (so that guidance's unconditional branch is learnt, as in ``training.trainer``),
-then generates the held-out targets with each setting of ``leffa.sampling`` (sampler and steps,
+(after training its VAE to reconstruct the task's images: the toy's random VAE decodes every latent
+to nearly the same picture), then generates the held-out targets with each setting of ``leffa.sampling`` (sampler and steps,
 guidance interval, feature cache), for 3 seeds. Per setting: generative-UNet passes per image (rows
 through the UNet: 2 per guided step, 1 per unguided one; how many of them ran the shallow path
 only), seconds per image, and the distance to the held-out ground truth and to the published
@@ -41,6 +42,7 @@ from leffa.sampling import GuidanceInterval, Sampler
 
 PAPER_INTERVAL = (0.07, 0.81)  # Kynkäänniemi et al.'s σ ∈ (0.28, 5.42] on Stable Diffusion's schedule (t/1000)
 GUIDANCE = 2.5
+UNTRAINED = "untrained UNets (trained VAE), ddpm 30"
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,20 @@ class Setting:
 
 PUBLISHED = Setting(Sampler.DDPM, 30)
 SETTINGS = [
-    PUBLISHED, Setting(Sampler.DDPM, 15),
+    PUBLISHED, Setting(Sampler.DDPM, 15), Setting(Sampler.DDPM, 10), Setting(Sampler.DDPM, 8), Setting(Sampler.DDPM, 6),
     Setting(Sampler.DDIM, 20), Setting(Sampler.DDIM, 10),
     Setting(Sampler.DPM_SOLVER, 20), Setting(Sampler.DPM_SOLVER, 12), Setting(Sampler.DPM_SOLVER, 8),
     Setting(Sampler.DPM_SOLVER, 5),
     Setting(Sampler.UNIPC, 12), Setting(Sampler.UNIPC, 8), Setting(Sampler.UNIPC, 5),
-    Setting(Sampler.DDPM, 30, PAPER_INTERVAL), Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL),
-    Setting(Sampler.DPM_SOLVER, 8, PAPER_INTERVAL), Setting(Sampler.UNIPC, 8, PAPER_INTERVAL),
+    Setting(Sampler.DDPM, 30, PAPER_INTERVAL), Setting(Sampler.DDPM, 15, PAPER_INTERVAL),
+    Setting(Sampler.DDPM, 10, PAPER_INTERVAL), Setting(Sampler.DDPM, 8, PAPER_INTERVAL),
+    Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL), Setting(Sampler.DPM_SOLVER, 8, PAPER_INTERVAL),
+    Setting(Sampler.UNIPC, 8, PAPER_INTERVAL), Setting(Sampler.UNIPC, 5, PAPER_INTERVAL),
     Setting(Sampler.DDPM, 30, cache=2), Setting(Sampler.DDPM, 30, cache=3),
     Setting(Sampler.DPM_SOLVER, 12, cache=2), Setting(Sampler.UNIPC, 8, cache=2),
-    Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL, 2), Setting(Sampler.UNIPC, 8, PAPER_INTERVAL, 2),
-    Setting(Sampler.UNIPC, 5, PAPER_INTERVAL),
+    Setting(Sampler.DDPM, 15, PAPER_INTERVAL, 2), Setting(Sampler.DDPM, 10, PAPER_INTERVAL, 2),
+    Setting(Sampler.DDPM, 8, PAPER_INTERVAL, 2), Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL, 2),
+    Setting(Sampler.UNIPC, 8, PAPER_INTERVAL, 2),
 ]
 
 
@@ -115,15 +120,44 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
+def train_vae(model: LeffaModel, data: list[dict], steps: int, seed: int = 0) -> float:
+    """Train the toy's VAE to reconstruct the task's images (targets and garments), then set its
+    ``scaling_factor`` for unit-variance latents as ``build_model`` does; returns the seconds. A random
+    VAE's decoder hardly depends on its latent (two random latents decode to pictures 13 dB apart, as
+    close as a generated one to the truth), so no image metric could judge a sampler through it."""
+    b = batch_of(data)
+    images = torch.cat([b["src_image"], b["ref_image"]])
+    vae = model.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        x = images[torch.randint(0, len(images), (16,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        loss = ((vae.decode(posterior.sample(g)).sample - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 200 == 0 or step == steps:
+            print(f"  vae step {step}: reconstruction {loss.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(images[:64]).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return time.perf_counter() - start
+
+
 def train_toy(args) -> LeffaModel:
     train_set = make_set(args.train_size, 0)
     model = build_model(0, train_set[:64])
+    vae_seconds = train_vae(model, train_set, args.vae_steps)
     start = time.perf_counter()
     train_run(model, train_set, args.train_steps, args.lambda_leffa, args.batch, args.lr, 0,
               log=lambda line: print(line, flush=True), ref_dropout=0.1)
-    print(f"trained {args.train_steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"trained the VAE {args.vae_steps} steps in {vae_seconds:.0f} s, the UNets {args.train_steps} steps in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
     tmp = args.out / ".sampling_model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
+    torch.save({"state_dict": model.state_dict(), "scaling_factor": model.vae.config.scaling_factor}, tmp)
     tmp.replace(args.out / "sampling_model.pt")
     return model
 
@@ -131,6 +165,7 @@ def train_toy(args) -> LeffaModel:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="a toy state dict saved by an earlier run (skips training)")
+    p.add_argument("--vae-steps", type=int, default=1200, help="the toy VAE's reconstruction training")
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
@@ -147,12 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = make_set(64, 0)
     if args.model:
         model = build_model(0, calibration)
-        model.load_state_dict(torch.load(args.model, map_location="cpu"))
+        saved = torch.load(args.model, map_location="cpu")
+        model.load_state_dict(saved["state_dict"])
+        model.vae.register_to_config(scaling_factor=saved["scaling_factor"])
     else:
         with torch.enable_grad():
             model = train_toy(args)
     model.eval()
-    untrained = build_model(0, calibration).eval()
+    untrained = build_model(0, calibration).eval()  # the UNets as initialised, with the trained VAE
+    untrained.vae.load_state_dict(model.vae.state_dict())
+    untrained.vae.register_to_config(scaling_factor=model.vae.config.scaling_factor)
     lpips = None
     if args.lpips_weights:
         from evaluation.lpips import LPIPS, LpipsNet
@@ -169,8 +208,13 @@ def main(argv: list[str] | None = None) -> dict:
             out["lpips"] = float(lpips(images * 2 - 1, reference * 2 - 1).mean())
         return out
 
+    with torch.no_grad():
+        vae = model.vae
+        round_trip = (vae.decode(vae.encode(batch["src_image"]).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    ceiling = {f"truth_{k}": v for k, v in scores(round_trip, truth).items()}
+    print(f"the VAE's round trip of the truth (what no setting can beat): {ceiling}", flush=True)
     rows, published = [], {}
-    runs = [("untrained model", untrained, PUBLISHED)] + [(s.name, model, s) for s in SETTINGS[:args.settings]]
+    runs = [(UNTRAINED, untrained, PUBLISHED)] + [(s.name, model, s) for s in SETTINGS[:args.settings]]
     for label, net, setting in runs:
         per_seed = []
         for seed in args.seeds:
@@ -190,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(table_line(row), flush=True)
     presets = choose_presets(rows)
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "guidance_scale": GUIDANCE, "rows": rows, "presets": presets}
+              "guidance_scale": GUIDANCE, "vae_round_trip": ceiling, "rows": rows, "presets": presets}
     tmp = args.out / ".sampling_results.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(args.out / "sampling_results.json")
@@ -206,19 +250,24 @@ def table_line(row: dict) -> str:
             f"| {pm('published_ssim')} | {pm('published_psnr', '.2f')} |")
 
 
+CLOSE_TO_PUBLISHED = 0.92  # Fast's SSIM to the published setting's image, at least
+
+
 def choose_presets(rows: list[dict]) -> dict[str, str]:
-    """Fast: the fewest passes whose SSIM to the ground truth is within the published setting's spread
-    over seeds (mean − std or better). Preview: the fewest passes within 3 such spreads (or 0.02)."""
-    trained = [r for r in rows if r["setting"] != "untrained model"]
+    """Fast: the fewest UNet passes (then whole passes) among the settings whose SSIM to the ground
+    truth is within the published setting's spread over seeds (its mean − std or better) and whose
+    SSIM to the published image is at least ``CLOSE_TO_PUBLISHED``: a picture can score as well
+    against the truth by being smoother, so Fast must also stay close to what the published setting
+    draws. Preview: the fewest passes within 3 such spreads (or 0.02) of the truth."""
+    trained = [r for r in rows if r["setting"] != UNTRAINED]
     base = next(r for r in trained if r["setting"] == PUBLISHED.name)
     spread = max(base["truth_ssim_std"], 1e-3)
     cost = lambda r: (r["passes"], r["whole"], r["seconds_per_image"])  # noqa: E731
-
-    def cheapest(slack: float) -> str:
-        ok = [r for r in trained if r["truth_ssim"] >= base["truth_ssim"] - slack]
-        return min(ok, key=cost)["setting"]
-
-    return {"Published": base["setting"], "Fast": cheapest(spread), "Preview": cheapest(max(3 * spread, 0.02))}
+    fast = [r for r in trained if r["truth_ssim"] >= base["truth_ssim"] - spread
+            and r["published_ssim"] >= CLOSE_TO_PUBLISHED]
+    preview = [r for r in trained if r["truth_ssim"] >= base["truth_ssim"] - max(3 * spread, 0.02)]
+    return {"Published": base["setting"], "Fast": min(fast, key=cost)["setting"],
+            "Preview": min(preview, key=cost)["setting"]}
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ class ReferenceAttnProcessor:
         if r is None:
             raise RuntimeError(f"no reference feature for layer {self.name}: run the reference UNet first")
         rows = self.state.reference_rows
-        if len(range(r.shape[0])[rows or slice(None)]) != x.shape[0] or r.shape[2] != x.shape[2]:
+        used = r.shape[0] if rows is None else len(range(r.shape[0])[rows])
+        if used != x.shape[0] or r.shape[2] != x.shape[2]:
             raise RuntimeError(f"{self.name}: reference feature {tuple(r.shape)} (rows {rows}) does not fit "
                                f"{tuple(x.shape)}")
         q, k_x, v_x = _qkv(attn, x)  # (B, h, n, d) each

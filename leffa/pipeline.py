@@ -69,6 +69,19 @@ def rescale_guidance(eps: torch.Tensor, eps_cond: torch.Tensor, rescale: float) 
     return rescale * rescaled + (1 - rescale) * eps
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: scale ``g``, rescale strength, and the steps it applies to."""
+
+    scale: float
+    rescale: float
+    interval: GuidanceInterval = GuidanceInterval()
+
+    def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+        eps = eps_uncond + self.scale * (eps_cond - eps_uncond)
+        return rescale_guidance(eps, eps_cond, self.rescale) if self.rescale > 0 else eps
+
+
 # -- the pipeline -------------------------------------------------------------------------
 class LeffaPipeline:
     """Virtual try-on / pose transfer with a ``LeffaModel``.
@@ -282,19 +295,6 @@ class LeffaPipeline:
                 recorder.set_step(None)
             model.attn_state.reference_rows = None
         return latents
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance: scale ``g``, rescale strength, and the steps it applies to."""
-
-    scale: float
-    rescale: float
-    interval: GuidanceInterval = GuidanceInterval()
-
-    def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
-        eps = eps_uncond + self.scale * (eps_cond - eps_uncond)
-        return rescale_guidance(eps, eps_cond, self.rescale) if self.rescale > 0 else eps
 
 
 def _output(images: torch.Tensor, output_type: OutputType) -> LeffaPipelineOutput:

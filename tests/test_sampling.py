@@ -190,11 +190,15 @@ def test_checks_accept_what_they_should():
 
 
 # -- the applications' options ------------------------------------------------------------------------
-def test_limits_allow_fewer_steps_with_a_multistep_sampler_and_say_so():
+def test_limits_allow_fewer_steps_with_fast_sampling_and_say_so():
     from engine.options import MODEL_LIMITS, GenerateOptions
 
     assert MODEL_LIMITS.check(GenerateOptions(steps=8, sampler="unipc")).sampler is Sampler.UNIPC
-    with pytest.raises(OptionError, match="between 30 and 100, got 12 with the DDPM sampler .from 4 with a multistep"):
+    assert MODEL_LIMITS.check(GenerateOptions(steps=10, guidance_interval=(0.07, 0.81))).steps == 10
+    assert MODEL_LIMITS.check(GenerateOptions(steps=10, sampler="ddpm")).sampler is Sampler.DDPM
+    with pytest.raises(OptionError, match="between 30 and 100, got 12 with the published sampling .from 4 with a "
+                                          "fast-sampling option: sampler, guidance_start and guidance_end or "
+                                          "cache_interval"):
         MODEL_LIMITS.check(GenerateOptions(steps=12))
     with pytest.raises(OptionError, match="between 4 and 100, got 3"):
         MODEL_LIMITS.check(GenerateOptions(steps=3, sampler="dpm++2m"))
@@ -262,3 +266,25 @@ def test_dataset_inference_takes_the_sampling_options(tmp_path):
     fast = SamplingPreset.FAST.setting
     assert (options.steps, options.sampler, options.cache_interval) == (fast.steps, fast.sampler, 4)
     assert InferenceConfig(tmp_path, "viton_hd", tmp_path / "out").options.sampler is None
+
+
+def test_the_speed_benchmark_replays_the_steps_the_pipeline_runs(model):
+    """``benchmarks.bench_sampling`` composes each setting's time from its steps' kinds: they must be
+    the kinds the pipeline runs (rows through the UNet, whole or shallow)."""
+    from benchmarks.bench_sampling import Setting, step_kinds
+
+    seen = []
+    hooks = [model.unet.conv_in.register_forward_pre_hook(lambda m, a: seen.append([a[0].shape[0], "shallow"])),
+             model.unet.mid_block.register_forward_pre_hook(lambda m, a: seen[-1].__setitem__(1, "whole"))]
+    try:
+        for setting in (Setting("a", Sampler.DPM_SOLVER, 6, (0.3, 0.8), 2), Setting("b", Sampler.DDPM, 5, cache=3),
+                        Setting("c", Sampler.UNIPC, 5, (0.0, 0.5), 2)):
+            seen.clear()
+            _run(model, 0, make_inputs(batch=1), num_inference_steps=setting.steps, sampler=setting.sampler,
+                 guidance_interval=setting.interval, cache_interval=setting.cache)
+            ran = [f"{'guided' if rows == 2 else 'unguided'} {kind}" for rows, kind in seen]
+            assert ran == step_kinds(setting, model.scheduler_config, model.is_sdxl)
+            assert len(set(ran)) > 1
+    finally:
+        for h in hooks:
+            h.remove()

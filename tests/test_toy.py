@@ -84,3 +84,38 @@ def test_attention_near_source(samples):
     one_hot = toy_flow.Evaluation(rec, ["layer"], 0.0)
     assert toy_flow.attention_near_source(one_hot, samples) == pytest.approx(1.0)
     assert toy_flow.end_point_error(one_hot.flow(), samples) < 6  # at most half a token's diagonal
+
+
+# -- experiments/toy_sampling.py: the samplers' quality on the trained toy ---------------------------------
+def test_sampling_presets_are_chosen_by_the_rule():
+    from experiments.toy_sampling import UNTRAINED, choose_presets
+
+    def row(name, passes, ssim, std=0.002, whole=None, to_published=0.95):
+        return {"setting": name, "passes": passes, "whole": passes if whole is None else whole,
+                "seconds_per_image": passes / 100, "truth_ssim": ssim, "truth_ssim_std": std,
+                "published_ssim": to_published}
+
+    rows = [row(UNTRAINED, 60, 0.2), row("ddpm 30", 60, 0.60, to_published=1.0), row("a", 20, 0.599),
+            row("b", 10, 0.59), row("c", 6, 0.50), row("d", 20, 0.61, whole=10), row("e", 8, 0.62, to_published=0.9)]
+    # Fast: fewest passes within the published spread (0.598 or better) and close to the published image
+    # (e: not), ties by whole passes; Preview: within 3 spreads or 0.02 (0.58) of the truth
+    assert choose_presets(rows) == {"Published": "ddpm 30", "Fast": "d", "Preview": "e"}
+
+
+@pytest.mark.slow
+def test_sampling_experiment_runs_end_to_end(tmp_path):
+    from experiments import toy_sampling
+
+    report = toy_sampling.main(["--vae-steps", "2", "--train-steps", "2", "--train-size", "8", "--test-size", "2",
+                                "--batch", "2", "--seeds", "0", "--settings", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "sampling_results.json").read_text())
+    assert saved["rows"] == report["rows"]
+    assert [r["setting"] for r in saved["rows"]] == [toy_sampling.UNTRAINED, "ddpm 30", "ddpm 15", "ddim 20"]
+    published = saved["rows"][1]
+    assert published["published_ssim"] == 1.0 and published["passes"] == 60 and published["whole"] == 60
+    assert saved["rows"][2]["passes"] == 30 and 0 < saved["rows"][3]["truth_ssim"] < 1
+    assert set(saved["presets"]) == {"Published", "Fast", "Preview"} and 0 < saved["vae_round_trip"]["truth_ssim"] < 1
+    # the saved toy (its VAE's scaling factor included) gives the same images again
+    again = toy_sampling.main(["--model", str(tmp_path / "sampling_model.pt"), "--test-size", "2", "--seeds", "0",
+                               "--settings", "1", "--out", str(tmp_path / "again")])
+    assert again["rows"][1]["truth_ssim"] == published["truth_ssim"]

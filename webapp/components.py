@@ -358,7 +358,7 @@ def preset_chosen(published_steps: int, preset: str):
 # -- layout: shared parts, one builder per tab, the demo --------------------------------------------
 def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr.components.Component]:
     """The generation option components, by endpoint parameter name; ranges from ``limits``."""
-    c = {"steps": gr.Slider(limits.steps_min_for(Sampler.DPM_SOLVER), limits.steps_max, value=limits.steps_default,
+    c = {"steps": gr.Slider(limits.steps_min_for(fast_sampling=True), limits.steps_max, value=limits.steps_default,
                             step=1, label="Steps"),
          "guidance": gr.Slider(limits.guidance_min, limits.guidance_max, value=limits.guidance_default, step=0.1,
                                label="Guidance scale")}
@@ -375,7 +375,7 @@ def generation_options(limits: OptionLimits, with_repaint: bool) -> dict[str, gr
         c["sampling"] = gr.Radio(PRESET_CHOICES, value=SamplingPreset.PUBLISHED.value,
                                  label="Preset (sets the steps and the options below)", info=SAMPLING_HELP)
         c["sampler"] = gr.Dropdown(SAMPLER_CHOICES, value=MODEL_SAMPLER, label="Sampler",
-                                   info=f"DDPM needs {limits.steps_min}+ steps; the multistep samplers far fewer")
+                                   info="the multistep samplers reach a similar image in far fewer steps")
         with gr.Row():
             c["guidance_start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Guide from noise level",
                                             info="t/1000; guidance outside runs one UNet pass instead of two")

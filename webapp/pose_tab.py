@@ -20,7 +20,6 @@ from errors import UserError
 from preprocess.framing import Box, box_drawn
 from preprocess.inputs import PoseInputs
 from preprocess.openpose import NoPersonError
-from runtime.sampling import Sampler
 from webapp.components import (FOCUS_PARAMETERS, GENERATION_PARAMETERS, INTERMEDIATE_HEIGHT, SAMPLING_PARAMETERS,
                                Sample, TabParts,
                                attention_panel, chosen_result, framing_preview, generation_options, input_row,
@@ -116,7 +115,7 @@ def model_changed(engine: Engine, name: str):
     model = registry.pose_entry(name)
     limits, supports = engine.limits_for(model), model.supports
     fast = supports.fast_sampling
-    return (gr.update(minimum=limits.steps_min_for(Sampler.DPM_SOLVER), maximum=limits.steps_max,
+    return (gr.update(minimum=limits.steps_min_for(fast_sampling=True), maximum=limits.steps_max,
                       value=limits.steps_default),
             gr.update(minimum=limits.guidance_min, maximum=limits.guidance_max, value=limits.guidance_default),
             gr.update(interactive=supports.ref_acceleration, value=False),
