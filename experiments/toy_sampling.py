@@ -178,7 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("docs/toy"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
     calibration = make_set(64, 0)
     if args.model:
         model = build_model(0, calibration)
@@ -186,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(saved["state_dict"])
         model.vae.register_to_config(scaling_factor=saved["scaling_factor"])
     else:
-        with torch.enable_grad():
-            model = train_toy(args)
+        model = train_toy(args)
     model.eval()
     untrained = build_model(0, calibration).eval()  # the UNets as initialised, with the trained VAE
     untrained.vae.load_state_dict(model.vae.state_dict())
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                              **{f"truth_{k}": v for k, v in scores(images, truth).items()},
                              **({f"published_{k}": v for k, v in scores(images, published[seed]).items()}
                                 if net is model else {})})
-        row = {"setting": label, **asdict(setting), "sampler": setting.sampler.value}
+        row = {"setting": label, **asdict(setting), "sampler": setting.sampler.value, "interval": list(setting.interval)}
         for key in per_seed[0]:
             values = [r[key] for r in per_seed]
             row[key] = round(float(np.mean(values)), 4)
