@@ -288,3 +288,16 @@ def test_the_speed_benchmark_replays_the_steps_the_pipeline_runs(model):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_recorded_steps_are_whole_ones_under_the_cache(model):
+    """The app records the middle and the last step; with the cache, the last whole steps before them,
+    where every layer ran (a shallow step records the outer layers only)."""
+    from engine.adapters.leffa import recorded_steps
+
+    assert recorded_steps(30) == [15, 29] and recorded_steps(10, 2) == [4, 8] and recorded_steps(5, 3) == [0, 3]
+    rec = AttentionRecorder()
+    _run(model, 0, cache_interval=2, attention_recorder=rec)  # steps 0 and 2 whole, 1 and 3 shallow
+    layers = {step: {name for s, name in rec.records if s == step} for step in range(STEPS)}
+    assert layers[0] == layers[2] == set(rec.layers()) and layers[1] < layers[0] and layers[3] == layers[1]
+    assert all(s % 2 == 0 for s in recorded_steps(STEPS, 2))

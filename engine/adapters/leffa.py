@@ -50,8 +50,8 @@ class Adapter:
         every layer, float16 on the CPU; sample k is its batch row k)."""
         options, recorder = call.options, None
         if options.record_attention:
-            n = options.steps
-            recorder = AttentionRecorder(steps=sorted({n // 2, n - 1}), dtype=torch.float16)
+            recorder = AttentionRecorder(steps=recorded_steps(options.steps, options.cache_interval),
+                                         dtype=torch.float16)
         out = loaded(*(call.batch(p) for p in (call.src, call.ref, call.mask, call.densepose)),
                      generator=call.generators(), attention_recorder=recorder, callback=callback,
                      **_pipeline_options(options))
@@ -65,6 +65,12 @@ class Adapter:
 
     def memory_need(self, memory: MemoryPreset, device: str, dtype: torch.dtype, fuse_qkv: bool) -> MemoryNeed:
         return estimate_memory(meta_model(self.kind.base), memory, device, dtype, fuse_qkv=fuse_qkv)
+
+
+def recorded_steps(steps: int, cache_interval: int = 1) -> list[int]:
+    """The steps whose attention is recorded: the middle and the last, or with the feature cache the
+    last whole steps before them (a cached step runs only the outer blocks' attention layers)."""
+    return sorted({(steps // 2) // cache_interval * cache_interval, (steps - 1) // cache_interval * cache_interval})
 
 
 def _pipeline_options(options: GenerateOptions) -> dict:
