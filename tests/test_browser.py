@@ -317,3 +317,23 @@ def test_outfit_samples_gallery_and_chains(page, shots, tmp_path):
     page.locator("#tryon-use-person").click()
     _wait_for(lambda: _shown(page, person).shape == chosen.shape
               and np.array_equal(_shown(page, person), chosen), "the result as the try-on person")
+
+
+def test_fast_sampling_presets_set_the_options(page):
+    """The *Fast sampling* preset sets the steps and the three options it stands for (the values of
+    ``engine.options.SAMPLING_PRESETS``); Published gives the model's own sampling back."""
+    page.get_by_role("tab", name="Virtual try-on").click()
+    if not page.get_by_role("button", name="Fast sampling").first.is_visible():
+        _open(page, "Advanced options")
+    _open(page, "Fast sampling")
+    page.get_by_label("Fast", exact=True).first.check()
+    steps = page.get_by_label("number input for Steps").first
+    _wait_for(lambda: steps.input_value() == "10", "the Fast preset's steps")
+    assert page.get_by_label("number input for Feature cache interval").first.input_value() == "2"
+    assert page.get_by_label("number input for Guide from noise level").first.input_value() == "0.07"
+    assert page.get_by_label("number input for …up to noise level").first.input_value() == "0.81"
+    assert page.get_by_label("Sampler", exact=True).first.input_value() == "DDPM"
+    page.get_by_label("Published (30 DDPM steps)").first.check()
+    _wait_for(lambda: steps.input_value() == "4", "the model's own steps (--tiny: 4)")
+    assert page.get_by_label("Sampler", exact=True).first.input_value().startswith("The model's own")
+    assert page.get_by_label("number input for Feature cache interval").first.input_value() == "1"

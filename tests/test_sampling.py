@@ -301,3 +301,22 @@ def test_recorded_steps_are_whole_ones_under_the_cache(model):
     layers = {step: {name for s, name in rec.records if s == step} for step in range(STEPS)}
     assert layers[0] == layers[2] == set(rec.layers()) and layers[1] < layers[0] and layers[3] == layers[1]
     assert all(s % 2 == 0 for s in recorded_steps(STEPS, 2))
+
+
+def test_sampling_options_compose_with_the_speed_options(base_dirs, variant):
+    """Fused q/k/v, channels-last and the compiled generative UNet (dynamo's eager backend: the tracing)
+    keep each fast setting's images; with compile, the whole steps run the compiled UNet and the
+    shallow ones its eager blocks."""
+    from leffa.speed import compile_unet
+    from runtime.speed import SpeedOptions
+
+    torch._dynamo.reset()
+    kw = {"sampler": Sampler.UNIPC, "guidance_interval": (0.3, 0.8), "cache_interval": 2}
+    plain = _run(tiny_model(base_dirs[variant]), 8, **kw)
+    fast = tiny_model(base_dirs[variant]).place("cpu", speed=SpeedOptions(fuse_qkv=True, channels_last=True))
+    assert (_run(fast, 8, **kw) - plain).abs().max() < 1e-5
+    compiled = tiny_model(base_dirs[variant])
+    compile_unet(compiled, backend="eager")
+    for accel in (False, True):
+        expected = plain if not accel else _run(tiny_model(base_dirs[variant]), 8, ref_acceleration=True, **kw)
+        assert (_run(compiled, 8, ref_acceleration=accel, **kw) - expected).abs().max() < 1e-5
