@@ -20,55 +20,47 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 
 import torch
 
 from benchmarks.bench_samples import _inputs, _model
-from engine.options import SAMPLING_PRESETS, SamplingPreset
+from engine.options import SamplingPreset, SamplingSetting
 from leffa import LeffaPipeline
-from leffa.sampling import GuidanceInterval, Sampler, make_scheduler
-from runtime.sampling import check_cache_interval
+from leffa.sampling import FeatureCache, GuidanceInterval, Sampler, make_scheduler
 
 KINDS = ("guided whole", "guided shallow", "unguided whole", "unguided shallow")
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    sampler: Sampler
-    steps: int
-    interval: tuple[float, float] = (0.0, 1.0)
-    cache: int = 1
-
-
-def settings() -> list[Setting]:
-    rows = [Setting("Published (30 DDPM)", Sampler.DDPM, 30)]
-    for preset in (SamplingPreset.FAST, SamplingPreset.PREVIEW):
-        s = preset.setting
-        rows.append(Setting(preset.value.capitalize(), s.sampler or Sampler.DDPM, s.steps, s.guidance_interval,
-                            s.cache_interval))
-    rows += [Setting("dpm++2m 12", Sampler.DPM_SOLVER, 12), Setting("unipc 8", Sampler.UNIPC, 8),
-             Setting("ddpm 30, guide 0.07-0.81", Sampler.DDPM, 30, (0.07, 0.81)),
-             Setting("ddpm 30, cache 3", Sampler.DDPM, 30, cache=3)]
+def settings() -> list[tuple[str, SamplingSetting]]:
+    """(label, setting): the presets, then single levers."""
+    rows = [(f"{p.value.capitalize()} ({p.setting.name if p.setting.sampler else '30 DDPM'})", p.setting)
+            for p in SamplingPreset]
+    for s in (SamplingSetting(12, Sampler.DPM_SOLVER), SamplingSetting(8, Sampler.UNIPC),
+              SamplingSetting(30, Sampler.DDPM, (0.07, 0.81)), SamplingSetting(30, Sampler.DDPM, cache_interval=3)):
+        rows.append((s.name, s))
     return rows
 
 
-def step_kinds(setting: Setting, scheduler_config: dict, zero_snr: bool) -> list[str]:
+def step_kinds(setting: SamplingSetting, scheduler_config: dict, zero_snr: bool) -> list[str]:
     """The kind of each of the setting's steps, as ``LeffaPipeline.denoise`` and ``FeatureCache.run``
-    run them: a shallow step reuses the last whole step's features when their rows fit (the same
-    rows, or the conditional half of a guided step's)."""
-    scheduler = make_scheduler(scheduler_config, setting.sampler, zero_snr)
+    run them."""
+    scheduler = make_scheduler(scheduler_config, setting.sampler or Sampler.DDPM, zero_snr)
     scheduler.set_timesteps(setting.steps)
-    interval, cache = GuidanceInterval(*setting.interval), check_cache_interval(setting.cache)
-    kinds, deep_rows = [], None
+    interval = GuidanceInterval(*setting.guidance_interval)
+    kinds, kept_rows = [], None
     for i, t in enumerate(scheduler.timesteps):
         rows = 2 if interval.guides(t, scheduler.config.num_train_timesteps) else 1
-        whole = cache == 1 or i % cache == 0 or deep_rows not in (rows, 2 * rows)
+        whole = not FeatureCache.reuses(i, setting.cache_interval, rows, kept_rows)
         if whole:
-            deep_rows = rows
+            kept_rows = rows
         kinds.append(f"{'guided' if rows == 2 else 'unguided'} {'whole' if whole else 'shallow'}")
     return kinds
+
+
+def pipeline_kwargs(setting: SamplingSetting) -> dict:
+    return {"num_inference_steps": setting.steps, "sampler": setting.sampler or Sampler.DDPM,
+            "guidance_interval": GuidanceInterval(*setting.guidance_interval),
+            "cache_interval": setting.cache_interval}
 
 
 def measure_kinds(pipe: LeffaPipeline, inputs: dict, sync) -> tuple[dict[str, float], float]:
@@ -77,7 +69,7 @@ def measure_kinds(pipe: LeffaPipeline, inputs: dict, sync) -> tuple[dict[str, fl
     scheduler = make_scheduler(model.scheduler_config, Sampler.DPM_SOLVER, model.is_sdxl)
     scheduler.set_timesteps(4)
     t = [int(v) for v in scheduler.timesteps]  # guide the first two steps only
-    probe = Setting("probe", Sampler.DPM_SOLVER, 4, ((t[1] + t[2]) / 2 / scheduler.config.num_train_timesteps, 1.0), 2)
+    probe = SamplingSetting(4, Sampler.DPM_SOLVER, ((t[1] + t[2]) / 2 / scheduler.config.num_train_timesteps, 1.0), 2)
     expected = step_kinds(probe, model.scheduler_config, model.is_sdxl)
     assert expected == list(KINDS), expected
     stamps = []
@@ -87,12 +79,12 @@ def measure_kinds(pipe: LeffaPipeline, inputs: dict, sync) -> tuple[dict[str, fl
         stamps.append(time.perf_counter())
 
     first = []  # each step begins with its reference pass (no reference acceleration here)
-    hook = model.reference_unet.register_forward_pre_hook(lambda m, a: None if first else first.append(time.perf_counter()))
+    hook = model.reference_unet.register_forward_pre_hook(
+        lambda m, a: None if first else first.append(time.perf_counter()))
     sync()
     start = time.perf_counter()
     try:
-        pipe(**inputs, num_inference_steps=4, sampler=probe.sampler, guidance_interval=probe.interval,
-             cache_interval=probe.cache, callback=callback, generator=torch.Generator().manual_seed(0))
+        pipe(**inputs, **pipeline_kwargs(probe), callback=callback, generator=torch.Generator().manual_seed(0))
     finally:
         hook.remove()
     sync()
@@ -116,9 +108,9 @@ def main() -> None:
     inputs = _inputs(size)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model = pipe.model
+    how = "each setting run whole" if args.whole else "composed from measured step costs"
     print(f"\n{args.variant} widths, random weights, {size[0]}x{size[1]}, guidance 2.5, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads; {'each setting run whole' if args.whole else 'composed from measured step costs'}"
-          f"\n", flush=True)
+          f"{torch.get_num_threads()} threads; {how}\n", flush=True)
     if not args.whole:
         kinds, outside = measure_kinds(pipe, inputs, sync)
         print("| step kind | seconds |\n|---|---|")
@@ -127,22 +119,20 @@ def main() -> None:
         print(f"| encoding, preparing, decoding (once per image) | {outside:.2f} |\n", flush=True)
     print("| setting | UNet passes (shallow) | seconds per image | ratio to Published |\n|---|---|---|---|")
     published = None
-    for s in settings():
+    for label, s in settings():
         steps = step_kinds(s, model.scheduler_config, model.is_sdxl)
         passes = sum(2 if k.startswith("guided") else 1 for k in steps)
         shallow = sum((2 if k.startswith("guided") else 1) for k in steps if k.endswith("shallow"))
         if args.whole:
             sync()
             start = time.perf_counter()
-            pipe(**inputs, num_inference_steps=s.steps, sampler=s.sampler, guidance_interval=s.interval,
-                 cache_interval=s.cache, generator=torch.Generator().manual_seed(0))
+            pipe(**inputs, **pipeline_kwargs(s), generator=torch.Generator().manual_seed(0))
             sync()
             seconds = time.perf_counter() - start
         else:
             seconds = outside + sum(kinds[k] for k in steps)
         published = published or seconds
-        print(f"| {s.name} | {passes} ({shallow}) | {seconds:.2f} | {seconds / published:.3f} |", flush=True)
-    print(f"\nPresets: {', '.join(f'{p.value} = {SAMPLING_PRESETS[p]}' for p in SamplingPreset)}")
+        print(f"| {label} | {passes} ({shallow}) | {seconds:.2f} | {seconds / published:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

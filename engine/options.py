@@ -169,6 +169,16 @@ class SamplingSetting:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     cache_interval: int = 1
 
+    @property
+    def name(self) -> str:
+        """e.g. "ddpm 10, guide 0.07-0.81, cache 2" (the toy table's and the benchmark's rows)."""
+        parts = [f"{self.sampler.value if self.sampler else MODEL_SAMPLER} {self.steps}"]
+        if tuple(self.guidance_interval) != (0.0, 1.0):
+            parts.append(f"guide {self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}")
+        if self.cache_interval > 1:
+            parts.append(f"cache {self.cache_interval}")
+        return ", ".join(parts)
+
     def applied(self, options: GenerateOptions) -> GenerateOptions:
         return replace(options, steps=self.steps, sampler=self.sampler, guidance_interval=self.guidance_interval,
                        cache_interval=self.cache_interval)

@@ -30,6 +30,7 @@ from preprocess.inputs import ImageSource, PersonMask, PoseInputs, Preprocessor,
 from preprocess.masks import GarmentType, TryOnModel
 from preprocess.weights import MASK_ANALYSES, Analysis, analysis_files
 from runtime.memory import free_memory, samples_that_fit
+from runtime.sampling import cache_refusal
 from weightfiles.manifest import HubFile
 
 
@@ -130,10 +131,9 @@ class Engine:
                                         f"{names.sampler}, {names.guidance_interval}, {names.cache_interval}")):
             if asked is True and not supported:
                 check.unsupported(name, f"the {entry.name} model does not support it")
-        memory = self.setup.memory
-        if isinstance(checked.cache_interval, int) and checked.cache_interval > 1 and memory.group_offload:
-            check.unsupported(names.cache_interval, f"the feature cache cannot run under the {memory.value!r} memory "
-                                                    "preset (it offloads the UNet block by block); use 'balanced'")
+        refusal = cache_refusal(self.setup.memory)
+        if isinstance(checked.cache_interval, int) and checked.cache_interval > 1 and refusal is not None:
+            check.unsupported(names.cache_interval, refusal)
         return checked
 
     # -- weights ----------------------------------------------------------------------------------

@@ -1,21 +1,21 @@
 """Which cheaper sampling settings keep the published 30-DDPM-step quality, measured on a trained toy.
 
-    python -m experiments.toy_sampling                       # train the toy (~10 min on 2 cores), then the table
+    python -m experiments.toy_sampling                       # train the toy (~11 min on 2 cores), then the table
     python -m experiments.toy_sampling --model docs/toy/sampling_model.pt   # reuse the trained toy
 
 Untrained weights cannot judge a sampler: every setting turns their noise into other noise. So this
 trains ``experiments.toy_flow``'s tiny Leffa model on its synthetic try-on task (a textured garment
-warped onto a target by a known affine transform) with the diffusion loss, the Leffa loss and 10 %
-reference dropout (so that guidance's unconditional branch is learnt, as in ``training.trainer``),
-(after training its VAE to reconstruct the task's images: the toy's random VAE decodes every latent
-to nearly the same picture), then generates the held-out targets with each setting of ``leffa.sampling`` (sampler and steps,
-guidance interval, feature cache), for 3 seeds. Per setting: generative-UNet passes per image (rows
-through the UNet: 2 per guided step, 1 per unguided one; how many of them ran the shallow path
-only), seconds per image, and the distance to the held-out ground truth and to the published
-setting's image of the same seed: SSIM (``evaluation.ssim``, 7×7 Gaussian window as the authors'
-torchmetrics), PSNR, and LPIPS (``evaluation.lpips``) when ``--lpips-weights`` names a folder with
-its published files. Each figure is the mean over the seeds of the mean over images, ± the standard
-deviation over the seeds.
+warped onto a target by a known affine transform): first its VAE, to reconstruct the task's images
+(the toy's random VAE decodes every latent to nearly the same picture), then both UNets with the
+diffusion loss, the Leffa loss and 10 % reference dropout (so that guidance's unconditional branch
+is learnt, as in ``training.trainer``). It then generates the held-out targets with each setting of
+``leffa.sampling`` (sampler and steps, guidance interval, feature cache), for 3 seeds. Per setting:
+generative-UNet passes per image (rows through the UNet: 2 per guided step, 1 per unguided one; how
+many of them ran the shallow path only), seconds per image, and the distance to the held-out ground
+truth and to the published setting's image of the same seed: SSIM (``evaluation.ssim``, 7×7
+Gaussian window as the authors' torchmetrics), PSNR, and LPIPS (``evaluation.lpips``) when
+``--lpips-weights`` names a folder with its published files. Each figure is the mean over the seeds
+of the mean over images, ± the standard deviation over the seeds.
 
 The toy is a proxy: a 2-block UNet on 128×96 images with 16×12 latents, trained for minutes. It
 shows whether a setting reaches the same images as 30 DDPM steps of a model that has learnt its
@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.options import SamplingSetting
 from evaluation.ssim import ssim
 from experiments.toy_flow import batch_of, build_model, make_set, train_run
 from leffa.model import LeffaModel
@@ -44,41 +45,23 @@ PAPER_INTERVAL = (0.07, 0.81)  # Kynkäänniemi et al.'s σ ∈ (0.28, 5.42] on 
 GUIDANCE = 2.5
 UNTRAINED = "untrained UNets (trained VAE), ddpm 30"
 
-
-@dataclass(frozen=True)
-class Setting:
-    sampler: Sampler
-    steps: int
-    interval: tuple[float, float] = (0.0, 1.0)
-    cache: int = 1
-
-    @property
-    def name(self) -> str:
-        parts = [f"{self.sampler.value} {self.steps}"]
-        if self.interval != (0.0, 1.0):
-            parts.append(f"guide {self.interval[0]:g}-{self.interval[1]:g}")
-        if self.cache > 1:
-            parts.append(f"cache {self.cache}")
-        return ", ".join(parts)
+PUBLISHED = SamplingSetting(30, Sampler.DDPM)
 
 
-PUBLISHED = Setting(Sampler.DDPM, 30)
-SETTINGS = [
-    PUBLISHED, Setting(Sampler.DDPM, 15), Setting(Sampler.DDPM, 10), Setting(Sampler.DDPM, 8), Setting(Sampler.DDPM, 6),
-    Setting(Sampler.DDIM, 20), Setting(Sampler.DDIM, 10),
-    Setting(Sampler.DPM_SOLVER, 20), Setting(Sampler.DPM_SOLVER, 12), Setting(Sampler.DPM_SOLVER, 8),
-    Setting(Sampler.DPM_SOLVER, 5),
-    Setting(Sampler.UNIPC, 12), Setting(Sampler.UNIPC, 8), Setting(Sampler.UNIPC, 5),
-    Setting(Sampler.DDPM, 30, PAPER_INTERVAL), Setting(Sampler.DDPM, 15, PAPER_INTERVAL),
-    Setting(Sampler.DDPM, 10, PAPER_INTERVAL), Setting(Sampler.DDPM, 8, PAPER_INTERVAL),
-    Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL), Setting(Sampler.DPM_SOLVER, 8, PAPER_INTERVAL),
-    Setting(Sampler.UNIPC, 8, PAPER_INTERVAL), Setting(Sampler.UNIPC, 5, PAPER_INTERVAL),
-    Setting(Sampler.DDPM, 30, cache=2), Setting(Sampler.DDPM, 30, cache=3),
-    Setting(Sampler.DPM_SOLVER, 12, cache=2), Setting(Sampler.UNIPC, 8, cache=2),
-    Setting(Sampler.DDPM, 15, PAPER_INTERVAL, 2), Setting(Sampler.DDPM, 10, PAPER_INTERVAL, 2),
-    Setting(Sampler.DDPM, 8, PAPER_INTERVAL, 2), Setting(Sampler.DPM_SOLVER, 12, PAPER_INTERVAL, 2),
-    Setting(Sampler.UNIPC, 8, PAPER_INTERVAL, 2),
-]
+def _settings() -> list[SamplingSetting]:
+    """The table's rows: samplers and steps, then the guidance interval, the cache, and both."""
+    S, DDPM, DDIM, DPM, UNIPC = SamplingSetting, Sampler.DDPM, Sampler.DDIM, Sampler.DPM_SOLVER, Sampler.UNIPC
+    guided = PAPER_INTERVAL
+    return [PUBLISHED, *(S(n, DDPM) for n in (15, 10, 8, 6)), *(S(n, DDIM) for n in (20, 10)),
+            *(S(n, DPM) for n in (20, 12, 8, 5)), *(S(n, UNIPC) for n in (12, 8, 5)),
+            *(S(n, DDPM, guided) for n in (30, 15, 10, 8)), *(S(n, DPM, guided) for n in (12, 8)),
+            *(S(n, UNIPC, guided) for n in (8, 5)),
+            S(30, DDPM, cache_interval=2), S(30, DDPM, cache_interval=3), S(12, DPM, cache_interval=2),
+            S(8, UNIPC, cache_interval=2),
+            *(S(n, DDPM, guided, 2) for n in (15, 10, 8)), S(12, DPM, guided, 2), S(8, UNIPC, guided, 2)]
+
+
+SETTINGS = _settings()
 
 
 class PassCounter:
@@ -100,7 +83,8 @@ class PassCounter:
             h.remove()
 
 
-def generate(model: LeffaModel, batch: dict, setting: Setting, seed: int) -> tuple[torch.Tensor, float, int, int]:
+def generate(model: LeffaModel, batch: dict, setting: SamplingSetting,
+             seed: int) -> tuple[torch.Tensor, float, int, int]:
     """Images (B, 3, H, W) in [0, 1], seconds, generative-UNet rows and whole-UNet rows."""
     counter = PassCounter(model)
     start = time.perf_counter()
@@ -108,7 +92,7 @@ def generate(model: LeffaModel, batch: dict, setting: Setting, seed: int) -> tup
         images = LeffaPipeline(model)(
             batch["src_image"], batch["ref_image"], batch["mask"], batch["densepose"],
             num_inference_steps=setting.steps, guidance_scale=GUIDANCE, sampler=setting.sampler,
-            guidance_interval=GuidanceInterval(*setting.interval), cache_interval=setting.cache,
+            guidance_interval=GuidanceInterval(*setting.guidance_interval), cache_interval=setting.cache_interval,
             generator=torch.Generator().manual_seed(seed), output_type="pt").images
     finally:
         counter.close()
@@ -223,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                              **{f"truth_{k}": v for k, v in scores(images, truth).items()},
                              **({f"published_{k}": v for k, v in scores(images, published[seed]).items()}
                                 if net is model else {})})
-        row = {"setting": label, **asdict(setting), "sampler": setting.sampler.value, "interval": list(setting.interval)}
+        row = {"setting": label, **asdict(setting), "sampler": setting.sampler.value,
+               "guidance_interval": list(setting.guidance_interval)}
         for key in per_seed[0]:
             values = [r[key] for r in per_seed]
             row[key] = round(float(np.mean(values)), 4)

@@ -17,6 +17,7 @@ from leffa.attention import AttentionFocus, run_reference_unet
 from leffa.model import LeffaModel
 from leffa.recording import AttentionRecorder
 from leffa.sampling import FeatureCache, GuidanceInterval, Sampler, check_cache_interval, step_kwargs
+from runtime.sampling import cache_refusal
 from runtime.image_tensors import ImageInput, image_to_tensor, mask_to_tensor, repaint_blend
 from runtime.placement import Phase, enter_phase, idle_after
 
@@ -184,10 +185,9 @@ class LeffaPipeline:
         if not isinstance(guidance_interval, GuidanceInterval):
             guidance_interval = GuidanceInterval(*guidance_interval)
         placement = self.model.placement
-        if cache_interval > 1 and placement is not None and placement.memory.group_offload:
-            raise OptionError(f"the feature cache cannot run under the {placement.memory.value!r} memory preset: "
-                              "block-by-block offloading must run every block of the UNet in order; use the "
-                              "'balanced' preset, or cache interval 1")
+        refusal = None if cache_interval == 1 or placement is None else cache_refusal(placement.memory)
+        if refusal is not None:
+            raise OptionError(refusal)
         rescale = guidance_scale if guidance_rescale is None else guidance_rescale
         # one generation at a time per model (its attention state and this scheduler)
         # under an offloading memory preset, each phase brings what it runs (leffa.memory)

@@ -83,11 +83,18 @@ class FeatureCache:
         if self.interval == 1:
             return self.unet(sample, timestep, encoder_hidden_states=None, return_dict=False)[0]
         rows, deep = sample.shape[0], self.deep
-        if step % self.interval == 0 or deep is None or deep.shape[0] not in (rows, 2 * rows):
+        if not self.reuses(step, self.interval, rows, None if deep is None else deep.shape[0]):
             return self.full(sample, timestep)
         # a step outside the guidance interval runs the conditional rows alone: the second half of
         # the [unconditional; conditional] batch the features were kept from
         return self.shallow(sample, timestep, deep[-rows:])
+
+    @staticmethod
+    def reuses(step: int, interval: int, rows: int, kept_rows: int | None) -> bool:
+        """Whether step ``step`` (of ``rows`` batch rows) runs the shallow path: not on every
+        ``interval``-th step, and only with kept features whose rows fit it (as many, or a guided
+        step's twice as many for a step that runs the conditional rows alone)."""
+        return interval > 1 and step % interval != 0 and kept_rows in (rows, 2 * rows)
 
     def full(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The whole UNet, keeping the last up block's input."""

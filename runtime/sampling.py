@@ -10,6 +10,7 @@ from enum import Enum
 from typing import Any
 
 from errors import OptionError
+from runtime.presets import MemoryPreset
 
 
 class Sampler(str, Enum):
@@ -65,3 +66,13 @@ def check_cache_interval(interval: Any) -> int:
         raise OptionError(f"the feature cache interval must be a whole number >= 1 (1 = no cache: every step "
                           f"runs the whole UNet), got {interval!r}")
     return int(interval)
+
+
+def cache_refusal(memory: MemoryPreset) -> str | None:
+    """Why the feature cache cannot run under ``memory``, or None: block-by-block offloading (diffusers'
+    group offloading, ``runtime.placement``) onloads and prefetches the blocks in the order the whole
+    UNet runs them, which the cache's shallow steps skip."""
+    if not memory.group_offload:
+        return None
+    return (f"the feature cache cannot run under the {memory.value!r} memory preset (it offloads the UNet block "
+            "by block, every block in order); use 'balanced', or cache interval 1")

@@ -271,17 +271,19 @@ def test_dataset_inference_takes_the_sampling_options(tmp_path):
 def test_the_speed_benchmark_replays_the_steps_the_pipeline_runs(model):
     """``benchmarks.bench_sampling`` composes each setting's time from its steps' kinds: they must be
     the kinds the pipeline runs (rows through the UNet, whole or shallow)."""
-    from benchmarks.bench_sampling import Setting, step_kinds
+    from benchmarks.bench_sampling import step_kinds
+    from engine.options import SamplingSetting
 
     seen = []
     hooks = [model.unet.conv_in.register_forward_pre_hook(lambda m, a: seen.append([a[0].shape[0], "shallow"])),
              model.unet.mid_block.register_forward_pre_hook(lambda m, a: seen[-1].__setitem__(1, "whole"))]
     try:
-        for setting in (Setting("a", Sampler.DPM_SOLVER, 6, (0.3, 0.8), 2), Setting("b", Sampler.DDPM, 5, cache=3),
-                        Setting("c", Sampler.UNIPC, 5, (0.0, 0.5), 2)):
+        for setting in (SamplingSetting(6, Sampler.DPM_SOLVER, (0.3, 0.8), 2),
+                        SamplingSetting(5, Sampler.DDPM, cache_interval=3),
+                        SamplingSetting(5, Sampler.UNIPC, (0.0, 0.5), 2)):
             seen.clear()
             _run(model, 0, make_inputs(batch=1), num_inference_steps=setting.steps, sampler=setting.sampler,
-                 guidance_interval=setting.interval, cache_interval=setting.cache)
+                 guidance_interval=setting.guidance_interval, cache_interval=setting.cache_interval)
             ran = [f"{'guided' if rows == 2 else 'unguided'} {kind}" for rows, kind in seen]
             assert ran == step_kinds(setting, model.scheduler_config, model.is_sdxl)
             assert len(set(ran)) > 1
