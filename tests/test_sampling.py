@@ -322,3 +322,15 @@ def test_sampling_options_compose_with_the_speed_options(base_dirs, variant):
     for accel in (False, True):
         expected = plain if not accel else _run(tiny_model(base_dirs[variant]), 8, ref_acceleration=True, **kw)
         assert (_run(compiled, 8, ref_acceleration=accel, **kw) - expected).abs().max() < 1e-5
+
+
+def test_fast_sampling_with_the_attention_focus(model):
+    """The focus reads the step the loop sets, whole or shallow, guided or not: it still changes the
+    image, reproducibly."""
+    from leffa.attention import AttentionFocus
+
+    kw = {"sampler": Sampler.DPM_SOLVER, "guidance_interval": (0.3, 0.8), "cache_interval": 2}
+    focused = _run(model, 9, attention_focus=AttentionFocus(0.5, levels=4), **kw)
+    assert torch.equal(focused, _run(model, 9, attention_focus=AttentionFocus(0.5, levels=4), **kw))
+    assert (focused - _run(model, 9, **kw)).abs().max() > 1e-4
+    assert torch.equal(_run(model, 9, attention_focus=AttentionFocus(1.0), **kw), _run(model, 9, **kw))
