@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = make_set(64, 0)
     if args.model:
         model = build_model(0, calibration)
-        saved = torch.load(args.model, map_location="cpu")
+        saved = torch.load(args.model, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         model.vae.register_to_config(scaling_factor=saved["scaling_factor"])
     else:
