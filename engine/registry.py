@@ -38,6 +38,7 @@ class Family(str, Enum):
 
     LEFFA = "leffa"
     MCLD = "mcld"
+    CONCAT = "concat"  # CatVTON-style: person and garment in one latent (leffa.concat); own checkpoints only
 
     @property
     def adapter_path(self) -> str:
@@ -102,6 +103,11 @@ class ModelEntry:
     mask_variant: TryOnModel | None = None  # try-on: the published preprocessing it was trained with
     garments: tuple[GarmentType, ...] = ()  # try-on: the garment types it was trained on
 
+    @property
+    def published(self) -> bool:
+        """Whether published weights exist (the concatenation family runs own checkpoints only)."""
+        return bool(self.weights)
+
     def files_for(self, analyses, own_checkpoint: bool = False) -> list[HubFile]:
         """The published files a run needs: those of ``analyses`` and, unless an own checkpoint
         replaces them, the model's."""
@@ -130,6 +136,11 @@ ENTRIES = (
     ModelEntry("mcld", Family.MCLD, Task.POSE, "MCLD pose transfer (DeepFashion, SD1.5-sized; face identity kept)",
                MCLD_FILES, (Analysis.DENSEPOSE_R101, Analysis.TEXTURE, Analysis.FACE), Supports(), WeightSet.POSE_MCLD,
                _SD15, limits=MCLD_LIMITS),
+    # no published weights: a checkpoint of ``python -m training`` with family = "concat" (or --tiny)
+    ModelEntry("concat_tryon", Family.CONCAT, Task.TRYON, "CatVTON-style try-on (SD1.5-sized; your own checkpoint)",
+               (), (*MASK_ANALYSES, Analysis.DENSEPOSE), Supports(repaint=True, attention_recording=True),
+               WeightSet.TRYON, _SD15,
+               mask_variant=TryOnModel.VITON_HD, garments=(GarmentType.UPPER_BODY,)),
 )
 MODEL_NAMES = tuple(e.name for e in ENTRIES)
 
@@ -145,7 +156,9 @@ def entry(name: str | ModelEntry) -> ModelEntry:
 
 
 def for_task(task: Task) -> tuple[ModelEntry, ...]:
-    return tuple(e for e in ENTRIES if e.task is task)
+    """The published models of ``task``: what the app's tabs and the generation subcommands offer
+    (``leffa infer --model`` takes any entry, an own checkpoint's too)."""
+    return tuple(e for e in ENTRIES if e.task is task and e.published)
 
 
 def default_for(task: Task) -> ModelEntry:

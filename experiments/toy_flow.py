@@ -2,6 +2,7 @@
 
     python -m experiments.toy_flow                      # one seed, ~5 min on 2 CPU cores
     python -m experiments.toy_flow --seeds 0 1 2        # the figures in the README
+    python -m experiments.toy_flow --seeds 0 1 2 --family concat   # the CatVTON-style model
 
 A synthetic try-on dataset: a textured garment on white (a colour ramp under stripes, a logo
 and a text line) is warped onto a target by a known random affine transform (scale,
@@ -13,6 +14,11 @@ plus λ·Leffa loss. On held-out samples we record the generative-over-reference
 the finest layers and measure the end-point error (pixels) between its flow field and the
 true warp inside the mask, and the diffusion loss (fixed noise and timesteps). Writes the
 numbers (JSON) and a figure of attention heatmaps and attention-warped garments.
+
+``--family concat`` repeats it for the CatVTON-style model (``leffa.concat``): one UNet of the same
+size over the person above the garment in one latent (started from the same random base UNet),
+its person half's attention over the garment half recorded and trained by the same loss
+(``leffa.reference_keys``). Its diffusion loss is measured on the person half.
 
 The logo and the text are semi-transparent (``--print-alpha``, default 90/255). The Leffa
 loss is photometric: its gradient only sees the reference's local image gradient where the
@@ -36,12 +42,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from engine.registry import Family
+from leffa.concat import CONCAT, ConcatModel, conditioning
 from leffa.flow import coordinate_grid, resize_flow, warp_with_flow
 from leffa.loss import diffusion_loss
-from leffa.model import LeffaModel
 from leffa.pipeline import latent_conditioning
 from leffa.recording import AttentionRecorder
-from training.trainer import LeffaTrainingModule, TrainConfig, encode_batch, training_step
+from training.trainer import (TRAINABLE, Model, TrainConfig, encode_batch, trained_unets, training_module,
+                              training_step)
 
 H, W = 128, 96
 TINY_UNET = {
@@ -125,9 +133,10 @@ def batch_of(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 # -- model, training, evaluation ---------------------------------------------------------------------
-def build_model(seed: int, calibration: list[dict]) -> LeffaModel:
+def build_model(seed: int, calibration: list[dict], family: Family = Family.LEFFA) -> Model:
     """Both UNets start from one random base UNet, as the published models start from one
-    Stable Diffusion inpainting UNet (``LeffaModel.from_base_weights``). The random VAE's
+    Stable Diffusion inpainting UNet (``LeffaModel.from_base_weights``); the concatenation model
+    is that base UNet itself (``ConcatModel.from_base_weights``). The random VAE's
     ``scaling_factor`` is set so that latents have unit variance on ``calibration`` images,
     which is how Stable Diffusion's 0.18215 was chosen; without it the target's latent would
     drown in the noise (std 0.04 against 1)."""
@@ -146,20 +155,21 @@ def build_model(seed: int, calibration: list[dict]) -> LeffaModel:
     (folder / "scheduler").mkdir()
     shutil.copy(CONFIG_ROOT / "tiny" / "scheduler" / "scheduler_config.json", folder / "scheduler")
     try:
-        return LeffaModel.from_base_weights(folder)
+        return TRAINABLE[family].from_base_weights(folder)
     finally:
         shutil.rmtree(folder)
 
 
-def train_run(model: LeffaModel, data: list[dict], steps: int, lam: float, batch: int, lr: float, seed: int,
+def train_run(model: Model, data: list[dict], steps: int, lam: float, batch: int, lr: float, seed: int,
               log=print, ref_dropout: float = 0.0) -> None:
     """``steps`` AdamW steps of ``training.trainer.training_step`` (λ = 0: the diffusion loss only).
     The batches, noise and timesteps depend on ``seed`` only, not on λ. ``ref_dropout`` > 0 trains
     guidance's unconditional branch too (``experiments.toy_sampling``)."""
-    cfg = TrainConfig(output_dir="", data_root="", lambda_leffa=lam, ref_dropout=ref_dropout)
-    module = LeffaTrainingModule(model).train()
+    family = Family.CONCAT if isinstance(model, ConcatModel) else Family.LEFFA
+    cfg = TrainConfig(output_dir="", data_root="", family=family, lambda_leffa=lam, ref_dropout=ref_dropout)
+    module = training_module(model).train()
     model.vae.requires_grad_(False)
-    params = [p for u in (model.unet, model.reference_unet) for p in u.parameters()]
+    params = [p for u in trained_unets(model) for p in u.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     scheduler = model.make_scheduler()
     g = torch.Generator().manual_seed(seed)
@@ -199,24 +209,28 @@ EVAL_T = 300
 
 
 @torch.no_grad()
-def evaluate(model: LeffaModel, samples: list[dict], seed: int = 0) -> Evaluation:
+def evaluate(model: Model, samples: list[dict], seed: int = 0) -> Evaluation:
     """Record the attention at timestep ``EVAL_T``, and the diffusion loss over timesteps
-    50, 150, ..., 950 with fixed noise."""
+    50, 150, ..., 950 with fixed noise (on the person: the concatenation model's person half)."""
     b = batch_of(samples)
     g = torch.Generator().manual_seed(seed)
     latents, masked, ref = encode_batch(model.vae, b, g)
-    cond = latent_conditioning(b["mask"], masked, b["densepose"])
-    scheduler, module = model.make_scheduler(), LeffaTrainingModule(model).eval()
-    noise = torch.randn(latents.shape, generator=g)
+    scheduler, module = model.make_scheduler(), training_module(model).eval()
+    person_hw = tuple(latents.shape[-2:])
+    if isinstance(model, ConcatModel):
+        x0, cond = CONCAT.latent(latents, ref), conditioning(b["mask"], masked, ref)
+        noise = torch.randn(x0.shape, generator=g)
+        predict = lambda t, rec=None: CONCAT.target_half(module(scheduler.add_noise(x0, noise, t), t, cond, rec))
+        person_noise = CONCAT.target_half(noise)
+    else:
+        cond = latent_conditioning(b["mask"], masked, b["densepose"])
+        noise = person_noise = torch.randn(latents.shape, generator=g)
+        predict = lambda t, rec=None: module(scheduler.add_noise(latents, noise, t), t, cond, ref, rec)
     rec = AttentionRecorder()
     rec.set_step(0)
-    ts = torch.full((len(samples),), EVAL_T)
-    module(scheduler.add_noise(latents, noise, ts), ts, cond, ref, rec)
-    layers = [name for name in rec.layers() if rec.grid(name) == tuple(latents.shape[-2:])]
-    losses = []
-    for t in range(50, 1000, 100):
-        ts = torch.full((len(samples),), t)
-        losses.append(diffusion_loss(module(scheduler.add_noise(latents, noise, ts), ts, cond, ref), noise).item())
+    predict(torch.full((len(samples),), EVAL_T), rec)
+    layers = [name for name in rec.layers() if rec.grid(name) == person_hw]
+    losses = [diffusion_loss(predict(torch.full((len(samples),), t)), person_noise).item() for t in range(50, 1000, 100)]
     module.release()
     return Evaluation(rec, layers, float(np.mean(losses)))
 
@@ -297,13 +311,14 @@ def run_seed(seed: int, args, log=print) -> tuple[dict, dict[str, Evaluation], l
     """Both runs for one seed: ({run: figures}, {run: evaluation}, held-out samples)."""
     train_set = make_set(args.train_size, seed, args.print_alpha)
     test_set = make_set(args.test_size, 10_000 + seed, args.print_alpha)
-    init = build_model(seed, train_set[:64])
+    family = Family(args.family)
+    init = build_model(seed, train_set[:64], family)
     runs = {"untrained": evaluate(init, test_set)}
     seconds = {}
     for name, lam in (("diffusion loss only", 0.0), (f"+ Leffa loss (λ = {args.lambda_leffa:g})", args.lambda_leffa)):
-        model = build_model(seed, train_set[:64])
+        model = build_model(seed, train_set[:64], family)
         model.load_state_dict(init.state_dict())
-        log(f"seed {seed}, {name}:")
+        log(f"seed {seed}, {family.value}, {name}:")
         start = time.perf_counter()
         train_run(model, train_set, args.steps, lam, args.batch, args.lr, seed, log)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -328,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lambda-leffa", type=float, default=1.0, help="toy weight (paper 1e-3 over far longer training)")
     p.add_argument("--print-alpha", type=int, default=90, choices=range(0, 256), metavar="0..255",
                    help="opacity of the logo and the text")
+    p.add_argument("--family", choices=[f.value for f in TRAINABLE], default=Family.LEFFA.value,
+                   help="leffa (default), or concat: the CatVTON-style model (leffa.concat)")
     p.add_argument("--out", type=Path, default=Path("docs/toy"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,14 +357,16 @@ def main(argv: list[str] | None = None) -> dict:
                      for key in ("end_point_error_px", "attention_near_source", "diffusion_loss")}
                for run in runs}
     evaluations, test_set = first
-    figure(args.out / "toy_attention.png", test_set[:3], {k: v for k, v in evaluations.items() if k != "untrained"})
+    suffix = "" if args.family == Family.LEFFA.value else f"_{args.family}"
+    figure(args.out / f"toy_attention{suffix}.png", test_set[:3],
+           {k: v for k, v in evaluations.items() if k != "untrained"})
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "mean_over_seeds": summary, "per_seed": per_seed}
-    tmp = args.out / ".toy_results.json.tmp"
+    tmp = args.out / f".toy_results{suffix}.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    tmp.replace(args.out / "toy_results.json")
+    tmp.replace(args.out / f"toy_results{suffix}.json")
     print(json.dumps(report["mean_over_seeds"], indent=2, ensure_ascii=False))
-    print(f"figure: {args.out / 'toy_attention.png'}")
+    print(f"figure: {args.out / f'toy_attention{suffix}.png'}")
     return report
 
 

@@ -160,14 +160,14 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return x.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
 
 
-def _merge_heads_and_project(attn: Attention, out: torch.Tensor) -> torch.Tensor:
+def merge_heads_and_project(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     # (B, heads, n, d) -> (B, n, c)
     b, h, n, d = out.shape
     out = out.transpose(1, 2).reshape(b, n, h * d)
     return attn.to_out[1](attn.to_out[0](out))
 
 
-def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k and v of ``x``, (B, heads, n, d) each: one product with the fused ``to_qkv`` once
     ``attn.fuse_projections()`` made it (``leffa.speed``), else three."""
     if attn.fused_projections:
@@ -177,8 +177,8 @@ def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def self_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """Plain self-attention with ``attn``'s weights, as diffusers' ``AttnProcessor2_0``."""
-    q, k, v = _qkv(attn, x)
-    return _merge_heads_and_project(attn, F.scaled_dot_product_attention(q, k, v))
+    q, k, v = qkv_heads(attn, x)
+    return merge_heads_and_project(attn, F.scaled_dot_product_attention(q, k, v))
 
 
 def check_supported(name: str, attn: Attention) -> None:
@@ -263,7 +263,7 @@ class ReferenceAttnProcessor:
         if used != x.shape[0] or r.shape[2] != x.shape[2]:
             raise RuntimeError(f"{self.name}: reference feature {tuple(r.shape)} (rows {rows}) does not fit "
                                f"{tuple(x.shape)}")
-        q, k_x, v_x = _qkv(attn, x)  # (B, h, n, d) each
+        q, k_x, v_x = qkv_heads(attn, x)  # (B, h, n, d) each
         k_r, v_r = self._reference_kv(attn, r.to(x.dtype))  # (B, h, n_r, d)
         if rows is not None:  # the whole batch's K/V stay cached for the steps that guide
             k_r, v_r = k_r[rows], v_r[rows]
@@ -275,7 +275,7 @@ class ReferenceAttnProcessor:
         recorder = self.state.recorder
         if recorder is not None and recorder.wants(self.name):
             recorder.record(self.name, q, k_r, attn.scale)
-        return _merge_heads_and_project(attn, F.scaled_dot_product_attention(q, k, v))
+        return merge_heads_and_project(attn, F.scaled_dot_product_attention(q, k, v))
 
 
 class SkipAttnProcessor:

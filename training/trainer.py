@@ -1,13 +1,17 @@
-"""Training and fine-tuning Leffa (paper §3.3–3.4), on one GPU or many through Accelerate.
+"""Training and fine-tuning Leffa (paper §3.3–3.4), and the CatVTON-style concatenation model
+(``family = "concat"``, ``leffa.concat``) with the same loss, on one GPU or many through Accelerate.
 
     python -m training --config configs/finetune_viton_hd.toml
     accelerate launch --num_processes 8 -m training --config ...     # several GPUs / nodes
 
 Loss: the diffusion loss (Eq. 1) plus λ_leffa × the Leffa loss (Eq. 4–5) in the stages that
-turn it on. Both UNets train; the VAE is frozen. Progressive stages (resolution, steps,
-Leffa loss on/off) come from the config. Checkpoints (``{output_dir}/checkpoints/step-N/``)
-hold Accelerate's full state for resuming and ``leffa.safetensors`` (or ``.pth``) with the
-published key layout, which ``LeffaModel.from_pretrained`` and the app load unchanged.
+turn it on. Leffa's two UNets (or the concatenation model's one) train; the VAE is frozen.
+Progressive stages (resolution, steps, Leffa loss on/off) come from the config. Checkpoints
+(``{output_dir}/checkpoints/step-N/``) hold Accelerate's full state for resuming and
+``{family}.safetensors`` (or ``.pth``): for Leffa the published key layout, which
+``LeffaModel.from_pretrained`` and the app load unchanged; for the concatenation model
+``vae.*``/``unet.*``, which ``ConcatModel.from_pretrained`` and ``leffa infer --model concat_tryon``
+load.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from engine.registry import Family
 from errors import OptionError, UserError, enum_option
 from leffa.attention import run_reference_unet
+from leffa.concat import CONCAT, ConcatModel, conditioning
 from leffa.loss import LAMBDA_LEFFA, TAU, THETA_RESOLUTION, THETA_TIMESTEP, diffusion_loss, flow_loss
 from leffa.model import BaseModel, LeffaModel
 from leffa.pipeline import latent_conditioning
@@ -47,13 +53,14 @@ class Stage:
 class TrainConfig:
     output_dir: str
     data_root: str
+    family: Family = Family.LEFFA  # what is trained: leffa, or concat (CatVTON-style, leffa.concat)
     data_layout: str = "viton_hd"  # a training.datasets.DatasetLayout value
     split: str = "train"
     paired: bool = True
     init: Literal["checkpoint", "base_weights", "random"] = "checkpoint"
     base: str = BaseModel.SD15_INPAINTING.value  # base config: a BaseModel value or a folder
-    checkpoint: str | None = None  # init = checkpoint: a published or saved Leffa .pth/.safetensors
-    base_weights: str | None = None  # init = base_weights: a diffusers SD(XL)-inpainting folder
+    checkpoint: str | None = None  # init = checkpoint: a published or saved .pth/.safetensors of the family
+    base_weights: str | None = None  # init = base_weights: a diffusers SD(XL)-inpainting folder (concat: SD1.5)
     learning_rate: float = 1e-5
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
@@ -65,7 +72,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 1000
     save_format: Literal["safetensors", "pth"] = "safetensors"
-    ref_dropout: float = 0.1  # drop the reference (zero latent) so CFG's unconditional branch is learnt
+    ref_dropout: float = 0.1  # drop the reference / garment (zero latent) so CFG's unconditional branch is learnt
     lambda_leffa: float = LAMBDA_LEFFA
     tau: float = TAU
     theta_resolution: float = THETA_RESOLUTION
@@ -104,6 +111,10 @@ def load_config(path: str | Path) -> TrainConfig:
     except TypeError as e:
         raise OptionError(f"{path}: {e}") from None
     _check_literal(cfg)
+    cfg.family = enum_option(Family, cfg.family, "family")
+    if cfg.family not in TRAINABLE:
+        raise OptionError(f"{path}: family must be one of {', '.join(f.value for f in TRAINABLE)}; "
+                          f"{cfg.family.value} is not trained here")
     from training.datasets import DatasetLayout
 
     enum_option(DatasetLayout, cfg.data_layout, "data_layout")
@@ -119,22 +130,42 @@ def load_config(path: str | Path) -> TrainConfig:
     return cfg
 
 
-def build_model(cfg: TrainConfig) -> LeffaModel:
+TRAINABLE = {Family.LEFFA: LeffaModel, Family.CONCAT: ConcatModel}
+Model = LeffaModel | ConcatModel
+
+
+def build_model(cfg: TrainConfig) -> Model:
+    cls = TRAINABLE[Family(cfg.family)]
     base = BaseModel(cfg.base) if cfg.base in {b.value for b in BaseModel} else Path(cfg.base)
     if cfg.init == "checkpoint":
-        return LeffaModel.from_pretrained(base, cfg.checkpoint)
+        return cls.from_pretrained(base, cfg.checkpoint)
     if cfg.init == "base_weights":
-        return LeffaModel.from_base_weights(cfg.base_weights)
-    return LeffaModel.from_config_dir(base)
+        return cls.from_base_weights(cfg.base_weights)
+    return cls.from_config_dir(base)
 
 
-class LeffaTrainingModule(nn.Module):
-    """The trainable part (both UNets) as one module, so that DDP wraps one forward."""
+def trained_unets(model: Model) -> tuple[nn.Module, ...]:
+    """What training updates: Leffa's generative and reference UNets, or the concatenation model's UNet."""
+    return (model.unet, model.reference_unet) if isinstance(model, LeffaModel) else (model.unet,)
 
-    def __init__(self, model: LeffaModel):
+
+class _TrainingModule(nn.Module):
+    """The trainable part as one module, so that DDP wraps one forward. The model's attention session
+    (its lock, the recorder) lasts from ``forward`` to ``release``."""
+
+    def __init__(self, model: Model):
         super().__init__()
         self.model = model
-        self._session = ExitStack()  # the model's attention session, from forward() to release()
+        self._session = ExitStack()
+
+    def release(self) -> None:
+        """End the attention session of the last forward pass (after ``backward``): drops the
+        reference features and the recorder and frees the model for other users."""
+        self._session.close()
+
+
+class LeffaTrainingModule(_TrainingModule):
+    """Leffa's two UNets."""
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, ref_latents: torch.Tensor,
                 recorder: FlowRecorder | AttentionRecorder | None = None) -> torch.Tensor:
@@ -154,10 +185,23 @@ class LeffaTrainingModule(nn.Module):
         run_reference_unet(self.model.reference_unet, state, ref_latents, timesteps)
         return self.model.unet(torch.cat([noisy, cond], dim=1), timesteps, encoder_hidden_states=None).sample
 
-    def release(self) -> None:
-        """End the attention session of the last forward pass (after ``backward``): drops the
-        reference features and the recorder and frees the model for other users."""
-        self._session.close()
+
+class ConcatTrainingModule(_TrainingModule):
+    """The concatenation model's UNet (``leffa.concat``)."""
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                recorder: FlowRecorder | AttentionRecorder | None = None) -> torch.Tensor:
+        """Noise prediction (B, 4, 2h, w) over [person | garment] (``leffa.concat.CONCAT``); ``cond`` =
+        ``leffa.concat.conditioning`` (5 ch). ``recorder`` records the person half's attention over the
+        garment half, until ``release()`` (as ``LeffaTrainingModule``)."""
+        self.release()
+        target_hw = tuple(CONCAT.target_half(noisy).shape[-2:])
+        self._session.enter_context(self.model.attention_session(recorder=recorder, target_hw=target_hw))
+        return self.model.unet(torch.cat([noisy, cond], dim=1), timesteps, encoder_hidden_states=None).sample
+
+
+def training_module(model: Model) -> _TrainingModule:
+    return LeffaTrainingModule(model) if isinstance(model, LeffaModel) else ConcatTrainingModule(model)
 
 
 @torch.no_grad()
@@ -171,21 +215,29 @@ def encode_batch(vae, batch: dict, generator: torch.Generator | None = None
                  for x in (src, src * (mask < 0.5), batch["ref_image"]))
 
 
-def training_step(module: LeffaTrainingModule, vae, scheduler, batch: dict, cfg: TrainConfig, use_leffa: bool,
+def training_step(module: _TrainingModule, vae, scheduler, batch: dict, cfg: TrainConfig, use_leffa: bool,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One batch: (loss, {"diffusion": ..., "leffa": ...})."""
+    """One batch: (loss, {"diffusion": ..., "leffa": ...}). Leffa denoises the person, its reference
+    UNet reading the garment; the concatenation model denoises [person | garment] in one latent, the
+    garment also in the conditioning. Either way a dropped garment is a zero latent where the model
+    reads it, and the Leffa loss sees the person's queries over the garment's keys."""
     src, ref, mask, pose = (batch[k] for k in ("src_image", "ref_image", "mask", "densepose"))
     device = src.device
     latents, masked, ref_latents = encode_batch(vae, batch, generator)
     b = latents.shape[0]
     dropped = torch.rand(b, generator=generator).to(device) < cfg.ref_dropout
-    ref_latents = torch.where(dropped[:, None, None, None], torch.zeros_like(ref_latents), ref_latents)
+    kept_ref = torch.where(dropped[:, None, None, None], torch.zeros_like(ref_latents), ref_latents)
+    concat = Family(cfg.family) is Family.CONCAT
+    if concat:
+        latents = CONCAT.latent(latents, ref_latents)
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
-    cond = latent_conditioning(mask, masked, pose)
     recorder = FlowRecorder(tau=cfg.tau) if use_leffa else None
-    pred = module(noisy, t, cond, ref_latents, recorder)
+    if concat:
+        pred = module(noisy, t, conditioning(mask, masked, kept_ref), recorder)
+    else:
+        pred = module(noisy, t, latent_conditioning(mask, masked, pose), kept_ref, recorder)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     loss = diffusion_loss(pred, target)
     parts = {"diffusion": loss.item()}
@@ -210,11 +262,16 @@ class _Progress:
         self.step = int(state["step"])
 
 
-def _save_weights(model: LeffaModel, folder: Path, fmt: str) -> Path:
+def weights_name(cfg: TrainConfig) -> str:
+    """The exported weights' file name in a checkpoint folder: ``leffa.safetensors``, ``concat.pth``, ..."""
+    return f"{Family(cfg.family).value}.{cfg.save_format}"
+
+
+def _save_weights(model: Model, folder: Path, name: str) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = folder / f"leffa.{fmt}"
-    tmp = folder / f".leffa.{fmt}.tmp"
-    if fmt == "safetensors":
+    path = folder / name
+    tmp = folder / f".{name}.tmp"
+    if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(state, str(tmp))
@@ -229,8 +286,8 @@ class _Run:
     """What a training run holds between steps (Accelerate objects, the model, the progress)."""
 
     accelerator: object  # accelerate.Accelerator
-    model: LeffaModel
-    module: nn.Module  # LeffaTrainingModule, wrapped by Accelerate
+    model: Model
+    module: nn.Module  # the family's training module, wrapped by Accelerate
     optimizer: torch.optim.Optimizer
     params: list[torch.Tensor]
     scheduler: object  # the noise scheduler
@@ -244,7 +301,7 @@ class _Run:
 
 
 def _setup(cfg: TrainConfig, log) -> _Run:
-    """Accelerate, the model (VAE frozen), AdamW over both UNets, and a resume from the latest
+    """Accelerate, the model (VAE frozen), AdamW over its UNets, and a resume from the latest
     checkpoint when there is one."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -259,11 +316,12 @@ def _setup(cfg: TrainConfig, log) -> _Run:
     model = build_model(cfg)
     model.vae.requires_grad_(False).eval()
     model.vae.to(accelerator.device)
+    unets = trained_unets(model)
     if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        model.reference_unet.enable_gradient_checkpointing()
-    module = LeffaTrainingModule(model)
-    params = [p for u in (model.unet, model.reference_unet) for p in u.parameters() if p.requires_grad]
+        for unet in unets:
+            unet.enable_gradient_checkpointing()
+    module = training_module(model)
+    params = [p for u in unets for p in u.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     module, optimizer = accelerator.prepare(module, optimizer)
     progress = _Progress()
@@ -282,9 +340,9 @@ def _save_checkpoint(run: _Run, cfg: TrainConfig, log) -> Path:
     accelerator = run.accelerator
     folder = run.ckpt_dir / f"step-{run.progress.step}"
     accelerator.save_state(str(folder))
-    path = folder / f"leffa.{cfg.save_format}"
+    path = folder / weights_name(cfg)
     if accelerator.is_main_process:
-        path = _save_weights(accelerator.unwrap_model(run.module).model, folder, cfg.save_format)
+        path = _save_weights(accelerator.unwrap_model(run.module).model, folder, path.name)
         tmp = run.ckpt_dir / ".latest.tmp"
         tmp.write_text(folder.name)
         tmp.replace(run.latest)
@@ -301,6 +359,9 @@ def _run_stage(run: _Run, cfg: TrainConfig, index: int, stage: Stage, start: int
 
     accelerator, progress, saved = run.accelerator, run.progress, None
     h, w = stage.resolution
+    if isinstance(run.model, ConcatModel):
+        factor = 2 ** (len(run.model.vae.config.block_out_channels) - 1)
+        run.model.check_latent((h // factor, w // factor))
     data = LeffaDataset(cfg.data_layout, cfg.data_root, cfg.split, cfg.paired, size=(w, h))
     loader = accelerator.prepare(DataLoader(data, batch_size=stage.batch_size or cfg.batch_size, shuffle=True,
                                             num_workers=cfg.num_workers, drop_last=True))
@@ -344,7 +405,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if run.progress.step < end:
             saved = _run_stage(run, cfg, i, stage, start, end, log) or saved
     run.accelerator.end_training()
-    return saved or run.ckpt_dir / run.latest.read_text().strip() / f"leffa.{cfg.save_format}"
+    return saved or run.ckpt_dir / run.latest.read_text().strip() / weights_name(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
