@@ -75,9 +75,11 @@ def variant(request) -> str:
     return request.param
 
 
-def param_fingerprint(model: LeffaModel) -> torch.Tensor:
-    """One float64 sum per parameter tensor of both UNets: equal iff the weights are, in practice."""
-    return torch.stack([p.detach().double().sum() for u in (model.unet, model.reference_unet) for p in u.parameters()])
+def param_fingerprint(model) -> torch.Tensor:
+    """One float64 sum per parameter tensor of the trained UNets: equal iff the weights are, in practice."""
+    from training.trainer import trained_unets
+
+    return torch.stack([p.detach().double().sum() for u in trained_unets(model) for p in u.parameters()])
 
 
 def tiny_model(base_dir: Path, seed: int = 0) -> LeffaModel:

@@ -12,7 +12,7 @@ import torch
 from training import trainer as train
 from tests.conftest import param_fingerprint
 
-_release, _training_step = train.LeffaTrainingModule.release, train.training_step
+_release, _training_step = train._TrainingModule.release, train.training_step
 batches: list[torch.Tensor] = []
 
 
@@ -21,12 +21,12 @@ def _training_step_noting_the_batch(module, vae, scheduler, batch, *args, **kwar
     return _training_step(module, vae, scheduler, batch, *args, **kwargs)
 
 
-def _release_and_fingerprint(self: train.LeffaTrainingModule) -> None:
+def _release_and_fingerprint(self: train._TrainingModule) -> None:
     _release(self)
     torch.save({"params": param_fingerprint(self.model), "batches": torch.stack(batches)},
                Path(os.environ["LEFFA_TEST_OUT"]) / f"fingerprint-rank{os.environ['RANK']}.pt")
 
 
 train.training_step = _training_step_noting_the_batch
-train.LeffaTrainingModule.release = _release_and_fingerprint
+train._TrainingModule.release = _release_and_fingerprint
 sys.exit(train.main(sys.argv[1:]))

@@ -17,7 +17,9 @@ from leffa.attention import self_attention_layers
 from training.datasets import DatasetError, LeffaDataset
 from leffa.loss import flow_loss
 from leffa.recording import FlowRecorder
-from training.trainer import LeffaTrainingModule, TrainConfig, load_config, train, training_step
+from leffa.concat import ConcatModel
+from training.trainer import (LeffaTrainingModule, TrainConfig, build_model, load_config, train, training_module,
+                              training_step)
 from tests.conftest import (ROOT, TREE_H, TREE_W, deepfashion_tree, dress_code_tree, free_port, make_inputs,
                             param_fingerprint, tiny_model, viton_tree)
 
@@ -110,7 +112,7 @@ def _config(tmp_path, root, base_dir, ckpt, stages, **kw) -> TrainConfig:
 def _eval_loss(model, cfg, dataset) -> float:
     """The loss on a fixed batch, noise and timesteps."""
     batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in dataset[0]}
-    module = LeffaTrainingModule(model).eval()
+    module = training_module(model).eval()
     with torch.no_grad():
         loss, _ = training_step(module, model.vae, model.make_scheduler(), batch, cfg, True,
                                 torch.Generator().manual_seed(123))
@@ -199,15 +201,19 @@ def test_init_from_base_weights(tmp_path, base_dirs):
 
 
 @pytest.mark.slow
-def test_two_processes_stay_in_sync(tmp_path, base_dirs):
+@pytest.mark.parametrize("family", ["leffa", "concat"])
+def test_two_processes_stay_in_sync(tmp_path, base_dirs, family):
     """Accelerate's multi-process path (gloo on CPU, as NCCL on GPUs): two processes with
     different batches and noise end every step with identical weights, report once, and save
-    a checkpoint that loads strictly."""
+    a checkpoint that loads strictly; for both families."""
     root = viton_tree(tmp_path / "data", n=4)
     ckpt = tmp_path / "init.pth"
-    init = tiny_model(base_dirs["sd15"])
-    torch.save(init.state_dict(), ckpt)
-    _config(tmp_path, root, base_dirs["sd15"], ckpt, [(1, False), (2, True)], batch_size=1)
+    if family == "concat":
+        init = _concat_init(ckpt, base_dirs["sd15"])
+    else:
+        init = tiny_model(base_dirs["sd15"])
+        torch.save(init.state_dict(), ckpt)
+    _config(tmp_path, root, base_dirs["sd15"], ckpt, [(1, False), (2, True)], batch_size=1, family=family)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "LEFFA_TEST_OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "-m", "tests.dist_train",
@@ -221,5 +227,88 @@ def test_two_processes_stay_in_sync(tmp_path, base_dirs):
     rank0 = rank0["params"]
     assert torch.equal(rank0, rank1["params"])  # gradients were averaged across the processes
     assert not torch.equal(rank0, param_fingerprint(init))
-    trained = LeffaModel.from_pretrained(base_dirs["sd15"], tmp_path / "run/checkpoints/step-3/leffa.safetensors")
+    cls = ConcatModel if family == "concat" else LeffaModel
+    trained = cls.from_pretrained(base_dirs["sd15"], tmp_path / f"run/checkpoints/step-3/{family}.safetensors")
     torch.testing.assert_close(param_fingerprint(trained), rank0, rtol=0, atol=0)
+
+
+# -- the concatenation family (leffa.concat) ---------------------------------------------------------
+def _concat_init(path, base_dir, seed: int = 0) -> ConcatModel:
+    torch.manual_seed(seed)
+    model = ConcatModel.from_config_dir(base_dir)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def test_concat_family_learns_with_the_leffa_loss_saves_and_resumes(tmp_path, base_dirs):
+    root = viton_tree(tmp_path / "data")
+    ckpt = tmp_path / "init.pth"
+    _concat_init(ckpt, base_dirs["sd15"])
+    cfg = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (6, True)], batch_size=2, family="concat")
+    assert build_model(cfg).__class__ is ConcatModel
+    dataset = LeffaDataset("viton_hd", root, size=(W, H))
+    before = _eval_loss(ConcatModel.from_pretrained(base_dirs["sd15"], ckpt), cfg, dataset)
+    logs = []
+    path = train(cfg, log=logs.append)
+    assert path.name == "concat.safetensors" and path.parent.name == "step-10"
+    trained = ConcatModel.from_pretrained(base_dirs["sd15"], path)  # strict load of what we saved
+    assert _eval_loss(trained, cfg, dataset) < before
+    assert any('"leffa"' in line for line in logs)  # the second stage used the Leffa loss
+
+    cfg2 = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (6, True), (2, True)], batch_size=2,
+                   family="concat")
+    logs2 = []
+    path2 = train(cfg2, log=logs2.append)
+    assert any("resumed from step-10 at step 10" in line for line in logs2)
+    assert path2.parent.name == "step-12" and path2.name == "concat.safetensors"
+
+
+def test_concat_leffa_loss_reaches_the_unet_through_its_self_attention(base_dirs):
+    model = _concat_init(os.devnull, base_dirs["sd15"]).train()
+    cfg = TrainConfig(output_dir="", data_root="", family="concat", lambda_leffa=1.0, ref_dropout=0.0)
+    batch = make_inputs(batch=2)
+    module = training_module(model)
+    g = lambda: torch.Generator().manual_seed(0)
+    loss, parts = training_step(module, model.vae, model.make_scheduler(), batch, cfg, True, g())
+    module.release()
+    assert parts["leffa"] > 0
+    # the same step without the Leffa loss: the difference of the gradients is the Leffa loss's own
+    (parts["leffa"] * 0 + loss).backward()
+    with_leffa = {n: p.grad.clone() for n, p in model.unet.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss0, _ = training_step(module, model.vae, model.make_scheduler(), batch, cfg, False, g())
+    module.release()
+    loss0.backward()
+    changed = [n for n, p in model.unet.named_parameters()
+               if p.grad is not None and not torch.allclose(with_leffa[n], p.grad)]
+    assert any("attn1.to_q" in n for n in changed) and any("attn1.to_k" in n for n in changed)
+
+
+def test_concat_config_errors(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('output_dir = "o"\ndata_root = "d"\ninit = "random"\nfamily = "mcld"\n[[stages]]\nsteps = 1\n')
+    with pytest.raises(ValueError, match="family must be one of leffa, concat; mcld is not trained here"):
+        load_config(p)
+    p.write_text('output_dir = "o"\ndata_root = "d"\ninit = "random"\nfamily = "catvton"\n[[stages]]\nsteps = 1\n')
+    with pytest.raises(ValueError, match="family must be one of leffa, mcld, concat; got 'catvton'"):
+        load_config(p)
+
+
+def test_concat_trained_checkpoint_runs_in_leffa_infer(tmp_path, base_dirs):
+    """What a user trained, seen through ``leffa infer --model concat_tryon --checkpoint``."""
+    from cli.main import main
+    from training.inference import MANIFEST
+
+    root = viton_tree(tmp_path / "data")
+    ckpt = tmp_path / "concat.pth"
+    _concat_init(ckpt, base_dirs["sd15"])
+    out = tmp_path / "out"
+    args = ["infer", "--dataset", str(root), "--layout", "viton_hd", "--out", str(out), "--model", "concat_tryon",
+            "--checkpoint", str(ckpt), "--base-config", str(base_dirs["sd15"]), "--size", f"{W}x{H}", "--steps", "2",
+            "--num-workers", "0"]
+    assert main(args) == 0
+    images = sorted(out.glob("*.png"))
+    assert [p.name for p in images] == ["00000_00.png", "00001_00.png"]
+    assert json.loads((out / MANIFEST).read_text())["settings"]["model"] == "concat_tryon"
+    assert main([*args[:args.index("--checkpoint")], "--steps", "2", "--size", f"{W}x{H}", "--num-workers", "0",
+                 "--checkpoint-dir", str(tmp_path / "none")]) == 2  # no published weights: refused
