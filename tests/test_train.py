@@ -284,6 +284,12 @@ def test_concat_leffa_loss_reaches_the_unet_through_its_self_attention(base_dirs
     assert any("attn1.to_q" in n for n in changed) and any("attn1.to_k" in n for n in changed)
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(config):
+    cfg = load_config(config)
+    assert cfg.stages and cfg.family in ("leffa", "concat")
+
+
 def test_concat_config_errors(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('output_dir = "o"\ndata_root = "d"\ninit = "random"\nfamily = "mcld"\n[[stages]]\nsteps = 1\n')
