@@ -204,3 +204,18 @@ def _options(**kw):
     from engine.options import GenerateOptions
 
     return GenerateOptions(**kw)
+
+
+def test_init_from_sd_inpainting_base_weights_keeps_the_unet(tmp_path):
+    """``init = "base_weights"``: a diffusers SD1.5-inpainting folder, its UNet unchanged."""
+    import shutil
+
+    model = tiny_model()
+    model.unet.save_pretrained(tmp_path / "base" / "unet")
+    model.vae.save_pretrained(tmp_path / "base" / "vae")
+    shutil.copytree(CONFIG_ROOT / "tiny" / "scheduler", tmp_path / "base" / "scheduler")
+    loaded = ConcatModel.from_base_weights(tmp_path / "base")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    shutil.rmtree(tmp_path / "base" / "vae")
+    with pytest.raises(FileNotFoundError, match="no vae/"):
+        ConcatModel.from_base_weights(tmp_path / "base")
