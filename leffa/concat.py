@@ -35,7 +35,8 @@ from leffa.reference_keys import ReferenceKeys, install_recording
 from leffa.sampling import Sampler, make_scheduler, step_kwargs
 from runtime.image_tensors import ImageInput, repaint_blend
 from runtime.memory import FLOAT8, MemoryNeed, group_offload_peak, module_bytes, normalized_device
-from runtime.placement import Phase, Placement, enter_phase, idle_after, place_modules
+from runtime.placement import (Phase, Placement, compute_device, compute_dtype, enter_phase, idle_after,
+                               place_modules)
 from runtime.presets import MemoryPreset
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
@@ -123,15 +124,11 @@ class ConcatModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        placement = self.placement
-        if placement is not None and placement.memory is not MemoryPreset.FAST:
-            return placement.device
-        return self.unet.conv_in.weight.device
+        return compute_device(self.placement, self.unet.conv_in.weight)
 
     @property
     def dtype(self) -> torch.dtype:
-        placement = self.placement
-        return placement.dtype if placement is not None and placement.memory.float8 else self.unet.conv_in.weight.dtype
+        return compute_dtype(self.placement, self.unet.conv_in.weight)
 
     def make_scheduler(self, sampler: Sampler = Sampler.DDPM) -> SchedulerMixin:
         return make_scheduler(self.scheduler_config, sampler)

@@ -22,7 +22,7 @@ from torch import nn
 from leffa.attention import AttentionFocus, LeffaAttentionState, install_processors
 from leffa.memory import leffa_placement, place_model
 from leffa.sampling import Sampler, make_scheduler
-from runtime.placement import Placement
+from runtime.placement import Placement, compute_device, compute_dtype
 from runtime.presets import MemoryPreset
 from weightfiles.checkpoint import check_state_dict, load_state_dict_file
 
@@ -238,16 +238,12 @@ class LeffaModel(nn.Module):
     def device(self) -> torch.device:
         """Where the model computes: its weights' device, or the placement's under a preset whose
         weights rest on the CPU (``leffa.memory``)."""
-        placement = self.placement
-        if placement is not None and placement.memory is not MemoryPreset.FAST:
-            return placement.device
-        return self.unet.conv_in.weight.device
+        return compute_device(self.placement, self.unet.conv_in.weight)
 
     @property
     def dtype(self) -> torch.dtype:
         """The UNets' compute dtype: their weights' (``low-fp8`` stores them in float8)."""
-        placement = self.placement
-        return placement.dtype if placement is not None and placement.memory.float8 else self.unet.conv_in.weight.dtype
+        return compute_dtype(self.placement, self.unet.conv_in.weight)
 
     def make_scheduler(self, sampler: Sampler = Sampler.DDPM) -> SchedulerMixin:
         """``sampler``'s scheduler (the published DDPM by default) from the base scheduler config;

@@ -37,7 +37,7 @@ from mcld.modules import (
     Resampler,
 )
 from mcld.weights import MCLDFiles
-from runtime.placement import Placement
+from runtime.placement import Placement, compute_device
 from runtime.presets import MemoryPreset
 from weightfiles.checkpoint import CheckpointError, check_state_dict, load_state_dict_file
 
@@ -209,10 +209,7 @@ class MCLDModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        placement = self.placement
-        if placement is not None and placement.memory is not MemoryPreset.FAST:
-            return placement.device
-        return self.denoising_unet.conv_in.weight.device
+        return compute_device(self.placement, self.denoising_unet.conv_in.weight)
 
     @property
     def dtype(self) -> torch.dtype:

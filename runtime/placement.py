@@ -98,6 +98,20 @@ class Placed(Protocol):
     placement: Placement | None
 
 
+def compute_device(placement: Placement | None, weight: torch.Tensor) -> torch.device:
+    """Where a placed model computes: its ``weight``'s device, or the placement's under a preset whose
+    weights rest on the CPU between uses."""
+    if placement is not None and placement.memory is not MemoryPreset.FAST:
+        return placement.device
+    return weight.device
+
+
+def compute_dtype(placement: Placement | None, weight: torch.Tensor) -> torch.dtype:
+    """A placed model's compute dtype: its ``weight``'s, or the placement's where the weights are stored
+    in float8 (``low-fp8``)."""
+    return placement.dtype if placement is not None and placement.memory.float8 else weight.dtype
+
+
 def enter_phase(model: Placed, phase: Phase, *options) -> None:
     """What a pipeline calls at the start of each phase (nothing unless a preset moves modules)."""
     if model.placement is not None:

@@ -120,29 +120,43 @@ def _eval_loss(model, cfg, dataset) -> float:
     return loss.item()
 
 
-def test_training_learns_saves_and_resumes(tmp_path, base_dirs):
+@pytest.mark.parametrize("family", ["leffa", "concat"])
+def test_training_learns_saves_and_resumes(tmp_path, base_dirs, family):
+    """Both families: the loss falls, the Leffa loss runs in its stage, the weights saved load
+    strictly, and a longer config resumes from the last checkpoint."""
     root = viton_tree(tmp_path / "data")
     ckpt = tmp_path / "init.pth"
-    torch.save(tiny_model(base_dirs["sd15"]).state_dict(), ckpt)
-    cfg = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True)], batch_size=2)
+    cls = _init(family, ckpt, base_dirs["sd15"])
+    cfg = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True)], batch_size=2, family=family)
+    assert type(build_model(cfg)) is cls
     dataset = LeffaDataset("viton_hd", root, size=(W, H))
-    before = _eval_loss(LeffaModel.from_pretrained(base_dirs["sd15"], ckpt), cfg, dataset)
+    before = _eval_loss(cls.from_pretrained(base_dirs["sd15"], ckpt), cfg, dataset)
     logs = []
     path = train(cfg, log=logs.append)
-    assert path.name == "leffa.safetensors" and path.parent.name == "step-12"
-    trained = LeffaModel.from_pretrained(base_dirs["sd15"], path)  # strict load of what we saved
+    assert path.name == f"{family}.safetensors" and path.parent.name == "step-12"
+    trained = cls.from_pretrained(base_dirs["sd15"], path)  # strict load of what we saved
     after = _eval_loss(trained, cfg, dataset)
     assert after < before
     assert any('"leffa"' in line for line in logs)  # the second stage used the Leffa loss
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step-12"
 
     # resume: one more stage continues from step 12, not from scratch
-    cfg2 = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True), (2, True)], batch_size=2)
+    cfg2 = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (8, True), (2, True)], batch_size=2,
+                   family=family)
     logs2 = []
     path2 = train(cfg2, log=logs2.append)
     assert any("resumed from step-12 at step 12" in line for line in logs2)
     assert not any("stage 1/3" in line for line in logs2)
-    assert path2.parent.name == "step-14"
+    assert path2.parent.name == "step-14" and path2.name == f"{family}.safetensors"
+
+
+def _init(family: str, path, base_dir):
+    """A tiny model of ``family`` saved at ``path``; its class."""
+    if family == "concat":
+        _concat_init(path, base_dir)
+        return ConcatModel
+    torch.save(tiny_model(base_dir).state_dict(), path)
+    return LeffaModel
 
 
 def test_pth_checkpoints_and_gradient_checkpointing(tmp_path, base_dirs):
@@ -208,11 +222,8 @@ def test_two_processes_stay_in_sync(tmp_path, base_dirs, family):
     a checkpoint that loads strictly; for both families."""
     root = viton_tree(tmp_path / "data", n=4)
     ckpt = tmp_path / "init.pth"
-    if family == "concat":
-        init = _concat_init(ckpt, base_dirs["sd15"])
-    else:
-        init = tiny_model(base_dirs["sd15"])
-        torch.save(init.state_dict(), ckpt)
+    cls = _init(family, ckpt, base_dirs["sd15"])
+    init = cls.from_pretrained(base_dirs["sd15"], ckpt)
     _config(tmp_path, root, base_dirs["sd15"], ckpt, [(1, False), (2, True)], batch_size=1, family=family)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "LEFFA_TEST_OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -227,7 +238,6 @@ def test_two_processes_stay_in_sync(tmp_path, base_dirs, family):
     rank0 = rank0["params"]
     assert torch.equal(rank0, rank1["params"])  # gradients were averaged across the processes
     assert not torch.equal(rank0, param_fingerprint(init))
-    cls = ConcatModel if family == "concat" else LeffaModel
     trained = cls.from_pretrained(base_dirs["sd15"], tmp_path / f"run/checkpoints/step-3/{family}.safetensors")
     torch.testing.assert_close(param_fingerprint(trained), rank0, rtol=0, atol=0)
 
@@ -238,29 +248,6 @@ def _concat_init(path, base_dir, seed: int = 0) -> ConcatModel:
     model = ConcatModel.from_config_dir(base_dir)
     torch.save(model.state_dict(), path)
     return model
-
-
-def test_concat_family_learns_with_the_leffa_loss_saves_and_resumes(tmp_path, base_dirs):
-    root = viton_tree(tmp_path / "data")
-    ckpt = tmp_path / "init.pth"
-    _concat_init(ckpt, base_dirs["sd15"])
-    cfg = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (6, True)], batch_size=2, family="concat")
-    assert build_model(cfg).__class__ is ConcatModel
-    dataset = LeffaDataset("viton_hd", root, size=(W, H))
-    before = _eval_loss(ConcatModel.from_pretrained(base_dirs["sd15"], ckpt), cfg, dataset)
-    logs = []
-    path = train(cfg, log=logs.append)
-    assert path.name == "concat.safetensors" and path.parent.name == "step-10"
-    trained = ConcatModel.from_pretrained(base_dirs["sd15"], path)  # strict load of what we saved
-    assert _eval_loss(trained, cfg, dataset) < before
-    assert any('"leffa"' in line for line in logs)  # the second stage used the Leffa loss
-
-    cfg2 = _config(tmp_path, root, base_dirs["sd15"], ckpt, [(4, False), (6, True), (2, True)], batch_size=2,
-                   family="concat")
-    logs2 = []
-    path2 = train(cfg2, log=logs2.append)
-    assert any("resumed from step-10 at step 10" in line for line in logs2)
-    assert path2.parent.name == "step-12" and path2.name == "concat.safetensors"
 
 
 def test_concat_leffa_loss_reaches_the_unet_through_its_self_attention(base_dirs):
