@@ -305,3 +305,21 @@ def test_concat_trained_checkpoint_runs_in_leffa_infer(tmp_path, base_dirs):
     assert json.loads((out / MANIFEST).read_text())["settings"]["model"] == "concat_tryon"
     assert main([*args[:args.index("--checkpoint")], "--steps", "2", "--size", f"{W}x{H}", "--num-workers", "0",
                  "--checkpoint-dir", str(tmp_path / "none")]) == 2  # no published weights: refused
+
+
+def test_concat_gradient_checkpointing_gives_the_same_gradients(base_dirs):
+    """The recorder stays attached through the backward pass, where checkpointed blocks run again."""
+    cfg = TrainConfig(output_dir="", data_root="", family="concat", lambda_leffa=1.0, ref_dropout=0.0)
+    batch = make_inputs(batch=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = _concat_init(os.devnull, base_dirs["sd15"]).train()
+        if checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        module = training_module(model)
+        loss, _ = training_step(module, model.vae, model.make_scheduler(), batch, cfg, True,
+                                torch.Generator().manual_seed(0))
+        loss.backward()
+        module.release()
+        grads.append(torch.cat([p.grad.flatten() for p in model.unet.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
