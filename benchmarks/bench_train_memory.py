@@ -8,10 +8,11 @@ another's), two steps of ``training.trainer.training_step`` + backward + AdamW; 
     python -m benchmarks.bench_train_memory --model sd15 --device cuda --size 768x1024 --batch 1
 
 Printed per setting: the trained parameters, the activations saved for the backward pass (every
-tensor autograd keeps, each storage counted once: what the forward pass leaves for the backward,
-deterministic), the peak above what was held before the step (CUDA: ``max_memory_allocated``; CPU:
-the process's peak resident memory above its resident memory before the step, which also counts
-the allocator's slack), and the step's seconds. ``--no-optimizer`` leaves out AdamW (its two
+tensor autograd keeps but the weights, each storage counted once: what the forward pass leaves for
+the backward, deterministic), the peak above the loaded model over both steps (gradients, AdamW's
+moments, activations; CUDA: ``max_memory_allocated``; CPU: the process's peak resident memory above
+its resident memory before the first step, which also counts the allocator's slack), and the second
+step's seconds. ``--no-optimizer`` leaves out AdamW (its two
 moments per parameter are the same for both families per parameter trained) so that SD1.5 widths
 fit in a small machine's memory.
 """
@@ -77,11 +78,21 @@ def measure(args) -> dict:
     optimizer = None if args.no_optimizer else torch.optim.AdamW(params, lr=1e-5)
     batch = {k: v.to(device) for k, v in _batch(args.batch, args.size).items()}
     saved: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def keep(t: torch.Tensor):
         if isinstance(t, torch.Tensor) and t.device.type == device.type:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:
+                saved[ptr] = t.untyped_storage().nbytes()
         return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss()
 
     result = {}
     for step in range(2):
@@ -89,12 +100,6 @@ def measure(args) -> dict:
         measured = step == 1
         if measured:
             saved.clear()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            else:
-                before = _rss()
             start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             loss, parts = training_step(module, model.vae, scheduler, batch, cfg, args.leffa, g)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} UNets, {args.size[0]}x{args.size[1]}, batch {args.batch}, {args.device}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
           f"{', no optimizer' if args.no_optimizer else ''}\n")
-    print("| family | Leffa loss | trained parameters | saved for backward (MiB) | peak above before (MiB) | s/step |")
+    print("| family | Leffa loss | trained parameters | saved for backward (MiB) | peak above the model (MiB) | s/step |")
     print("|---|---|---|---|---|---|")
     for family, leffa, r in rows:
         print(f"| {family} | {'on' if leffa else 'off'} | {r['trained_params'] / 1e6:.1f} M | "

@@ -219,3 +219,20 @@ def test_init_from_sd_inpainting_base_weights_keeps_the_unet(tmp_path):
     shutil.rmtree(tmp_path / "base" / "vae")
     with pytest.raises(FileNotFoundError, match="no vae/"):
         ConcatModel.from_base_weights(tmp_path / "base")
+
+
+def test_training_memory_benchmark_measures_both_families():
+    """``benchmarks/bench_train_memory`` on the tiny configs: the Leffa loss's recording adds saved
+    activations, and the concatenation model trains one UNet where Leffa trains two."""
+    import argparse
+
+    from benchmarks.bench_train_memory import measure
+
+    args = argparse.Namespace(model="tiny", size=(48, 64), batch=1, device="cpu", gradient_checkpointing=False,
+                              no_optimizer=False)
+    got = {(family, leffa): measure(argparse.Namespace(**vars(args), family=family, leffa=leffa))
+           for family in ("leffa", "concat") for leffa in (False, True)}
+    for family in ("leffa", "concat"):
+        assert got[family, True]["saved_for_backward"] > got[family, False]["saved_for_backward"] > 0
+        assert "leffa" in got[family, True]["losses"] and "leffa" not in got[family, False]["losses"]
+    assert got["concat", False]["trained_params"] < 0.6 * got["leffa", False]["trained_params"]

@@ -37,17 +37,19 @@ def test_garment_mask_and_print_opacity():
 
 
 @pytest.mark.slow
-def test_script_runs_end_to_end(tmp_path):
+@pytest.mark.parametrize("family", ["leffa", "concat"])
+def test_script_runs_end_to_end(tmp_path, family):
     report = toy_flow.main(["--steps", "2", "--seeds", "0", "1", "--train-size", "8", "--test-size", "3",
-                            "--batch", "2", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "toy_results.json").read_text())
+                            "--batch", "2", "--out", str(tmp_path), "--family", family])
+    suffix = "" if family == "leffa" else "_concat"
+    saved = json.loads((tmp_path / f"toy_results{suffix}.json").read_text())
     assert saved["mean_over_seeds"] == report["mean_over_seeds"]
     assert set(saved["per_seed"]) == {"0", "1"}
     runs = saved["per_seed"]["0"]
     assert list(runs) == ["untrained", "diffusion loss only", "+ Leffa loss (λ = 1)"]
     for run in runs.values():
         assert 0 < run["end_point_error_px"] < 100 and run["diffusion_loss"] > 0
-    assert (tmp_path / "toy_attention.png").stat().st_size > 10_000
+    assert (tmp_path / f"toy_attention{suffix}.png").stat().st_size > 10_000
 
 
 def test_evaluation_heatmap_and_flow_agree(samples):
