@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from errors import GenerationStopped
@@ -203,6 +202,7 @@ class ConcatPipeline(LeffaPipeline):
             return _output(images.cpu(), output_type)
 
     def latent_shape(self, inputs: PipelineInputs) -> tuple[int, int, int, int]:
+        """Both halves: (B, 4, 2h, w) (the initial noise of ``prepare_latents`` covers both)."""
         b, c, h, w = super().latent_shape(inputs)
         return b, c, 2 * h, w
 
@@ -213,14 +213,6 @@ class ConcatPipeline(LeffaPipeline):
         masked = self._encode(inputs.src * (inputs.mask < 0.5), generator).to(dtype)
         garment = self._encode(inputs.ref, generator).to(dtype)
         return torch.cat([conditioning(inputs.mask, masked, None), conditioning(inputs.mask, masked, garment)])
-
-    def prepare_latents(self, inputs: PipelineInputs, num_inference_steps: int, generator,
-                        latents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if latents is None:
-            latents = randn_tensor(self.latent_shape(inputs), generator=generator, device=self.device,
-                                   dtype=self.model.dtype)
-        return self.scheduler.timesteps, latents.to(self.device, self.model.dtype) * self.scheduler.init_noise_sigma
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,  # type: ignore[override]
                 guidance: Guidance, generator, callback, recorder: AttentionRecorder | None) -> torch.Tensor:
