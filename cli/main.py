@@ -204,7 +204,8 @@ def _infer_parser(sub, common: argparse.ArgumentParser) -> None:
     i.add_argument("--pairs", type=Path, default=None,
                    help="pairs file instead of {split}_pairs.txt (e.g. DressCode's test_pairs_paired.txt)")
     i.add_argument("--model", choices=MODELS, default=None,
-                   help="published model (default: the layout's); with --checkpoint, whose base config")
+                   help="published model (default: the layout's); with --checkpoint, whose architecture and base "
+                        "config (concat_tryon, the CatVTON-style model: your own checkpoint from python -m training)")
     i.add_argument("--preprocess", action="store_true",
                    help="masks and DensePose from our preprocessing of the photos (the demo pipeline) "
                         "instead of the dataset's files")
