@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from engine.options import SAMPLING_PRESET_NAMES, ResultView
-from engine.registry import MODEL_NAMES, Task, WeightSet, for_task
+from engine.registry import ENTRIES, MODEL_NAMES, Task, WeightSet, for_task
 from preprocess.face_files import FACE_PACKS
 from errors import OptionError, UserError
 from preprocess.masks import GarmentType, TryOnModel
@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-type", choices=[e.mask_variant.value for e in for_task(Task.TRYON)],
                    default=TryOnModel.VITON_HD.value,
                    help="viton_hd (recommended, upper body) or dress_code (upper, lower, dresses)")
+    t.add_argument("--model", choices=[e.name for e in ENTRIES if e.task is Task.TRYON], default=None,
+                   help="one try-on model for every garment (default: chosen by --model-type and the garment type); "
+                        "concat_tryon, the CatVTON-style model, has no published weights: give your own --checkpoint "
+                        "(python -m training) or --tiny")
     t.add_argument("--garment-type", choices=[g.value for g in GarmentType], action="append", default=None,
                    help="what the garment is (default upper_body); one per --garment in an outfit. A lower-body "
                         "garment or a dress goes to the DressCode model, whatever --model-type says")

@@ -110,7 +110,8 @@ def run(args) -> list[Path]:
     if task is Task.POSE and args.target is None and args.densepose is None:
         raise OptionError("pose transfer needs --target (a photo in the target pose) or --densepose")
     types = garment_types(args) if task is Task.TRYON else ()
-    entries = (outfit_models(args.model_type, types) if task is Task.TRYON else [registry.pose_entry(args.model)])
+    entries = (outfit_models(args.model_type, types, args.model) if task is Task.TRYON
+               else [registry.pose_entry(args.model)])
     setup = ModelSetup.resolve(args.device, args.dtype, args.memory,
                                SpeedOptions(args.fuse_qkv, args.channels_last, args.compile))
     engine = Engine.create(setup, weight_source(args))
@@ -132,7 +133,8 @@ def run(args) -> list[Path]:
             result = engine.tryon(images["person"], garments, args.model_type, checked,
                                   keep_fixed_regions=args.keep_fixed_regions, densepose=images["densepose"],
                                   mask=images["mask"], size=args.size, view=view,
-                                  progress=_bar_progress(bar, checked.steps, setup), names=CLI_NAMES)
+                                  progress=_bar_progress(bar, checked.steps, setup), names=CLI_NAMES,
+                                  model=args.model)
             _say_who_was_framed(result.framing)
             answers = [s.answer for s in result.samples]
         else:

@@ -51,10 +51,21 @@ def check_outfit(types: Sequence[GarmentType | str], what: str = "garment") -> t
     return types
 
 
-def outfit_models(model_type: TryOnModel | str, types: Sequence[GarmentType]) -> list[ModelEntry]:
+def outfit_models(model_type: TryOnModel | str, types: Sequence[GarmentType],
+                  model: str | ModelEntry | None = None) -> list[ModelEntry]:
     """The model of each garment's pass: ``model_type``'s when it knows the garment's type, else one
-    that does (``registry.garment_entry``)."""
-    return [registry.garment_entry(model_type, t) for t in types]
+    that does (``registry.garment_entry``); or ``model`` for every garment (a try-on entry trained on
+    their types, e.g. ``concat_tryon`` with an own checkpoint)."""
+    if model is None:
+        return [registry.garment_entry(model_type, t) for t in types]
+    chosen = registry.entry(model)
+    if chosen.task is not registry.Task.TRYON:
+        raise OptionError(f"the {chosen.name} model is a {chosen.task.value} model, not a try-on one")
+    unknown = [t.value for t in types if t not in chosen.garments]
+    if unknown:
+        raise OptionError(f"the {chosen.name} model puts on {', '.join(g.value for g in chosen.garments)} garments, "
+                          f"not {', '.join(unknown)}: drop --model to let the garment type choose the model")
+    return [chosen] * len(types)
 
 
 @dataclass

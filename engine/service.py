@@ -121,6 +121,9 @@ class Engine:
         """``check`` as ``check`` does, its problems added to ``check`` (a caller's own, to list them
         with the problems of its other values)."""
         entry = registry.entry(model)
+        if not entry.published and self.source.published:  # before any file is fetched for it
+            check.problems.append(f"the {entry.name} model has no published weights: give your own checkpoint "
+                                  "(--checkpoint; python -m training writes one), or try --tiny")
         checked = self.limits_for(entry).checked(options, check, names)
         supports = entry.supports
         for asked, supported, name in ((options.repaint, supports.repaint, names.repaint),
@@ -197,16 +200,16 @@ class Engine:
               mask: ImageSource | None = None, edited_mask: Image.Image | None = None,
               size: tuple[int, int] = MODEL_SIZE, view: ResultView = ResultView.CANVAS,
               progress: Progress = no_progress, should_stop: ShouldStop = never_stop,
-              names: OptionNames = API_NAMES) -> TryOnResult:
+              names: OptionNames = API_NAMES, model: str | ModelEntry | None = None) -> TryOnResult:
         """A try-on of one garment or an outfit (``engine.outfit``): ``options.samples`` samples, each
         garment put on every sample in turn by the model trained on its type (``model_type``'s when it
-        is), the later garments masked on each sample's own picture after the garment before, with the
+        is; ``model`` instead, when given), the later garments masked on each sample's own picture after the garment before, with the
         sample's seed. ``mask`` and ``densepose`` (made for the whole photo) and ``edited_mask`` (the
         mask editor's, of the model's picture) are the first garment's. Everything is checked, and
         every file fetched, before any work; the models take turns in the cache (one garment's pass
         for all the samples, then the next)."""
         types = check_outfit([g.garment_type for g in garments])
-        entries = outfit_models(model_type, types)
+        entries = outfit_models(model_type, types, model)
         with OptionCheck() as check:
             for entry in dict.fromkeys(entries):
                 options = self.checked(entry, options, check, names)

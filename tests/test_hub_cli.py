@@ -391,6 +391,28 @@ def test_cli_tiny_runs_offline(tmp_path, capsys, monkeypatch, no_download):
     assert not (tmp_path / "empty").exists()  # nothing was downloaded or looked up
 
 
+def test_cli_tryon_with_a_chosen_model(tmp_path, capsys, monkeypatch, no_download):
+    """``leffa tryon --model concat_tryon``: the CatVTON-style model on a photo (tiny here; an own
+    checkpoint otherwise), refused before any work without weights or for a garment it does not know."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LEFFA_CHECKPOINT_DIR", str(tmp_path / "empty"))
+    p = _write_inputs(tmp_path)
+    out = tmp_path / "concat.png"
+    args = ["tryon", "--model", "concat_tryon", "--person", str(p["person"]), "--garment", str(p["garment"]),
+            "--out", str(out), "--steps", "1", "--result", "canvas"]
+    assert main([*args, "--tiny"]) == 0
+    assert Image.open(out).size == (768, 1024)
+    out.unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "concat_tryon model has no published weights: give your own checkpoint" in capsys.readouterr().err
+    assert main([*args, "--tiny", "--garment-type", "lower_body"]) == 2
+    assert "puts on upper_body garments, not lower_body: drop --model" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "empty").exists()
+    with pytest.raises(SystemExit):
+        main([*args, "--model", "pose_transfer"])
+
+
 # -- weights: what is missing, at once; check, download; corrupt files ----------------------------
 ALL_TRYON_FILES = ["humanparsing/parsing_atr.onnx", "humanparsing/parsing_lip.onnx", "openpose/body_pose_model.pth",
                    "densepose/model_final_162be9.pkl", "virtual_tryon.pth"]
