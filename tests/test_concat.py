@@ -236,3 +236,35 @@ def test_training_memory_benchmark_measures_both_families():
         assert got[family, True]["saved_for_backward"] > got[family, False]["saved_for_backward"] > 0
         assert "leffa" in got[family, True]["losses"] and "leffa" not in got[family, False]["losses"]
     assert got["concat", False]["trained_params"] < 0.6 * got["leffa", False]["trained_params"]
+
+
+def test_the_leffa_loss_keeps_no_attention_map_for_the_backward_pass():
+    """O(n·d): among the tensors autograd keeps, the recording adds queries, keys, flows and the
+    loss's warps, never a (rows × reference tokens) attention map (the flow is computed in chunks
+    under checkpointing)."""
+    from collections import Counter
+
+    from training.trainer import TrainConfig, training_module, training_step
+
+    model = tiny_model().train()
+    batch = make_inputs(batch=2, height=224, width=160)  # the attention layers' person half: 14×10 tokens
+    cfg = TrainConfig(output_dir="", data_root="", family="concat", ref_dropout=0.0)
+    shapes = {}
+    for leffa in (False, True):
+        saved = Counter()
+
+        def keep(t, saved=saved):
+            saved[tuple(t.shape)] += 1
+            return t
+
+        module = training_module(model)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            training_step(module, model.vae, model.make_scheduler(), batch, cfg, leffa, torch.Generator().manual_seed(0))
+        module.release()
+        shapes[leffa] = saved
+    added = shapes[True] - shapes[False]
+    n = 14 * 10
+    assert any(n in shape for shape in added)  # the recording kept the layers' queries / keys
+    # an attention map over the reference is the one tensor whose last dimension is its token count
+    # (queries and keys end in the head width, flows in 2)
+    assert not [shape for shape in added if shape and shape[-1] == n], added
