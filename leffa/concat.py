@@ -37,7 +37,7 @@ from runtime.memory import FLOAT8, MemoryNeed, group_offload_peak, module_bytes,
 from runtime.placement import (Phase, Placement, compute_device, compute_dtype, enter_phase, idle_after,
                                place_modules)
 from runtime.presets import MemoryPreset
-from weightfiles.checkpoint import check_state_dict, load_state_dict_file
+from weightfiles.checkpoint import assign_state_dict, load_state_dict_file
 
 IN_CHANNELS = 9  # noisy latent 4 + mask 1 + masked latent 4: SD1.5 inpainting's
 CONCAT = ReferenceKeys.HEIGHT
@@ -104,9 +104,7 @@ class ConcatModel(nn.Module):
                         memory: MemoryPreset = MemoryPreset.FAST) -> ConcatModel:
         """Build from the base configs and load our ``checkpoint`` (.safetensors/.pth) strictly."""
         model = cls.from_config_dir(base_dir, device="meta")
-        state = load_state_dict_file(checkpoint)
-        check_state_dict(model.state_dict(), state, source=checkpoint)
-        model.load_state_dict(state, strict=True, assign=True)
+        assign_state_dict(model, load_state_dict_file(checkpoint), checkpoint)
         return model.place(device, dtype, memory=memory)
 
     # -- placement ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from leffa.memory import leffa_placement, place_model
 from leffa.sampling import Sampler, make_scheduler
 from runtime.placement import Placement, compute_device, compute_dtype
 from runtime.presets import MemoryPreset
-from weightfiles.checkpoint import check_state_dict, load_state_dict_file
+from weightfiles.checkpoint import assign_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from leffa.recording import AttentionRecorder, FlowRecorder
@@ -186,12 +186,7 @@ class LeffaModel(nn.Module):
         in place (memory-mapped), so loading needs no second copy of the weights.
         """
         model = cls.from_config_dir(base_dir, device="meta")
-        state = load_state_dict_file(checkpoint)
-        check_state_dict(model.state_dict(), state, source=checkpoint)
-        model.load_state_dict(state, strict=True, assign=True)
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if left:  # a buffer not in the checkpoint would stay on meta
-            raise RuntimeError(f"{checkpoint}: no values loaded for {left[:5]}")
+        assign_state_dict(model, load_state_dict_file(checkpoint), checkpoint)
         return model.place(device, dtype, memory=memory, speed=speed)
 
     # -- placement and scheduler --------------------------------------------------------

@@ -86,3 +86,14 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
             problems.append(f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}")
     if problems:
         raise CheckpointError(f"{source} does not fit this model: " + "; ".join(problems))
+
+
+def assign_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``state`` into ``module`` strictly, assigning its tensors (no second copy: a module built on
+    the ``meta`` device takes the file's, memory-mapped): names and shapes checked first
+    (``check_state_dict``), and no parameter or buffer left on ``meta``."""
+    check_state_dict(module.state_dict(), state, source)
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a buffer not in the checkpoint would stay on meta
+        raise RuntimeError(f"{source}: no values loaded for {left[:5]}")
